@@ -1,0 +1,30 @@
+# The two set-up commands of the README: `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.imgprep-installed
+
+.PHONY: venv demo test bench clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml scripts/ensure-pillow-simd.sh
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[test,torch,dask,bench]'
+	bash scripts/ensure-pillow-simd.sh $(BIN)/python
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/imgprep doctor
+	$(BIN)/imgprep demo build/demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench_build.py
+	$(BIN)/python benchmarks/bench_mean.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,379 @@
+"""`build-lmdb`: a list plus an image root -> Caffe Datum records in LMDB or LevelDB.
+
+Images are processed in parallel (joblib) in chunks; one streaming writer puts the records in
+list order, one transaction per `txn_size` records. Bookkeeping lives in sidecar files in the
+database folder, which neither LMDB nor LevelDB reads:
+
+- `imgprep-build.json`: the build parameters and state (`building` until the very end, then
+  `complete`). A folder whose manifest is not `complete` is a partial build.
+- `imgprep-failures.tsv`: `position<TAB>path<TAB>reason<TAB>detail` for every list entry
+  that did not become a record.
+
+Resuming needs no other state: keys start with the entry's position in the (shuffled) list,
+so the last key in the database says where the last committed transaction ended.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import ImgprepError, __version__
+from .codec import decode_datum, encode_datum
+from .imageops import ImageFailure, ImageSpec, process_image
+from .lists import ImageList, read_list
+from .parallel import chunked, ordered_map, resolve_jobs
+from .progress import Progress
+from .storage import BACKENDS, INITIAL_MAP_SIZE, Reader, detect_backend, open_writer
+
+MANIFEST = "imgprep-build.json"
+FAILURES = "imgprep-failures.tsv"
+LOCK = "imgprep.lock"
+MANIFEST_FORMAT = "imgprep-build/1"
+
+
+@dataclass
+class BuildOptions:
+    backend: str = "lmdb"
+    spec: ImageSpec = field(default_factory=ImageSpec)
+    shuffle: bool = False
+    seed: int = 0
+    check_size: bool = False
+    jobs: int | None = None
+    txn_size: int = 1000
+    chunk_size: int = 32
+    max_failures: int | None = None
+    allow_outside_root: bool = False
+    map_size: int = INITIAL_MAP_SIZE
+    num_shards: int = 1
+    shard_index: int = 0
+    scheduler: str | None = None
+
+    def identity(self) -> dict:
+        """The parameters a resumed build must share with the one it continues."""
+        spec = self.spec
+        return {"backend": self.backend, "resize": str(spec.resize), "encoded": spec.encoded,
+                "quality": spec.quality, "gray": spec.gray, "max_pixels": spec.max_pixels,
+                "draft": spec.draft, "shuffle": self.shuffle, "seed": self.seed,
+                "check_size": self.check_size, "allow_outside_root": self.allow_outside_root,
+                "num_shards": self.num_shards, "shard_index": self.shard_index}
+
+
+@dataclass
+class Failure:
+    position: int
+    path: str
+    reason: str
+    detail: str
+
+    def line(self) -> str:
+        clean = self.detail.replace("\t", " ").replace("\n", " ")
+        return f"{self.position}\t{self.path}\t{self.reason}\t{clean}\n"
+
+
+@dataclass
+class BuildReport:
+    out: Path
+    records: int = 0
+    failures: int = 0
+    total: int = 0
+    resumed_from: int = 0
+    seconds: float = 0.0
+    map_growths: int = 0
+    state: str = "complete"
+    failure_reasons: dict = field(default_factory=dict)
+
+    def summary(self) -> str:
+        rate = (self.records + self.failures - self.resumed_from) / self.seconds if self.seconds else 0
+        reasons = ", ".join(f"{k} {v}" for k, v in sorted(self.failure_reasons.items()))
+        text = (f"build-lmdb: {self.state}: {self.records:,} records, {self.failures:,} failures "
+                f"of {self.total:,} entries in {self.seconds:.1f}s ({rate:,.0f} img/s) -> {self.out}")
+        if self.resumed_from:
+            text += f" (resumed at entry {self.resumed_from:,})"
+        if self.failures:
+            text += f"; failures by reason: {reasons}; see {self.out / FAILURES}"
+        return text
+
+
+def entry_key(position: int, path: str) -> bytes:
+    """Caffe's key: `%08d_%s` of the entry's position in the (shuffled) list and its path."""
+    return f"{position:08d}_{path}".encode("utf-8", "surrogateescape")
+
+
+def key_position(key: bytes) -> int:
+    head = key.split(b"_", 1)[0]
+    if not head.isdigit():
+        raise ImgprepError(f"key {key[:40]!r} does not start with a position; not built by imgprep")
+    return int(head)
+
+
+def list_order(count: int, shuffle: bool, seed: int) -> np.ndarray:
+    """Entry order for the database: list order, or a permutation fixed by the seed."""
+    if shuffle:
+        return np.random.default_rng(seed).permutation(count)
+    return np.arange(count)
+
+
+def shard_range(count: int, num_shards: int, shard_index: int) -> range:
+    """Positions shard `shard_index` of `num_shards` builds: contiguous, so parts append in order."""
+    if not 0 <= shard_index < num_shards:
+        raise ImgprepError(f"--shard-index must be in 0..{num_shards - 1}")
+    return range(count * shard_index // num_shards, count * (shard_index + 1) // num_shards)
+
+
+def read_source(root: Path, rel: str, allow_outside_root: bool) -> bytes:
+    """An entry's file bytes; refuses paths (and symlinks) that leave ROOT unless allowed."""
+    path = root / rel
+    if not allow_outside_root:
+        real = os.path.realpath(path)
+        real_root = os.path.realpath(root)
+        if os.path.commonpath([real, real_root]) != real_root:
+            raise ImageFailure("outside-root", f"resolves to {real}, outside the image root")
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise ImageFailure("missing", f"no such file: {path}") from None
+    except IsADirectoryError:
+        raise ImageFailure("unreadable", f"{path} is a folder") from None
+    except OSError as e:
+        raise ImageFailure("unreadable", f"{path}: {e.strerror}") from None
+
+
+def process_chunk(chunk, root: Path, spec: ImageSpec, allow_outside_root: bool):
+    """Worker side: [(position, path, label)] -> [(position, path, record bytes | Failure)]."""
+    results = []
+    for position, rel, label in chunk:
+        try:
+            image = process_image(read_source(root, rel, allow_outside_root), spec)
+            value = encode_datum(image.data, label, image.channels, image.height, image.width,
+                                 image.encoded)
+            results.append((position, rel, value, (image.channels, image.height, image.width)))
+        except ImageFailure as e:
+            results.append((position, rel, Failure(position, rel, e.reason, e.detail), None))
+        except MemoryError:
+            results.append((position, rel, Failure(position, rel, "too-large", "out of memory"), None))
+    return results
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_manifest(out: Path) -> dict | None:
+    try:
+        return json.loads((out / MANIFEST).read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        raise ImgprepError(f"cannot read {out / MANIFEST}: {e}") from None
+
+
+def write_manifest(out: Path, manifest: dict) -> None:
+    tmp = out / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, out / MANIFEST)
+
+
+def read_failures(out: Path) -> list[Failure]:
+    failures = []
+    try:
+        with open(out / FAILURES, encoding="utf-8", errors="surrogateescape") as f:
+            for line in f:
+                parts = line.rstrip("\n").split("\t", 3)
+                if len(parts) == 4 and parts[0].isdigit():
+                    failures.append(Failure(int(parts[0]), parts[1], parts[2], parts[3]))
+    except FileNotFoundError:
+        pass
+    return failures
+
+
+class _OutputLock:
+    """An exclusive lock on the output folder, so two builds never write one database."""
+
+    def __init__(self, out: Path):
+        self.path = out / LOCK
+        self.file = None
+
+    def __enter__(self):
+        try:
+            self.file = open(self.path, "a+")
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ImgprepError(f"{self.path.parent} is being written by another imgprep process") from None
+        except OSError as e:
+            raise ImgprepError(f"cannot write to {self.path.parent}: {e.strerror}") from None
+        return self
+
+    def __exit__(self, *exc):
+        self.file.close()
+
+
+def _prepare_output(out: Path, identity: dict, resume: bool, overwrite: bool) -> dict | None:
+    """Checks what is at OUT; returns the manifest of a build to resume, or None to start fresh."""
+    manifest = read_manifest(out)
+    if overwrite and out.exists():
+        if manifest is None and any(out.iterdir()):
+            try:
+                detect_backend(out)
+            except ImgprepError:
+                raise ImgprepError(f"{out} exists and is not a database; refusing to delete it") from None
+        shutil.rmtree(out)
+        return None
+    if not out.exists() or not any(out.iterdir()):
+        return None
+    if manifest is None:
+        raise ImgprepError(f"{out} exists and was not built by imgprep; choose another OUT or --overwrite")
+    if manifest.get("state") == "complete":
+        raise ImgprepError(f"{out} is a complete database; pass --overwrite to build it again")
+    if not resume:
+        raise ImgprepError(f"{out} holds a partial build (state {manifest.get('state')!r}); "
+                           "pass --resume to continue it or --overwrite to start again")
+    old = manifest.get("identity", {})
+    differing = sorted(k for k in set(old) | set(identity) if old.get(k) != identity.get(k))
+    if differing:
+        details = ", ".join(f"{k}: {old.get(k)!r} -> {identity.get(k)!r}" for k in differing)
+        raise ImgprepError(f"cannot resume {out}: options differ from the partial build ({details})")
+    return manifest
+
+
+def build_database(list_path, root, out, options: BuildOptions = BuildOptions(),
+                   resume: bool = False, overwrite: bool = False, show_progress: bool = True,
+                   image_list: ImageList | None = None) -> BuildReport:
+    """Builds (or resumes) OUT from LIST and ROOT. Raises ImgprepError on anything fatal."""
+    list_path, root, out = Path(list_path), Path(root), Path(out)
+    if options.backend not in BACKENDS:
+        raise ImgprepError(f"unknown backend {options.backend!r}; choose one of {', '.join(BACKENDS)}")
+    if not root.is_dir():
+        raise ImgprepError(f"image root {root} is not a folder")
+    entries = image_list or read_list(list_path, allow_outside_root=options.allow_outside_root)
+    identity = dict(options.identity(), list_sha256=file_sha256(list_path), entries=len(entries))
+    previous = _prepare_output(out, identity, resume, overwrite)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ImgprepError(f"cannot create {out}: {e.strerror}") from None
+    with _OutputLock(out):
+        return _build_locked(list_path, root, out, options, entries, identity, previous, show_progress)
+
+
+def _build_locked(list_path, root, out, options, entries, identity, previous, show_progress):
+    order = list_order(len(entries), options.shuffle, options.seed)
+    positions = shard_range(len(entries), options.num_shards, options.shard_index)
+    start = positions.start
+    failures: list[Failure] = []
+    first_shape = None
+    if previous is not None:
+        with Reader(out, options.backend) as reader:
+            last = reader.last_key()
+            if last is not None:
+                start = key_position(last) + 1
+                first_shape = _record_shape(next(reader.items())[1]) if options.check_size else None
+        failures = [f for f in read_failures(out) if f.position < start]
+    manifest = {"format": MANIFEST_FORMAT, "state": "building", "identity": identity,
+                "list": str(list_path), "root": str(root), "imgprep": __version__,
+                "started": previous.get("started") if previous else time.time()}
+    write_manifest(out, manifest)
+    with open(out / FAILURES, "w", encoding="utf-8", errors="surrogateescape") as f:
+        f.writelines(x.line() for x in failures)
+
+    report = BuildReport(out, total=len(positions), resumed_from=start - positions.start)
+    report.records = start - positions.start - len(failures)
+    progress = Progress("build-lmdb", len(positions), enabled=show_progress)
+    progress.done = report.resumed_from
+    progress.failures = len(failures)
+    progress.start = time.perf_counter()
+    failure_log = open(out / FAILURES, "a", encoding="utf-8", errors="surrogateescape")
+    writer = open_writer(out, options.backend, options.map_size)
+    pending: list[tuple[bytes, bytes]] = []
+    pending_failures: list[Failure] = []
+
+    def commit():
+        if pending_failures:
+            failure_log.writelines(x.line() for x in pending_failures)
+            failure_log.flush()
+            os.fsync(failure_log.fileno())
+        if pending:
+            writer.put_batch(pending)
+        failures.extend(pending_failures)
+        pending.clear()
+        pending_failures.clear()
+
+    work = ((int(p), entries.paths[order[p]], int(entries.labels[order[p]]))
+            for p in range(start, positions.stop))
+    jobs = resolve_jobs(options.jobs)
+    try:
+        for results in ordered_map(process_chunk, chunked(work, options.chunk_size), jobs,
+                                   scheduler=options.scheduler, root=root, spec=options.spec,
+                                   allow_outside_root=options.allow_outside_root):
+            for position, rel, value, shape in results:
+                if not isinstance(value, Failure) and options.check_size:
+                    first_shape = first_shape or shape
+                    if shape != first_shape:
+                        value = Failure(position, rel, "size-mismatch",
+                                        f"{shape[1]}x{shape[2]}x{shape[0]} differs from the first "
+                                        f"record's {first_shape[1]}x{first_shape[2]}x{first_shape[0]}")
+                if isinstance(value, Failure):
+                    pending_failures.append(value)
+                    progress.update(1, failures=1)
+                    if options.max_failures is not None and len(failures) + len(pending_failures) > options.max_failures:
+                        commit()
+                        manifest["state"] = "failed"
+                        write_manifest(out, manifest)
+                        raise ImgprepError(
+                            f"more than --max-failures={options.max_failures} images failed; stopped after "
+                            f"entry {position:,} (last: {rel}: {value.reason}: {value.detail}); see {out / FAILURES}")
+                else:
+                    pending.append((entry_key(position, rel), value))
+                    report.records += 1
+                    progress.update(1)
+                if len(pending) >= options.txn_size:
+                    commit()
+        commit()
+    except KeyboardInterrupt:
+        raise ImgprepError(f"interrupted; {out} keeps every committed record. Run the same command "
+                           "with --resume to continue.") from None
+    finally:
+        failure_log.close()
+        report.map_growths = getattr(writer, "map_growths", 0)
+        writer.close()
+    report.failures = len(failures)
+    report.failure_reasons = _count_reasons(failures)
+    report.seconds = progress.elapsed
+    manifest.update(state="complete", finished=time.time(), records=report.records,
+                    failures=report.failures, failure_reasons=report.failure_reasons,
+                    first_position=positions.start, end_position=positions.stop)
+    write_manifest(out, manifest)
+    progress.finish(report.summary())
+    return report
+
+
+def _record_shape(value: bytes) -> tuple[int, int, int]:
+    datum = decode_datum(value)
+    return datum.channels, datum.height, datum.width
+
+
+def _count_reasons(failures: list[Failure]) -> dict:
+    counts: dict[str, int] = {}
+    for f in failures:
+        counts[f.reason] = counts.get(f.reason, 0) + 1
+    return counts
+
+
+def report_to_dict(report: BuildReport) -> dict:
+    data = asdict(report)
+    data["out"] = str(report.out)
+    return data

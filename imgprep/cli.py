@@ -1,0 +1,222 @@
+"""The `imgprep` command: a thin Click layer over the Python API.
+
+Exit status: 0 success; 1 an error (message on stderr, no traceback); 2 bad usage;
+3 the work completed but some images failed (listed in the failure report); 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from . import ImgprepError, __version__
+
+EXIT_IMAGES_FAILED = 3
+
+
+class Group(click.Group):
+    """Turns ImgprepError into `Error: message` and exit 1, and Ctrl-C into exit 130."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except ImgprepError as e:
+            click.echo(f"Error: {e}", err=True)
+            ctx.exit(1)
+        except KeyboardInterrupt:
+            click.echo("Interrupted.", err=True)
+            ctx.exit(130)
+
+
+def _resize_option(default: str | None):
+    return click.option(
+        "--resize", "resize", default=default, metavar="POLICY", show_default=True,
+        help="squash:WxH (ignore aspect, Caffe's recipe), shorter:S (shorter side to S, keep "
+             "aspect, ResNet's), or none.")
+
+
+jobs_option = click.option("--jobs", "-j", type=int, default=0, show_default="all cores",
+                           help="Worker processes.")
+scheduler_option = click.option(
+    "--scheduler", metavar="ADDRESS", default=None,
+    help="Run the workers on a Dask cluster (e.g. tcp://head:8786) instead of local processes. "
+         "Workers must see ROOT at the same path. Needs the dask extra.")
+quality_option = click.option("--quality", type=click.IntRange(1, 100), default=90, show_default=True,
+                              help="JPEG quality for images that are (re-)encoded.")
+gray_option = click.option("--gray", is_flag=True, help="Store 1-channel grayscale instead of RGB.")
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, message="imgprep %(version)s")
+def main():
+    """Prepare ImageNet-style image trees for training: lists, resizing, Caffe LMDB/LevelDB
+    databases, exact mean images, and a DALI loader.
+
+    \b
+    A typical run, on the bundled sample:
+      imgprep sample work/sample
+      imgprep make-lists work/sample --out work/lists
+      imgprep build-lmdb work/lists/train.txt work/sample/train work/train_lmdb --preset resnet
+      imgprep compute-mean work/train_lmdb work/mean.binaryproto --crop 224
+      imgprep bench-loader work/train_lmdb
+    Run `imgprep COMMAND --help` for each command's options.
+    """
+
+
+@main.command()
+def doctor():
+    """Show the PIL build, DALI version, devices and backends in use.
+
+    \b
+    Example:
+      imgprep doctor
+    """
+    from .env import describe
+
+    for name, value in describe().items():
+        click.echo(f"{name:>14}: {value}")
+
+
+@main.command()
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--classes", type=int, default=10, show_default=True, help="Number of synsets.")
+@click.option("--train-per-class", type=int, default=20, show_default=True)
+@click.option("--val-per-class", type=int, default=5, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Same seed, same tree.")
+@click.option("--oddities", is_flag=True,
+              help="Add the files real ImageNet throws at a tool: CMYK JPEG, PNG named .JPEG, RGBA, "
+                   "EXIF-rotated, truncated, zero-byte, random bytes.")
+def sample(out, classes, train_per_class, val_per_class, seed, oddities):
+    """Write a small ILSVRC12-shaped tree OUT from the bundled photos.
+
+    OUT/train/<wnid>/<wnid>_<n>.JPEG, flat OUT/val/ILSVRC2012_val_<n>.JPEG, and the val labels as
+    the devkit's ground truth (+ ID table) and as Kaggle's LOC_val_solution.csv.
+
+    \b
+    Example:
+      imgprep sample work/sample --classes 10 --oddities
+    """
+    from .sample import make_sample
+
+    result = make_sample(out, classes, train_per_class, val_per_class, seed, oddities)
+    click.echo(f"sample: {result.train} train and {result.val} val images in {len(result.wnids)} "
+               f"classes ({len(result.oddities)} oddities) -> {out}")
+
+
+@main.command("make-lists")
+@click.argument("root", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("data/ilsvrc12"),
+              show_default=True, help="Folder for train.txt, val.txt (test.txt), synsets.txt.")
+@click.option("--synsets", "synsets_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Synset list (one wnid per line; line i = label i). Default: the shipped 1000.")
+@click.option("--derive-synsets", is_flag=True,
+              help="Use the sorted train/ folder names as the synsets (non-ImageNet datasets).")
+@click.option("--val-labels", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Val labels for a flat val/: Kaggle LOC_val_solution.csv, devkit "
+                   "ILSVRC2012_validation_ground_truth.txt, or 'filename wnid' lines. Found in ROOT "
+                   "by name if not given.")
+@click.option("--val-id-table", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="For devkit ground truth: the devkit's meta.mat (needs scipy) or an "
+                   "ILSVRC2012_ID,wnid CSV.")
+def make_lists_cmd(root, out, synsets_file, derive_synsets, val_labels, val_id_table):
+    """Write train.txt / val.txt ('relative/path label') for an ILSVRC12 tree ROOT.
+
+    Labels are the wnid's index in the ASCII-sorted synset list (Caffe's convention, not the
+    devkit's ILSVRC2012_ID - 1). ROOT/train/<wnid>/ holds the train images; val labels come from
+    ROOT/val/<wnid>/ folders or from a labels file. ROOT/test/ becomes test.txt with label 0.
+
+    \b
+    Examples:
+      imgprep make-lists /data/ILSVRC2012
+      imgprep make-lists /data/ILSVRC2012 --val-labels LOC_val_solution.csv --out lists/
+      imgprep make-lists /data/flowers --derive-synsets --out lists/
+    """
+    from .lists import make_lists
+
+    report = make_lists(root, out, synsets_file, derive_synsets, val_labels, val_id_table)
+    for warning in report.warnings:
+        click.echo(f"warning: {warning}", err=True)
+    written = ", ".join(f"{name} ({n:,} lines)" for name, n in report.written.items())
+    click.echo(f"make-lists: {written} in {report.seconds:.1f}s -> {out}"
+               + (f"; skipped {report.skipped_files} non-image file(s)" if report.skipped_files else ""))
+
+
+PRESETS = {
+    "caffe": {"resize": "squash:256x256", "encoded": False},
+    "resnet": {"resize": "shorter:256", "encoded": True},
+}
+
+
+def _image_spec(resize, encoded, quality, gray, preset=None):
+    from .imageops import ImageSpec, parse_resize
+
+    chosen = dict(PRESETS.get(preset, {}))
+    if resize is not None:
+        chosen["resize"] = resize
+    if encoded is not None:
+        chosen["encoded"] = encoded
+    return ImageSpec(resize=parse_resize(chosen.get("resize", "none")),
+                     encoded=chosen.get("encoded", True), quality=quality, gray=gray)
+
+
+@main.command("build-lmdb")
+@click.argument("list_file", metavar="LIST", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("root", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--preset", type=click.Choice(sorted(PRESETS)),
+              help="caffe: squash:256x256 raw records (Caffe's ImageNet recipe). resnet: shorter:256 "
+                   "JPEG records (ResNet recipe, fastest with DALI). Explicit options override it.")
+@click.option("--backend", type=click.Choice(["lmdb", "leveldb"]), default="lmdb", show_default=True)
+@_resize_option(None)
+@click.option("--encoded/--raw", default=None,
+              help="JPEG bytes (encoded=true) or raw BGR planar pixels. Default: encoded.")
+@quality_option
+@gray_option
+@click.option("--shuffle", is_flag=True, help="Write entries in a seeded random order (recommended: "
+              "DALI only shuffles within a small buffer).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for --shuffle.")
+@click.option("--check-size", is_flag=True, help="Fail images whose size differs from the first record's.")
+@jobs_option
+@click.option("--txn-size", type=click.IntRange(1), default=1000, show_default=True,
+              help="Records per write transaction (Caffe commits every 1000).")
+@click.option("--resume", is_flag=True, help="Continue a partial build (after Ctrl-C, a crash, kill -9).")
+@click.option("--overwrite", is_flag=True, help="Delete an existing database at OUT first.")
+@click.option("--max-failures", type=click.IntRange(0), default=None,
+              help="Give up once more than this many images failed. Default: never.")
+@click.option("--allow-outside-root", is_flag=True,
+              help="Accept absolute paths, '..' and symlinks that leave ROOT.")
+@click.option("--num-shards", type=click.IntRange(1), default=1, show_default=True,
+              help="Build only part --shard-index of this many contiguous parts (see `imgprep merge`).")
+@click.option("--shard-index", type=click.IntRange(0), default=0, show_default=True)
+@scheduler_option
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
+def build_lmdb(list_file, root, out, preset, backend, resize, encoded, quality, gray, shuffle, seed,
+               check_size, jobs, txn_size, resume, overwrite, max_failures, allow_outside_root,
+               num_shards, shard_index, scheduler, as_json):
+    """Build a Caffe Datum database OUT (LMDB or LevelDB) from LIST and the image ROOT.
+
+    Keys are '%08d_path' (Caffe's convert_imageset format); every LIST entry becomes a record or
+    a line of OUT/imgprep-failures.tsv. Exit status 3 means the database is complete but some
+    images failed.
+
+    \b
+    Examples:
+      imgprep build-lmdb train.txt /data/train train_lmdb --preset resnet --shuffle
+      imgprep build-lmdb val.txt /data/val val_lmdb --preset caffe --backend leveldb
+      imgprep build-lmdb train.txt /data/train train_lmdb --preset resnet --shuffle --resume
+    """
+    from .build import BuildOptions, build_database, report_to_dict
+
+    options = BuildOptions(backend=backend, spec=_image_spec(resize, encoded, quality, gray, preset),
+                           shuffle=shuffle, seed=seed, check_size=check_size, jobs=jobs,
+                           txn_size=txn_size, max_failures=max_failures,
+                           allow_outside_root=allow_outside_root, num_shards=num_shards,
+                           shard_index=shard_index, scheduler=scheduler)
+    report = build_database(list_file, root, out, options, resume=resume, overwrite=overwrite)
+    if as_json:
+        click.echo(json.dumps(report_to_dict(report)))
+    if report.failures:
+        sys.exit(EXIT_IMAGES_FAILED)

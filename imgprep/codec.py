@@ -1,0 +1,237 @@
+"""Caffe's `Datum` and `BlobProto` messages in protobuf wire format, without protoc.
+
+Field numbers and types follow caffe.proto (SPEC §2, §3). Encoders write fields in field-number
+order, as protobuf's C++ serializer does, so imgprep's bytes equal Caffe's. Decoders accept any
+valid encoding (packed or unpacked repeated fields, unknown fields skipped) and raise
+`RecordError` with a specific message on anything malformed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import ImgprepError
+
+VARINT, FIXED64, LENGTH, FIXED32 = 0, 1, 2, 5
+
+
+class RecordError(ImgprepError):
+    """Bytes that are not a valid Datum / BlobProto."""
+
+
+# --- wire primitives ---------------------------------------------------------------------------
+
+def _varint(value: int) -> bytes:
+    value &= (1 << 64) - 1  # negative int32/int64 are written as 10-byte two's complement
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _key(field_number: int, wire_type: int) -> bytes:
+    return _varint(field_number << 3 | wire_type)
+
+
+def _read_varint(buf, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    end = len(buf)
+    while True:
+        if pos >= end:
+            raise RecordError("truncated varint")
+        byte = buf[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return result, pos
+        shift += 7
+        if shift >= 70:
+            raise RecordError("varint longer than 10 bytes")
+
+
+def _int32(value: int) -> int:
+    value &= 0xFFFFFFFF
+    return value - (1 << 32) if value >= 1 << 31 else value
+
+
+def _int64(value: int) -> int:
+    value &= (1 << 64) - 1
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+def iter_fields(buf):
+    """Yields (field_number, wire_type, value) where value is an int or a memoryview slice."""
+    view = memoryview(buf)
+    pos, end = 0, len(view)
+    while pos < end:
+        tag, pos = _read_varint(view, pos)
+        number, wire = tag >> 3, tag & 7
+        if number == 0:
+            raise RecordError("field number 0")
+        if wire == VARINT:
+            value, pos = _read_varint(view, pos)
+        elif wire == LENGTH:
+            size, pos = _read_varint(view, pos)
+            if pos + size > end:
+                raise RecordError(f"field {number} claims {size} bytes, {end - pos} left")
+            value, pos = view[pos:pos + size], pos + size
+        elif wire == FIXED32:
+            if pos + 4 > end:
+                raise RecordError(f"field {number}: truncated fixed32")
+            value, pos = view[pos:pos + 4], pos + 4
+        elif wire == FIXED64:
+            if pos + 8 > end:
+                raise RecordError(f"field {number}: truncated fixed64")
+            value, pos = view[pos:pos + 8], pos + 8
+        else:
+            raise RecordError(f"field {number}: unsupported wire type {wire}")
+        yield number, wire, value
+
+
+def _expect(number: int, wire: int, allowed: tuple[int, ...], message: str) -> None:
+    if wire not in allowed:
+        raise RecordError(f"{message} field {number} has wire type {wire}")
+
+
+def _repeated_fixed(wire: int, value, size: int, dtype: str) -> np.ndarray:
+    """One chunk of a repeated float/double field, packed or not."""
+    raw = bytes(value)
+    if wire == LENGTH and len(raw) % size:
+        raise RecordError(f"packed {dtype} field of {len(raw)} bytes is not a multiple of {size}")
+    return np.frombuffer(raw, dtype=dtype)
+
+
+# --- Datum ---------------------------------------------------------------------------------------
+
+@dataclass
+class Datum:
+    channels: int = 0
+    height: int = 0
+    width: int = 0
+    data: bytes = b""
+    label: int = 0
+    encoded: bool = False
+    float_data: np.ndarray | None = None
+
+    def pixels(self) -> np.ndarray:
+        """Raw records only: the stored pixels as a (C, H, W) uint8 array, BGR planar."""
+        if self.encoded:
+            raise RecordError("record is encoded; decode it with imageops.decode_datum_image")
+        expected = self.channels * self.height * self.width
+        if expected == 0 or len(self.data) != expected:
+            raise RecordError(f"raw record holds {len(self.data)} bytes for "
+                              f"{self.channels}x{self.height}x{self.width} ({expected})")
+        return np.frombuffer(self.data, dtype=np.uint8).reshape(self.channels, self.height, self.width)
+
+
+def encode_datum(data: bytes, label: int, channels: int, height: int, width: int,
+                 encoded: bool) -> bytes:
+    """Serialises a Datum as Caffe does: fields 1-5 and 7, label and encoded always present."""
+    return b"".join((
+        _key(1, VARINT), _varint(channels),
+        _key(2, VARINT), _varint(height),
+        _key(3, VARINT), _varint(width),
+        _key(4, LENGTH), _varint(len(data)), data,
+        _key(5, VARINT), _varint(label),
+        _key(7, VARINT), b"\x01" if encoded else b"\x00",
+    ))
+
+
+def decode_datum(buf) -> Datum:
+    datum = Datum()
+    floats = []
+    seen_data = False
+    for number, wire, value in iter_fields(buf):
+        if number in (1, 2, 3, 5):
+            _expect(number, wire, (VARINT,), "Datum")
+            setattr(datum, ("", "channels", "height", "width", "", "label")[number], _int32(value))
+        elif number == 4:
+            _expect(number, wire, (LENGTH,), "Datum")
+            datum.data = bytes(value)
+            seen_data = True
+        elif number == 6:
+            _expect(number, wire, (LENGTH, FIXED32), "Datum")
+            floats.append(_repeated_fixed(wire, value, 4, "<f4"))
+        elif number == 7:
+            _expect(number, wire, (VARINT,), "Datum")
+            datum.encoded = bool(value)
+    if floats:
+        datum.float_data = np.concatenate(floats)
+    if not seen_data and datum.float_data is None:
+        raise RecordError("not a Caffe Datum: no data (field 4) and no float_data (field 6)")
+    if not datum.encoded and seen_data:
+        datum.pixels()  # validates the size
+    return datum
+
+
+# --- BlobProto -----------------------------------------------------------------------------------
+
+def encode_blob(array: np.ndarray) -> bytes:
+    """A mean image (C, H, W) as Caffe's compute_image_mean writes it: num=1, channels, height,
+    width, packed float32 data, nothing else."""
+    if array.ndim != 3:
+        raise ValueError("expected a (C, H, W) array")
+    c, h, w = array.shape
+    data = np.ascontiguousarray(array, dtype="<f4").tobytes()
+    return b"".join((
+        _key(1, VARINT), _varint(1),
+        _key(2, VARINT), _varint(c),
+        _key(3, VARINT), _varint(h),
+        _key(4, VARINT), _varint(w),
+        _key(5, LENGTH), _varint(len(data)), data,
+    ))
+
+
+def decode_blob(buf) -> np.ndarray:
+    """Returns the blob as float32 (C, H, W) (num must be 1), from legacy fields or `shape`."""
+    legacy = {}
+    dims = None
+    chunks, doubles = [], []
+    for number, wire, value in iter_fields(buf):
+        if number in (1, 2, 3, 4):
+            _expect(number, wire, (VARINT,), "BlobProto")
+            legacy[number] = _int32(value)
+        elif number in (5, 6):
+            _expect(number, wire, (LENGTH, FIXED32), "BlobProto")
+            if number == 5:
+                chunks.append(_repeated_fixed(wire, value, 4, "<f4"))
+        elif number == 8:
+            _expect(number, wire, (LENGTH, FIXED64), "BlobProto")
+            doubles.append(_repeated_fixed(wire, value, 8, "<f8"))
+        elif number == 7:
+            _expect(number, wire, (LENGTH,), "BlobProto")
+            dims = []
+            for sub_number, sub_wire, sub_value in iter_fields(value):
+                if sub_number != 1:
+                    continue
+                if sub_wire == VARINT:
+                    dims.append(_int64(sub_value))
+                elif sub_wire == LENGTH:
+                    pos, raw = 0, sub_value
+                    while pos < len(raw):
+                        v, pos = _read_varint(raw, pos)
+                        dims.append(_int64(v))
+                else:
+                    raise RecordError(f"BlobShape dim has wire type {sub_wire}")
+    values = np.concatenate(chunks) if chunks else (
+        np.concatenate(doubles).astype(np.float32) if doubles else np.zeros(0, np.float32))
+    if dims is None:
+        if not legacy:
+            raise RecordError("not a BlobProto: neither shape nor num/channels/height/width")
+        dims = [legacy.get(k, 0) for k in (1, 2, 3, 4)]
+    if any(d < 0 for d in dims):
+        raise RecordError(f"negative blob dimension in {dims}")
+    while len(dims) > 3 and dims[0] == 1:
+        dims = dims[1:]
+    if len(dims) == 2:
+        dims = [1, *dims]
+    if len(dims) != 3:
+        raise RecordError(f"blob of shape {dims} is not one image (expected [1,] C, H, W)")
+    count = int(np.prod(dims, dtype=np.int64))
+    if values.size != count:
+        raise RecordError(f"blob declares shape {dims} ({count} values) but holds {values.size}")
+    return values.reshape(dims)

@@ -1,0 +1,237 @@
+"""Pure image transforms: decode upright, normalise the mode, resize by policy, encode.
+
+Everything here takes bytes or images and returns new ones; no file-system access. Failures
+raise `ImageFailure` with a short reason code that the failure report records.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from . import ImgprepError
+
+# ImageNet's largest is about 10 MP; 100 MP leaves room for real photos and refuses bombs.
+DEFAULT_MAX_PIXELS = 100_000_000
+EXIF_ORIENTATION = 0x0112
+SUBSAMPLING_420 = 2
+
+
+class ImageFailure(Exception):
+    """An image that cannot be used; `reason` is a short code for the failure report."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class ResizePolicy:
+    kind: str  # "squash", "shorter" or "none"
+    width: int = 0
+    height: int = 0
+
+    def __str__(self) -> str:
+        if self.kind == "squash":
+            return f"squash:{self.width}x{self.height}"
+        if self.kind == "shorter":
+            return f"shorter:{self.width}"
+        return "none"
+
+    def target_size(self, width: int, height: int) -> tuple[int, int]:
+        """Output (width, height) for an upright input of the given size."""
+        if self.kind == "squash":
+            return self.width, self.height
+        if self.kind == "shorter":
+            short = min(width, height)
+            scale = self.width / short
+            return max(1, round(width * scale)), max(1, round(height * scale))
+        return width, height
+
+
+def parse_resize(text: str) -> ResizePolicy:
+    """`squash:WxH` (or `squash:S`), `shorter:S`, or `none`."""
+    text = text.strip().lower()
+    if text == "none":
+        return ResizePolicy("none")
+    m = re.fullmatch(r"squash:(\d+)(?:x(\d+))?", text)
+    if m:
+        w = int(m.group(1))
+        h = int(m.group(2) or w)
+        if w > 0 and h > 0:
+            return ResizePolicy("squash", w, h)
+    m = re.fullmatch(r"shorter:(\d+)", text)
+    if m and int(m.group(1)) > 0:
+        return ResizePolicy("shorter", int(m.group(1)), int(m.group(1)))
+    raise ImgprepError(f"bad resize policy {text!r}: use squash:WxH, shorter:S or none")
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """What the build (or resize) makes of each image."""
+
+    resize: ResizePolicy = ResizePolicy("none")
+    encoded: bool = True
+    quality: int = 90
+    gray: bool = False
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    draft: bool = True  # decode-time DCT downscaling for JPEG sources
+
+
+@dataclass
+class ProcessedImage:
+    data: bytes  # JPEG bytes (encoded) or BGR planar CHW pixels (raw)
+    channels: int
+    height: int
+    width: int
+    encoded: bool
+
+
+def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Identifies the image and checks its declared size, without decoding pixels."""
+    if not data:
+        raise ImageFailure("empty", "file has 0 bytes")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as e:
+        raise ImageFailure("too-large", str(e)) from None
+    except Exception:  # Pillow raises many kinds for unknown bytes
+        raise ImageFailure("unreadable", f"not an image format Pillow knows ({len(data):,} bytes "
+                                         f"starting {data[:8].hex(' ')})") from None
+    w, h = img.size
+    if w * h > max_pixels:
+        raise ImageFailure("too-large", f"{w}x{h} = {w * h:,} pixels exceeds the limit of {max_pixels:,}")
+    if w < 1 or h < 1:
+        raise ImageFailure("unreadable", f"image declares size {w}x{h}")
+    return img
+
+
+def _load(img: Image.Image) -> None:
+    try:
+        img.load()
+    except OSError as e:
+        text = str(e)
+        reason = "truncated" if "truncated" in text or "broken data stream" in text else "corrupt"
+        raise ImageFailure(reason, text) from None
+    except Exception as e:
+        raise ImageFailure("corrupt", f"{type(e).__name__}: {e}") from None
+
+
+def orientation(img: Image.Image) -> int:
+    try:
+        return int(img.getexif().get(EXIF_ORIENTATION, 1))
+    except Exception:  # a broken EXIF block must not lose the image
+        return 1
+
+
+def _flatten_alpha(img: Image.Image) -> Image.Image:
+    rgba = img.convert("RGBA")
+    background = Image.new("RGB", rgba.size, (255, 255, 255))
+    background.paste(rgba, mask=rgba.getchannel("A"))
+    return background
+
+
+def normalise_mode(img: Image.Image, gray: bool = False) -> Image.Image:
+    """Any Pillow mode -> 8-bit RGB (or L with gray=True). Alpha is composited over white."""
+    mode = img.mode
+    if mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+        mode = img.mode
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        img = _flatten_alpha(img)
+    elif mode.startswith("I") or mode == "F":
+        arr = np.asarray(img)
+        if mode == "F":
+            arr = np.clip(arr, 0, 255).astype(np.uint8)
+        else:
+            # 16-bit sources: map 0..65535 onto 0..255 with rounding.
+            arr = ((arr.astype(np.uint64) * 255 + 32767) // 65535).clip(0, 255).astype(np.uint8)
+        img = Image.fromarray(arr, "L")
+    elif mode == "1":
+        img = img.convert("L")
+    if gray:
+        return img if img.mode == "L" else img.convert("L")
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def decode_upright(data: bytes, spec: ImageSpec = ImageSpec()) -> tuple[Image.Image, Image.Image]:
+    """Returns (source image as opened, upright normalised image resized by spec.resize)."""
+    img = open_image(data, spec.max_pixels)
+    rotation = orientation(img)
+    w, h = img.size
+    upright_w, upright_h = (h, w) if rotation in (5, 6, 7, 8) else (w, h)
+    tw, th = spec.resize.target_size(upright_w, upright_h)
+    if spec.draft and spec.resize.kind != "none" and img.format == "JPEG":
+        request = (th, tw) if rotation in (5, 6, 7, 8) else (tw, th)
+        img.draft("L" if spec.gray else ("RGB" if img.mode == "RGB" else None), request)
+    _load(img)
+    source = img
+    if rotation != 1:
+        img = ImageOps.exif_transpose(img)
+    img = normalise_mode(img, spec.gray)
+    if img.size != (tw, th):
+        img = img.resize((tw, th), Image.BILINEAR)
+    return source, img
+
+
+def encode_jpeg(img: Image.Image, quality: int) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=quality, subsampling=SUBSAMPLING_420 if img.mode == "RGB" else 0)
+    return buf.getvalue()
+
+
+def to_bgr_chw(img: Image.Image) -> np.ndarray:
+    """RGB or L image -> Caffe's (C, H, W) uint8 BGR planar array."""
+    arr = np.asarray(img)
+    if arr.ndim == 2:
+        return arr[None]
+    return np.ascontiguousarray(arr[:, :, ::-1].transpose(2, 0, 1))
+
+
+def bgr_chw_to_rgb_hwc(chw: np.ndarray) -> np.ndarray:
+    if chw.shape[0] == 1:
+        return chw[0]
+    return np.ascontiguousarray(chw[::-1].transpose(1, 2, 0))
+
+
+def keeps_original(source: Image.Image, spec: ImageSpec) -> bool:
+    """Caffe stores an encoded image's file untouched when nothing changes it; so do we when it
+    is already an upright JPEG of the wanted colour kind."""
+    wanted = "L" if spec.gray else "RGB"
+    return (spec.encoded and spec.resize.kind == "none" and source.format == "JPEG"
+            and source.mode == wanted and orientation(source) == 1)
+
+
+def process_image(data: bytes, spec: ImageSpec) -> ProcessedImage:
+    """One list entry's bytes -> what goes into its Datum."""
+    source, img = decode_upright(data, spec)
+    channels = 1 if img.mode == "L" else 3
+    width, height = img.size
+    if spec.encoded:
+        payload = data if keeps_original(source, spec) else encode_jpeg(img, spec.quality)
+        return ProcessedImage(payload, channels, height, width, True)
+    return ProcessedImage(to_bgr_chw(img).tobytes(), channels, height, width, False)
+
+
+def decode_to_rgb(data: bytes, gray: bool = False) -> np.ndarray:
+    """Encoded record bytes -> upright (H, W, 3) RGB uint8 (or (H, W) with gray=True)."""
+    _, img = decode_upright(data, ImageSpec(gray=gray))
+    return np.asarray(img)
+
+
+def center_crop(arr: np.ndarray, size: int) -> np.ndarray:
+    """Center `size`x`size` crop of an (H, W, ...) array; a half-pixel offset rounds up."""
+    h, w = arr.shape[:2]
+    if h < size or w < size:
+        raise ImgprepError(f"image {w}x{h} is smaller than the {size}x{size} crop")
+    y = (h - size + 1) // 2
+    x = (w - size + 1) // 2
+    return arr[y:y + size, x:x + size]

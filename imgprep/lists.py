@@ -1,0 +1,419 @@
+"""ILSVRC12 synsets, image lists (`path label` lines, Caffe's format) and `make-lists`."""
+
+from __future__ import annotations
+
+import csv
+from collections import Counter
+import os
+import posixpath
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import ImgprepError
+from .progress import Progress
+
+PACKAGE_ILSVRC12 = Path(__file__).parent / "data" / "ilsvrc12"
+SYNSETS_FILE = PACKAGE_ILSVRC12 / "synsets.txt"
+SYNSET_WORDS_FILE = PACKAGE_ILSVRC12 / "synset_words.txt"
+IMAGE_EXTENSIONS = frozenset(
+    {".jpeg", ".jpg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm", ".jpe"})
+# File names may be any bytes; lists carry them through unchanged (Caffe reads bytes too).
+LIST_ENCODING = dict(encoding="utf-8", errors="surrogateescape")
+DEVKIT_GROUND_TRUTH = "ILSVRC2012_validation_ground_truth.txt"
+DEVKIT_ID_TABLE_NAMES = ("meta.mat", "ILSVRC2012_id_to_wnid.csv")
+KAGGLE_SOLUTION = "LOC_val_solution.csv"
+WNID_RE = re.compile(r"^n\d{8}$")
+SHOWN = 10  # how many offending items an error message lists
+
+
+def load_synsets(path: str | os.PathLike | None = None) -> list[str]:
+    """The wnids, one per line; line i is label i. Defaults to the shipped ILSVRC12 list."""
+    path = Path(path) if path else SYNSETS_FILE
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ImgprepError(f"cannot read synsets file {path}: {e.strerror}") from None
+    wnids = [line.split()[0] for line in text.splitlines() if line.strip()]
+    duplicates = sorted(w for w, n in Counter(wnids).items() if n > 1)
+    if duplicates:
+        raise ImgprepError(f"synsets file {path} lists {', '.join(duplicates[:SHOWN])} more than once")
+    return wnids
+
+
+def load_synset_words(path: str | os.PathLike | None = None) -> dict[str, str]:
+    path = Path(path) if path else SYNSET_WORDS_FILE
+    words = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        wnid, _, text = line.partition(" ")
+        words[wnid] = text
+    return words
+
+
+def is_image_name(name: str) -> bool:
+    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading lists
+
+
+@dataclass
+class ImageList:
+    """A parsed list: paths exactly as written (after normalisation) and int32 labels.
+
+    Paths live in one Python list and labels in a numpy array so that 1.28M lines stay
+    around 150 MB.
+    """
+
+    paths: list[str]
+    labels: np.ndarray
+    notes: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+def _bad(problems: list[str], lineno: int, reason: str, text: str) -> None:
+    problems.append(f"line {lineno}: {reason}: {text[:120]!r}")
+
+
+def read_list(path: str | os.PathLike, num_labels: int | None = None,
+              allow_outside_root: bool = False) -> ImageList:
+    """Parses a Caffe image list and refuses it, naming the lines, if any line is bad.
+
+    Caffe splits each line at its last space and trims nothing, so a CR or a trailing blank
+    silently becomes part of the label. Here line endings (LF, CRLF), a UTF-8 BOM and trailing
+    blanks are normalised away (counted in `notes`); blank lines are skipped; everything else
+    that is not `path label` with 0 <= label (< num_labels) is an error.
+    """
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise ImgprepError(f"cannot read list {path}: {e.strerror}") from None
+    text = data.decode(**LIST_ENCODING)
+    notes = []
+    if text.startswith("\ufeff"):
+        text = text[1:]
+        notes.append("removed a UTF-8 byte-order mark")
+    paths: list[str] = []
+    labels: list[int] = []
+    problems: list[str] = []
+    seen: dict[str, int] = {}
+    trimmed = blank = 0
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    for lineno, raw in enumerate(lines, 1):
+        line = raw.rstrip(" \t\r")
+        if line != raw:
+            trimmed += 1
+        if not line.strip():
+            blank += 1
+            continue
+        name, sep, label_text = line.rpartition(" ")
+        if not sep or not name:
+            _bad(problems, lineno, "missing label (expected 'path label', separated by a space)", raw)
+            continue
+        if not re.fullmatch(r"[+-]?\d+", label_text):
+            _bad(problems, lineno, f"label {label_text!r} is not an integer", raw)
+            continue
+        label = int(label_text)
+        if label < 0:
+            _bad(problems, lineno, f"negative label {label}", raw)
+            continue
+        if num_labels is not None and label >= num_labels:
+            _bad(problems, lineno, f"label {label} out of range 0..{num_labels - 1}", raw)
+            continue
+        if not allow_outside_root:
+            if posixpath.isabs(name) or os.path.isabs(name):
+                _bad(problems, lineno, "absolute path (use --allow-outside-root to accept)", raw)
+                continue
+            if posixpath.normpath(name.replace("\\", "/")).startswith("../") or name == "..":
+                _bad(problems, lineno, "path escapes the image root (use --allow-outside-root)", raw)
+                continue
+        if name in seen:
+            _bad(problems, lineno, f"duplicate of line {seen[name]}", raw)
+            continue
+        seen[name] = lineno
+        paths.append(name)
+        labels.append(label)
+    if problems:
+        shown = "\n  ".join(problems[:SHOWN])
+        more = f"\n  ... and {len(problems) - SHOWN} more" if len(problems) > SHOWN else ""
+        raise ImgprepError(f"{path}: {len(problems)} bad line(s):\n  {shown}{more}")
+    if trimmed:
+        notes.append(f"normalised {trimmed} line(s) with CR or trailing blanks")
+    if blank:
+        notes.append(f"skipped {blank} blank line(s)")
+    return ImageList(paths, np.asarray(labels, dtype=np.int32), notes)
+
+
+def write_list(path: str | os.PathLike, entries) -> int:
+    """Writes `path label` lines; refuses paths a Caffe list cannot represent."""
+    count = 0
+    with open(path, "w", newline="\n", **LIST_ENCODING) as f:
+        for name, label in entries:
+            if "\n" in name or "\r" in name:
+                raise ImgprepError(f"file name {name!r} contains a line break; a list cannot hold it")
+            f.write(f"{name} {label}\n")
+            count += 1
+    return count
+
+
+# ---------------------------------------------------------------------------------------------
+# make-lists
+
+
+@dataclass
+class ScanResult:
+    images: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # non-image files
+
+
+def _scan_images(folder: str, prefix: str, result: ScanResult, progress: Progress | None) -> None:
+    with os.scandir(folder) as it:
+        names = sorted((e.name, e.is_dir()) for e in it)
+    for name, is_dir in names:
+        rel = f"{prefix}{name}"
+        if is_dir:
+            result.skipped.append(rel + "/")
+        elif is_image_name(name):
+            result.images.append(rel)
+            if progress:
+                progress.update()
+        else:
+            result.skipped.append(rel)
+
+
+def _subdirs(folder: str) -> list[str]:
+    with os.scandir(folder) as it:
+        return sorted(e.name for e in it if e.is_dir())
+
+
+def _loose_files(folder: str) -> list[str]:
+    with os.scandir(folder) as it:
+        return sorted(e.name for e in it if not e.is_dir())
+
+
+def _unknown_wnids_error(what: str, unknown: list[str], synsets_source: str) -> ImgprepError:
+    return ImgprepError(
+        f"{what} name {len(unknown)} synset(s) not in {synsets_source}: "
+        f"{', '.join(unknown[:SHOWN])}{' ...' if len(unknown) > SHOWN else ''} "
+        "(pass --synsets FILE, or --derive-synsets for a dataset that is not ILSVRC12)")
+
+
+def read_id_table(path: str | os.PathLike) -> dict[int, str]:
+    """ILSVRC2012_ID -> wnid, from the devkit's meta.mat (needs scipy) or an `id,wnid` CSV."""
+    path = Path(path)
+    if path.suffix.lower() == ".mat":
+        try:
+            from scipy.io import loadmat
+        except ImportError:
+            raise ImgprepError(f"reading {path} needs scipy (pip install scipy), "
+                               "or give the table as a CSV of ILSVRC2012_ID,wnid") from None
+        try:
+            synsets = loadmat(str(path), squeeze_me=True, struct_as_record=False)["synsets"]
+        except Exception as e:  # scipy raises many kinds on a bad file
+            raise ImgprepError(f"cannot read devkit table {path}: {e}") from None
+        return {int(s.ILSVRC2012_ID): str(s.WNID) for s in np.atleast_1d(synsets)}
+    table = {}
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            for lineno, row in enumerate(csv.reader(f), 1):
+                if not row or (lineno == 1 and not row[0].strip().isdigit()):
+                    continue  # blank line or header
+                if len(row) < 2 or not row[0].strip().isdigit():
+                    raise ImgprepError(f"{path} line {lineno}: expected 'ILSVRC2012_ID,wnid', got {row!r}")
+                table[int(row[0])] = row[1].strip()
+    except OSError as e:
+        raise ImgprepError(f"cannot read {path}: {e.strerror}") from None
+    return table
+
+
+def read_val_labels(path: str | os.PathLike, id_table: str | os.PathLike | None) -> dict[str, str]:
+    """Val file stem -> wnid from Kaggle's solution CSV, the devkit ground truth, or `file wnid` lines."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
+    except OSError as e:
+        raise ImgprepError(f"cannot read val labels {path}: {e.strerror}") from None
+    lines = [line.strip() for line in lines]
+    body = [line for line in lines if line]
+    if body and body[0].startswith("ImageId,"):
+        labels = {}
+        for lineno, row in enumerate(csv.reader(body[1:]), 2):
+            if len(row) < 2 or not row[1].split():
+                raise ImgprepError(f"{path} line {lineno}: expected 'ImageId,PredictionString'")
+            labels[row[0]] = row[1].split()[0]
+        return labels
+    if body and all(line.isdigit() for line in body):
+        if id_table is None:
+            raise ImgprepError(f"{path} holds devkit ILSVRC2012_IDs; also give the ID->wnid table "
+                               "with --val-id-table (the devkit's meta.mat or an ILSVRC2012_ID,wnid CSV)")
+        table = read_id_table(id_table)
+        missing = sorted({int(x) for x in body} - set(table))
+        if missing:
+            raise ImgprepError(f"{id_table} has no wnid for ILSVRC2012_ID(s) {missing[:SHOWN]}")
+        return {f"ILSVRC2012_val_{i:08d}": table[int(x)] for i, x in enumerate(lines, 1) if x}
+    labels = {}
+    for lineno, line in enumerate(lines, 1):
+        if not line:
+            continue
+        name, _, wnid = line.rpartition(" ") if " " in line else line.rpartition("\t")
+        if not name:
+            raise ImgprepError(f"{path} line {lineno}: expected 'filename wnid', got {line!r}")
+        labels[os.path.splitext(name.strip())[0]] = wnid.strip()
+    return labels
+
+
+def find_val_labels(root: Path) -> tuple[Path | None, Path | None]:
+    """Looks for a val label source in ROOT (and ROOT/devkit/data) under its well-known name."""
+    places = [root, root / "devkit" / "data", root / "ILSVRC2012_devkit_t12" / "data"]
+    for place in places:
+        if (place / KAGGLE_SOLUTION).is_file():
+            return place / KAGGLE_SOLUTION, None
+    for place in places:
+        if (place / DEVKIT_GROUND_TRUTH).is_file():
+            for table_place in places:
+                for name in DEVKIT_ID_TABLE_NAMES:
+                    if (table_place / name).is_file():
+                        return place / DEVKIT_GROUND_TRUTH, table_place / name
+            return place / DEVKIT_GROUND_TRUTH, None
+    return None, None
+
+
+@dataclass
+class ListsReport:
+    written: dict[str, int] = field(default_factory=dict)  # file name -> lines
+    warnings: list[str] = field(default_factory=list)
+    skipped_files: int = 0
+    seconds: float = 0.0
+
+
+def make_lists(root: str | os.PathLike, out: str | os.PathLike, synsets_file=None,
+               derive_synsets: bool = False, val_labels=None, val_id_table=None,
+               show_progress: bool = True) -> ListsReport:
+    """Writes train.txt / val.txt (/ test.txt) for an ILSVRC12-shaped tree ROOT.
+
+    ROOT/train/<wnid>/*.JPEG are the training images. Validation labels come from
+    ROOT/val/<wnid>/ folders, or from `val_labels` (Kaggle CSV, devkit ground truth plus
+    `val_id_table`, or `file wnid` lines), or from such a file found in ROOT. ROOT/test/, if
+    present, becomes test.txt with label 0 as in Caffe.
+    """
+    root = Path(root)
+    out = Path(out)
+    report = ListsReport()
+    train_dir, val_dir, test_dir = root / "train", root / "val", root / "test"
+    if not root.is_dir():
+        raise ImgprepError(f"image root {root} is not a folder")
+    if not train_dir.is_dir() and not val_dir.is_dir():
+        raise ImgprepError(f"{root} has neither train/ nor val/; expected an ILSVRC12-shaped tree "
+                           "(ROOT/train/<wnid>/*.JPEG, ROOT/val/...)")
+    progress = Progress("make-lists", None, unit="files", enabled=show_progress)
+    outputs: dict[str, list[tuple[str, int]]] = {}
+
+    if derive_synsets:
+        if not train_dir.is_dir():
+            raise ImgprepError("--derive-synsets needs ROOT/train/<class>/ folders")
+        synsets = _subdirs(str(train_dir))
+        synsets_source = "the train folders"
+    else:
+        synsets = load_synsets(synsets_file)
+        synsets_source = str(synsets_file or "the shipped ILSVRC12 synsets")
+    label_of = {w: i for i, w in enumerate(synsets)}
+
+    if train_dir.is_dir():
+        classes = _subdirs(str(train_dir))
+        unknown = [c for c in classes if c not in label_of]
+        if unknown:
+            raise _unknown_wnids_error(f"{train_dir} folders", unknown, synsets_source)
+        loose = _loose_files(str(train_dir))
+        if loose:
+            report.warnings.append(f"{len(loose)} file(s) directly in train/ ignored (not in a class "
+                                   f"folder): {', '.join(loose[:SHOWN])}")
+        entries = []
+        for wnid in classes:
+            scan = ScanResult()
+            _scan_images(str(train_dir / wnid), f"{wnid}/", scan, progress)
+            if not scan.images:
+                report.warnings.append(f"class {wnid} has no images")
+            report.skipped_files += len(scan.skipped)
+            if scan.skipped:
+                report.warnings.append(f"skipped {len(scan.skipped)} non-image entr(ies) in train/{wnid}: "
+                                       f"{', '.join(scan.skipped[:3])}")
+            entries.extend((p, label_of[wnid]) for p in scan.images)
+        outputs["train.txt"] = entries
+
+    if val_dir.is_dir():
+        outputs["val.txt"] = _val_entries(root, val_dir, label_of, synsets_source, val_labels,
+                                          val_id_table, report, progress)
+    if test_dir.is_dir():
+        scan = ScanResult()
+        _scan_images(str(test_dir), "", scan, progress)
+        report.skipped_files += len(scan.skipped)
+        outputs["test.txt"] = [(p, 0) for p in scan.images]
+
+    out.mkdir(parents=True, exist_ok=True)
+    for name, entries in outputs.items():
+        report.written[name] = write_list(out / name, entries)
+    _write_synset_files(out, synsets)
+    report.seconds = progress.elapsed
+    return report
+
+
+def _val_entries(root, val_dir, label_of, synsets_source, val_labels, val_id_table, report, progress):
+    subdirs = _subdirs(str(val_dir))
+    if subdirs and val_labels is None:
+        unknown = [c for c in subdirs if c not in label_of]
+        if unknown:
+            raise _unknown_wnids_error(f"{val_dir} folders", unknown, synsets_source)
+        entries = []
+        for wnid in subdirs:
+            scan = ScanResult()
+            _scan_images(str(val_dir / wnid), f"{wnid}/", scan, progress)
+            report.skipped_files += len(scan.skipped)
+            entries.extend((p, label_of[wnid]) for p in scan.images)
+        return entries
+
+    if val_labels is None:
+        val_labels, found_table = find_val_labels(root)
+        val_id_table = val_id_table or found_table
+        if val_labels is None:
+            raise ImgprepError(
+                f"{val_dir} is flat and no label source was given or found: pass --val-labels "
+                f"(Kaggle {KAGGLE_SOLUTION}, devkit {DEVKIT_GROUND_TRUTH} with --val-id-table, "
+                "or 'filename wnid' lines), or split val/ into <wnid>/ folders")
+    labels = read_val_labels(val_labels, val_id_table)
+    unknown = sorted({w for w in labels.values() if w not in label_of})
+    if unknown:
+        raise _unknown_wnids_error(f"val labels in {val_labels}", unknown, synsets_source)
+    scan = ScanResult()
+    _scan_images(str(val_dir), "", scan, progress)
+    report.skipped_files += len(scan.skipped)
+    if scan.skipped:
+        report.warnings.append(f"skipped {len(scan.skipped)} non-image entr(ies) in val/: "
+                               f"{', '.join(scan.skipped[:3])}")
+    by_stem = {os.path.splitext(name)[0]: name for name in scan.images}
+    unlabeled = [name for stem, name in by_stem.items() if stem not in labels]
+    if unlabeled:
+        raise ImgprepError(f"{len(unlabeled)} val image(s) have no label in {val_labels}: "
+                           f"{', '.join(unlabeled[:SHOWN])}")
+    absent = sorted(stem for stem in labels if stem not in by_stem)
+    if absent:
+        raise ImgprepError(f"{val_labels} labels {len(absent)} image(s) that are not in {val_dir}: "
+                           f"{', '.join(absent[:SHOWN])}")
+    return [(by_stem[stem], label_of[labels[stem]]) for stem in sorted(by_stem)]
+
+
+def _write_synset_files(out: Path, synsets: list[str]) -> None:
+    """Puts synsets.txt / synset_words.txt beside the lists so their labels can be read back."""
+    target = out / "synsets.txt"
+    if target.exists() and target.resolve() == SYNSETS_FILE.resolve():
+        return
+    target.write_text("".join(f"{w}\n" for w in synsets), encoding="utf-8")
+    words = load_synset_words()
+    (out / "synset_words.txt").write_text(
+        "".join(f"{w} {words.get(w, w)}\n" for w in synsets), encoding="utf-8")

@@ -1,0 +1,74 @@
+"""Progress lines (count, rate, ETA, failures) and the closing summary for long stages."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+
+def format_duration(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class Progress:
+    """Prints `stage: done/total (pct) rate/s ETA h:mm:ss failures N` to stderr.
+
+    On a terminal the line is redrawn in place; elsewhere (logs, CI) a new line is printed
+    every `interval` seconds so that a log of a day-long build stays readable.
+    """
+
+    def __init__(self, stage: str, total: int | None, unit: str = "img", stream=None,
+                 interval: float | None = None, enabled: bool = True):
+        self.stage = stage
+        self.total = total
+        self.unit = unit
+        self.stream = stream if stream is not None else sys.stderr
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.interval = interval if interval is not None else (0.5 if self.tty else 10.0)
+        self.enabled = enabled
+        self.done = 0
+        self.failures = 0
+        self.start = time.perf_counter()
+        self._last_print = self.start
+
+    @property
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    @property
+    def rate(self) -> float:
+        return self.done / self.elapsed if self.elapsed > 0 else 0.0
+
+    def update(self, n: int = 1, failures: int = 0) -> None:
+        self.done += n
+        self.failures += failures
+        now = time.perf_counter()
+        if self.enabled and now - self._last_print >= self.interval:
+            self._last_print = now
+            self._emit(self.line(), final=False)
+
+    def line(self) -> str:
+        parts = [f"{self.stage}: {self.done:,}"]
+        if self.total:
+            parts[0] += f"/{self.total:,} ({100.0 * self.done / self.total:.1f}%)"
+        parts.append(f"{self.rate:,.0f} {self.unit}/s")
+        if self.total and self.rate > 0:
+            parts.append(f"ETA {format_duration((self.total - self.done) / self.rate)}")
+        parts.append(f"failures {self.failures:,}")
+        return "  ".join(parts)
+
+    def _emit(self, text: str, final: bool) -> None:
+        if self.tty:
+            self.stream.write("\r\x1b[K" + text + ("\n" if final else ""))
+        else:
+            self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def finish(self, summary: str) -> None:
+        """Ends the progress display with one summary line."""
+        if self.enabled:
+            if self.tty:
+                self.stream.write("\r\x1b[K")
+            self.stream.write(summary + "\n")
+            self.stream.flush()

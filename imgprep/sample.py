@@ -1,0 +1,174 @@
+"""`imgprep sample`: a small ILSVRC12-shaped tree made from the bundled photos.
+
+Images are crops of the photos at ImageNet-like sizes (about 500x375, some portrait, some
+large) and JPEG qualities; each class is one photo with a tint of its own, so that a tiny
+network can learn the classes. With `oddities=True` the train set also holds the files real
+ImageNet throws at a tool (SPEC §5): CMYK JPEG, PNG named .JPEG, RGBA PNG, EXIF-rotated
+JPEG, truncated JPEG, zero-byte file, random bytes named .JPEG.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image
+
+from . import ImgprepError
+from .lists import DEVKIT_GROUND_TRUTH, KAGGLE_SOLUTION, load_synsets
+
+PHOTOS_DIR = Path(__file__).parent / "data" / "photos"
+ID_TABLE_NAME = "ILSVRC2012_id_to_wnid.csv"
+# Oddity kind -> what a build must do with it.
+ODDITY_OUTCOMES = {
+    "cmyk": "converted", "png_named_jpeg": "converted", "rgba_png": "converted",
+    "exif_rotated": "converted", "truncated": "failed", "zero_byte": "failed",
+    "random_bytes": "failed",
+}
+
+
+@dataclass
+class Sample:
+    root: Path
+    wnids: list[str]
+    train: int = 0
+    val: int = 0
+    oddities: dict[str, str] = field(default_factory=dict)  # train-relative path -> kind
+
+
+def photo_paths() -> list[Path]:
+    photos = sorted(PHOTOS_DIR.glob("*.jpg"))
+    if not photos:
+        raise ImgprepError(f"no bundled photos in {PHOTOS_DIR}; is the package installed completely?")
+    return photos
+
+
+def devkit_ids(wnids_all: list[str]) -> dict[str, int]:
+    """A fixed ILSVRC2012_ID for each wnid that differs from the sorted order, as the devkit's does."""
+    order = list(wnids_all)
+    random.Random(2012).shuffle(order)
+    return {w: i + 1 for i, w in enumerate(order)}
+
+
+def _sample_size(rng: random.Random) -> tuple[int, int]:
+    kind = rng.random()
+    if kind < 0.65:
+        return rng.choice([(500, 375), (500, 333), (500, 400), (480, 360), (500, 500)])
+    if kind < 0.9:
+        return rng.choice([(375, 500), (333, 500), (400, 500)])
+    return rng.choice([(1024, 768), (800, 1200), (1280, 853)])
+
+
+def _render(photo: Image.Image, tint: tuple[float, float, float], rng: random.Random) -> Image.Image:
+    w, h = _sample_size(rng)
+    pw, ph = photo.size
+    scale = rng.uniform(0.6, 1.0) * min(pw / w, ph / h)
+    cw, ch = max(1, int(w * scale)), max(1, int(h * scale))
+    x, y = rng.randint(0, pw - cw), rng.randint(0, ph - ch)
+    img = photo.crop((x, y, x + cw, y + ch)).resize((w, h), Image.BILINEAR)
+    if rng.random() < 0.5:
+        img = img.transpose(Image.FLIP_LEFT_RIGHT)
+    if img.mode == "RGB":
+        bands = [b.point(lambda v, f=f: min(255, int(v * f))) for b, f in zip(img.split(), tint)]
+        img = Image.merge("RGB", bands)
+    return img
+
+
+def _jpeg_bytes(img: Image.Image, rng: random.Random, **extra) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=rng.randint(75, 97), subsampling=rng.choice([0, 2]), **extra)
+    return buf.getvalue()
+
+
+def _oddity_bytes(kind: str, img: Image.Image, rng: random.Random) -> bytes:
+    rgb = img.convert("RGB")
+    buf = io.BytesIO()
+    if kind == "cmyk":
+        rgb.convert("CMYK").save(buf, "JPEG", quality=90)
+    elif kind == "png_named_jpeg":
+        rgb.save(buf, "PNG")
+    elif kind == "rgba_png":
+        rgba = rgb.convert("RGBA")
+        rgba.putalpha(Image.linear_gradient("L").resize(rgb.size))
+        rgba.save(buf, "PNG")
+    elif kind == "exif_rotated":
+        # Pixels stored rotated, with EXIF orientation 6 telling viewers to turn them upright.
+        exif = Image.Exif()
+        exif[0x0112] = 6
+        rgb.transpose(Image.ROTATE_90).save(buf, "JPEG", quality=92, exif=exif.tobytes())
+    elif kind == "truncated":
+        full = _jpeg_bytes(rgb, rng)
+        return full[: len(full) * 3 // 5]
+    elif kind == "zero_byte":
+        return b""
+    elif kind == "random_bytes":
+        return rng.randbytes(5000)
+    else:
+        raise ValueError(kind)
+    return buf.getvalue()
+
+
+def make_sample(out: str | os.PathLike, classes: int = 10, train_per_class: int = 20,
+                val_per_class: int = 5, seed: int = 0, oddities: bool = False) -> Sample:
+    """Writes ROOT/train/<wnid>/<wnid>_<n>.JPEG, flat ROOT/val/ILSVRC2012_val_%08d.JPEG and the
+    val labels in three forms: devkit ground truth + ID table, and Kaggle's solution CSV."""
+    all_wnids = load_synsets()
+    if not 1 <= classes <= len(all_wnids):
+        raise ImgprepError(f"--classes must be between 1 and {len(all_wnids)}")
+    rng = random.Random(seed)
+    step = len(all_wnids) // classes
+    wnids = [all_wnids[i * step] for i in range(classes)]
+    root = Path(out)
+    if (root / "train").exists() or (root / "val").exists():
+        raise ImgprepError(f"{root} already holds a train/ or val/ folder; choose an empty folder")
+    photos = photo_paths()
+    loaded = [Image.open(p) for p in photos]
+    for im in loaded:
+        im.load()
+    sample = Sample(root, wnids)
+    class_look = []
+    for k in range(classes):
+        tint = tuple(rng.uniform(0.7, 1.0) for _ in range(3))
+        class_look.append((loaded[k % len(loaded)], tint))
+
+    for k, wnid in enumerate(wnids):
+        folder = root / "train" / wnid
+        folder.mkdir(parents=True)
+        photo, tint = class_look[k]
+        for n in range(train_per_class):
+            img = _render(photo, tint, rng)
+            (folder / f"{wnid}_{10000 + n}.JPEG").write_bytes(_jpeg_bytes(img, rng))
+            sample.train += 1
+    if oddities:
+        for j, kind in enumerate(ODDITY_OUTCOMES):
+            wnid = wnids[j % classes]
+            photo, tint = class_look[j % classes]
+            rel = f"{wnid}/{wnid}_{90000 + j}.JPEG"
+            (root / "train" / rel).write_bytes(_oddity_bytes(kind, _render(photo, tint, rng), rng))
+            sample.oddities[rel] = kind
+            sample.train += 1
+        (root / "ODDITIES.txt").write_text(
+            "".join(f"train/{rel} {kind} {ODDITY_OUTCOMES[kind]}\n" for rel, kind in sample.oddities.items()))
+
+    val_classes = [k for k in range(classes) for _ in range(val_per_class)]
+    rng.shuffle(val_classes)
+    (root / "val").mkdir(parents=True)
+    ids = devkit_ids(all_wnids)
+    truth, kaggle = [], ["ImageId,PredictionString"]
+    for n, k in enumerate(val_classes, 1):
+        photo, tint = class_look[k]
+        stem = f"ILSVRC2012_val_{n:08d}"
+        (root / "val" / f"{stem}.JPEG").write_bytes(_jpeg_bytes(_render(photo, tint, rng), rng))
+        truth.append(str(ids[wnids[k]]))
+        kaggle.append(f"{stem},{wnids[k]} 0 0 10 10")
+        sample.val += 1
+    (root / DEVKIT_GROUND_TRUTH).write_text("\n".join(truth) + "\n")
+    (root / ID_TABLE_NAME).write_text(
+        "ILSVRC2012_ID,WNID\n" + "".join(f"{i},{w}\n" for w, i in sorted(ids.items(), key=lambda t: t[1])))
+    (root / KAGGLE_SOLUTION).write_text("\n".join(kaggle) + "\n")
+    licences = PHOTOS_DIR / "LICENSES.md"
+    (root / "PHOTO-LICENSES.md").write_text(licences.read_text(encoding="utf-8"), encoding="utf-8")
+    return sample

@@ -1,0 +1,185 @@
+"""LMDB and LevelDB behind one small interface: a batch writer and a key-ordered reader.
+
+The databases hold Caffe Datum records and nothing else; imgprep's own bookkeeping lives in
+sidecar files (see `build.py`). Caffe's LevelDB options are used (SPEC §2).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+import lmdb
+import plyvel
+
+from . import ImgprepError
+
+BACKENDS = ("lmdb", "leveldb")
+INITIAL_MAP_SIZE = 1 << 30
+LEVELDB_OPTIONS = dict(block_size=64 << 10, write_buffer_size=256 << 20, max_open_files=100,
+                       compression="snappy")
+
+
+def detect_backend(path: str | os.PathLike) -> str:
+    path = Path(path)
+    if (path / "data.mdb").is_file():
+        return "lmdb"
+    if (path / "CURRENT").is_file():
+        return "leveldb"
+    if not path.exists():
+        raise ImgprepError(f"database {path} does not exist")
+    raise ImgprepError(f"{path} is neither an LMDB (no data.mdb) nor a LevelDB (no CURRENT) database")
+
+
+def _storage_error(path, action: str, e: Exception) -> ImgprepError:
+    text = str(e)
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC or "No space left" in text:
+        hint = "the disk is full; free space, then run again with --resume"
+    elif isinstance(e, OSError) and e.errno == errno.EFBIG or "File too large" in text:
+        hint = "a file-size limit was hit (ulimit -f or the file system); raise it, then --resume"
+    elif "Permission denied" in text or "Read-only file system" in text:
+        hint = "the folder is not writable"
+    elif "lock" in text.lower() and ("held" in text or "temporarily unavailable" in text):
+        hint = "another process has the database open"
+    else:
+        hint = None
+    return ImgprepError(f"cannot {action} {path}: {text}" + (f" ({hint})" if hint else ""))
+
+
+class LmdbWriter:
+    """Writes batches in one transaction each; doubles the map size whenever it is full."""
+
+    def __init__(self, path: str | os.PathLike, map_size: int = INITIAL_MAP_SIZE):
+        self.path = Path(path)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            existing = (self.path / "data.mdb").stat().st_size if (self.path / "data.mdb").exists() else 0
+            self.env = lmdb.open(str(self.path), map_size=max(map_size, existing), subdir=True,
+                                 meminit=False, max_dbs=0)
+        except (lmdb.Error, OSError) as e:
+            raise _storage_error(self.path, "open LMDB", e) from None
+        self.map_growths = 0
+
+    def put_batch(self, items: list[tuple[bytes, bytes]]) -> None:
+        while True:
+            try:
+                with self.env.begin(write=True) as txn:
+                    for key, value in items:
+                        txn.put(key, value)
+                return
+            except lmdb.MapFullError:
+                self.env.set_mapsize(self.env.info()["map_size"] * 2)
+                self.map_growths += 1
+            except (lmdb.Error, OSError) as e:
+                raise _storage_error(self.path, "write LMDB", e) from None
+
+    @property
+    def map_size(self) -> int:
+        return self.env.info()["map_size"]
+
+    def close(self) -> None:
+        self.env.close()
+
+
+class LevelDBWriter:
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        try:
+            self.db = plyvel.DB(str(self.path), create_if_missing=True, **LEVELDB_OPTIONS)
+        except (plyvel.Error, OSError) as e:
+            raise _storage_error(self.path, "open LevelDB", e) from None
+
+    def put_batch(self, items: list[tuple[bytes, bytes]]) -> None:
+        try:
+            with self.db.write_batch(sync=True) as batch:
+                for key, value in items:
+                    batch.put(key, value)
+        except (plyvel.Error, OSError) as e:
+            raise _storage_error(self.path, "write LevelDB", e) from None
+
+    def close(self) -> None:
+        self.db.close()
+
+
+def open_writer(path, backend: str, map_size: int = INITIAL_MAP_SIZE):
+    if backend == "lmdb":
+        return LmdbWriter(path, map_size)
+    if backend == "leveldb":
+        return LevelDBWriter(path)
+    raise ImgprepError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+
+
+class Reader:
+    """Key-ordered read access to an LMDB or LevelDB database."""
+
+    def __init__(self, path: str | os.PathLike, backend: str | None = None):
+        self.path = Path(path)
+        self.backend = backend or detect_backend(self.path)
+        try:
+            if self.backend == "lmdb":
+                self.env = self._open_lmdb()
+                self.db = None
+            else:
+                self.env = None
+                self.db = plyvel.DB(str(self.path), create_if_missing=False)
+        except (lmdb.Error, plyvel.Error, OSError) as e:
+            raise _storage_error(self.path, f"open {self.backend}", e) from None
+
+    def _open_lmdb(self):
+        try:
+            # With the lock table a reader is safe next to a writer that is still building.
+            return lmdb.open(str(self.path), readonly=True, subdir=True, max_readers=512)
+        except lmdb.Error as e:
+            if "Permission denied" not in str(e) and "Read-only" not in str(e):
+                raise
+            return lmdb.open(str(self.path), readonly=True, lock=False, subdir=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __len__(self) -> int:
+        if self.env is not None:
+            return self.env.stat()["entries"]
+        return sum(1 for _ in self.db.iterator(include_value=False))
+
+    def items(self, start: bytes | None = None):
+        """(key, value) pairs in key order, from `start` on."""
+        if self.env is not None:
+            with self.env.begin(buffers=False) as txn:
+                cursor = txn.cursor()
+                found = cursor.set_range(start) if start else cursor.first()
+                if found:
+                    yield from cursor.iternext()
+        else:
+            yield from self.db.iterator(start=start)
+
+    def keys(self):
+        if self.env is not None:
+            with self.env.begin() as txn:
+                yield from txn.cursor().iternext(keys=True, values=False)
+        else:
+            yield from self.db.iterator(include_value=False)
+
+    def get(self, key: bytes) -> bytes | None:
+        if self.env is not None:
+            with self.env.begin() as txn:
+                return txn.get(key)
+        return self.db.get(key)
+
+    def last_key(self) -> bytes | None:
+        if self.env is not None:
+            with self.env.begin() as txn:
+                cursor = txn.cursor()
+                return cursor.key() if cursor.last() else None
+        with self.db.iterator(reverse=True, include_value=False) as it:
+            return next(it, None)
+
+    def close(self) -> None:
+        if self.env is not None:
+            self.env.close()
+        if self.db is not None:
+            self.db.close()
