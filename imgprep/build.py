@@ -237,7 +237,7 @@ def _prepare_output(out: Path, identity: dict, resume: bool, overwrite: bool) ->
         return None
     if manifest is None:
         raise ImgprepError(f"{out} exists and was not built by imgprep; choose another OUT or --overwrite")
-    if manifest.get("state") == "complete":
+    if manifest.get("state") == "complete" and not resume:
         raise ImgprepError(f"{out} is a complete database; pass --overwrite to build it again")
     if not resume:
         raise ImgprepError(f"{out} holds a partial build (state {manifest.get('state')!r}); "

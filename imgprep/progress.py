@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 
@@ -25,7 +26,9 @@ class Progress:
         self.unit = unit
         self.stream = stream if stream is not None else sys.stderr
         self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
-        self.interval = interval if interval is not None else (0.5 if self.tty else 10.0)
+        if interval is None:
+            interval = float(os.environ.get("IMGPREP_PROGRESS_INTERVAL", 0.5 if self.tty else 10.0))
+        self.interval = interval
         self.enabled = enabled
         self.done = 0
         self.failures = 0

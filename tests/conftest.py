@@ -1,0 +1,46 @@
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from imgprep.lists import make_lists
+from imgprep.sample import make_sample
+
+IMGPREP = [sys.executable, "-m", "imgprep"]
+
+
+@pytest.fixture(scope="session")
+def sample_tree(tmp_path_factory):
+    """A 10-class sample with every oddity, and its lists; shared read-only by the tests."""
+    root = tmp_path_factory.mktemp("sample") / "ilsvrc"
+    sample = make_sample(root, classes=10, train_per_class=12, val_per_class=3, seed=7, oddities=True)
+    lists = root.parent / "lists"
+    make_lists(root, lists, show_progress=False)
+    sample.lists = lists
+    return sample
+
+
+@pytest.fixture
+def tree_copy(sample_tree, tmp_path):
+    """A private, writable copy of the sample tree (for tests that damage it)."""
+    root = tmp_path / "ilsvrc"
+    shutil.copytree(sample_tree.root, root)
+    return root
+
+
+def run_cli(*args, check=True, **kwargs):
+    """Runs `python -m imgprep ARGS` as a user would; returns the CompletedProcess."""
+    result = subprocess.run([*IMGPREP, *map(str, args)], capture_output=True, text=True, **kwargs)
+    if check and result.returncode != 0:
+        raise AssertionError(f"imgprep {args} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def assert_clean_error(result, *fragments):
+    """A user-facing failure: non-zero exit, an `Error:` line naming the problem, no traceback."""
+    assert result.returncode not in (0,), result
+    assert "Traceback" not in result.stderr, result.stderr
+    for fragment in fragments:
+        assert fragment in result.stderr, (fragment, result.stderr)

@@ -1,0 +1,171 @@
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from conftest import assert_clean_error, run_cli
+from imgprep import ImgprepError
+from imgprep.lists import (SYNSET_WORDS_FILE, load_synset_words, load_synsets, make_lists,
+                           read_list)
+from imgprep.sample import ID_TABLE_NAME, devkit_ids
+
+
+def test_shipped_synsets_are_caffes():
+    wnids = load_synsets()
+    assert len(wnids) == 1000 and wnids == sorted(wnids)
+    assert wnids[0] == "n01440764" and wnids[999] == "n15075141" and wnids[65] == "n01751748"
+    words = load_synset_words()
+    assert words["n01440764"] == "tench, Tinca tinca"
+    first = SYNSET_WORDS_FILE.read_text().splitlines()[0]
+    assert first == "n01440764 tench, Tinca tinca"
+
+
+def read_pairs(path):
+    return [tuple(line.rsplit(" ", 1)) for line in path.read_text().splitlines()]
+
+
+def test_train_list_has_every_image_once_with_sorted_wnid_label(sample_tree):
+    wnids = load_synsets()
+    pairs = read_pairs(sample_tree.lists / "train.txt")
+    on_disk = sorted(f"{d}/{f}" for d in os.listdir(sample_tree.root / "train")
+                     for f in os.listdir(sample_tree.root / "train" / d))
+    assert sorted(p for p, _ in pairs) == on_disk
+    assert [p for p, _ in pairs] == sorted(p for p, _ in pairs)
+    for path, label in pairs:
+        assert wnids[int(label)] == path.split("/")[0]
+
+
+def test_every_val_label_source_agrees(sample_tree, tmp_path):
+    root = sample_tree.root
+    expected = read_pairs(sample_tree.lists / "val.txt")
+    assert len(expected) == 30
+    sources = {
+        "kaggle": ["--val-labels", root / "LOC_val_solution.csv"],
+        "devkit+csv": ["--val-labels", root / "ILSVRC2012_validation_ground_truth.txt",
+                       "--val-id-table", root / ID_TABLE_NAME],
+    }
+    # plain 'filename wnid' lines
+    wnids = load_synsets()
+    plain = tmp_path / "plain.txt"
+    plain.write_text("".join(f"{p} {wnids[int(l)]}\n" for p, l in expected))
+    sources["plain"] = ["--val-labels", plain]
+    # the devkit's meta.mat, written with scipy as MATLAB would
+    from scipy.io import savemat
+    ids = devkit_ids(wnids)
+    records = np.zeros(1000, dtype=[("ILSVRC2012_ID", "O"), ("WNID", "O"), ("words", "O")])
+    for i, w in enumerate(wnids):
+        records[i] = (ids[w], w, w)
+    savemat(tmp_path / "meta.mat", {"synsets": records})
+    sources["devkit+meta.mat"] = ["--val-labels", root / "ILSVRC2012_validation_ground_truth.txt",
+                                  "--val-id-table", tmp_path / "meta.mat"]
+    for name, args in sources.items():
+        out = tmp_path / name
+        run_cli("make-lists", root, "--out", out, *args)
+        assert read_pairs(out / "val.txt") == expected, name
+    # and a val tree already split into <wnid>/ folders
+    split = tmp_path / "split"
+    shutil.copytree(root / "train", split / "train")
+    for path, label in expected:
+        (split / "val" / wnids[int(label)]).mkdir(parents=True, exist_ok=True)
+        shutil.copy(root / "val" / path, split / "val" / wnids[int(label)] / path)
+    make_lists(split, tmp_path / "folders", show_progress=False)
+    folder_pairs = read_pairs(tmp_path / "folders" / "val.txt")
+    assert sorted((p.split("/")[1], l) for p, l in folder_pairs) == sorted(expected)
+
+
+def test_val_labels_are_not_devkit_ids(sample_tree):
+    """Label = index in the sorted wnids, never ILSVRC2012_ID - 1."""
+    truth = (sample_tree.root / "ILSVRC2012_validation_ground_truth.txt").read_text().split()
+    labels = [int(l) for _, l in read_pairs(sample_tree.lists / "val.txt")]
+    assert any(int(t) - 1 != l for t, l in zip(truth, labels))
+
+
+def test_derive_synsets_and_custom_synsets(tmp_path):
+    root = tmp_path / "flowers"
+    for cls in ("tulip", "rose", "daisy"):
+        (root / "train" / cls).mkdir(parents=True)
+        (root / "train" / cls / "a.jpg").write_bytes(b"x")
+    make_lists(root, tmp_path / "out", derive_synsets=True, show_progress=False)
+    assert read_pairs(tmp_path / "out" / "train.txt") == [
+        ("daisy/a.jpg", "0"), ("rose/a.jpg", "1"), ("tulip/a.jpg", "2")]
+    assert (tmp_path / "out" / "synsets.txt").read_text() == "daisy\nrose\ntulip\n"
+    custom = tmp_path / "syn.txt"
+    custom.write_text("tulip\nrose\ndaisy\n")
+    make_lists(root, tmp_path / "out2", synsets_file=custom, show_progress=False)
+    assert read_pairs(tmp_path / "out2" / "train.txt")[0] == ("daisy/a.jpg", "2")
+
+
+def test_unknown_wnid_folder_is_named(tmp_path):
+    (tmp_path / "r" / "train" / "n99999999").mkdir(parents=True)
+    result = run_cli("make-lists", tmp_path / "r", "--out", tmp_path / "o", check=False)
+    assert_clean_error(result, "n99999999", "--derive-synsets")
+
+
+def test_val_problems_are_reported(tree_copy, tmp_path):
+    (tree_copy / "val" / "ILSVRC2012_val_00000999.JPEG").write_bytes(b"x")
+    result = run_cli("make-lists", tree_copy, "--out", tmp_path / "o", check=False)
+    assert_clean_error(result, "1 val image(s) have no label", "ILSVRC2012_val_00000999.JPEG")
+    os.remove(tree_copy / "val" / "ILSVRC2012_val_00000999.JPEG")
+    os.remove(tree_copy / "val" / "ILSVRC2012_val_00000002.JPEG")
+    result = run_cli("make-lists", tree_copy, "--out", tmp_path / "o", check=False)
+    assert_clean_error(result, "not in", "ILSVRC2012_val_00000002")
+
+
+def test_empty_class_warns_and_non_images_are_skipped(tree_copy, tmp_path):
+    (tree_copy / "train" / "n01440764" / "notes.txt").write_text("hi")
+    (tree_copy / "train" / "n15075141").mkdir()
+    result = run_cli("make-lists", tree_copy, "--out", tmp_path / "o")
+    assert "class n15075141 has no images" in result.stderr
+    assert "skipped 1 non-image" in result.stdout
+    assert "notes.txt" not in (tmp_path / "o" / "train.txt").read_text()
+
+
+def test_test_folder_gets_label_zero(tree_copy, tmp_path):
+    (tree_copy / "test").mkdir()
+    shutil.copy(tree_copy / "val" / "ILSVRC2012_val_00000001.JPEG", tree_copy / "test" / "t1.JPEG")
+    make_lists(tree_copy, tmp_path / "o", show_progress=False)
+    assert (tmp_path / "o" / "test.txt").read_text() == "t1.JPEG 0\n"
+
+
+def test_read_list_normalises_and_keeps_spaces_in_paths(tmp_path):
+    path = tmp_path / "list.txt"
+    path.write_bytes(b"\xef\xbb\xbfa b/c d.JPEG 3\r\n\r\nx.JPEG 4  \nnon-utf8-\xff.JPEG 5\n")
+    parsed = read_list(path)
+    assert parsed.paths == ["a b/c d.JPEG", "x.JPEG", "non-utf8-\udcff.JPEG"]
+    assert parsed.labels.tolist() == [3, 4, 5]
+    assert any("byte-order mark" in n for n in parsed.notes)
+    assert any("blank" in n for n in parsed.notes)
+
+
+@pytest.mark.parametrize("line, message", [
+    ("a.JPEG", "missing label"),
+    ("a.JPEG x1", "not an integer"),
+    ("a.JPEG 1.5", "not an integer"),
+    ("a.JPEG -1", "negative label"),
+    ("/etc/passwd 1", "absolute path"),
+    ("../../secret.JPEG 1", "escapes the image root"),
+    ("ok.JPEG 1\nok.JPEG 2", "duplicate of line 1"),
+    ("a.JPEG\t3", "missing label"),
+])
+def test_bad_list_lines_are_refused_with_their_line_number(tmp_path, line, message):
+    path = tmp_path / "list.txt"
+    path.write_text(line + "\n")
+    with pytest.raises(ImgprepError, match=message):
+        read_list(path)
+
+
+def test_out_of_range_label(tmp_path):
+    path = tmp_path / "list.txt"
+    path.write_text("a.JPEG 1000\n")
+    with pytest.raises(ImgprepError, match="out of range"):
+        read_list(path, num_labels=1000)
+
+
+def test_every_command_has_help_with_an_example():
+    top = run_cli("--help")
+    commands = [line.split()[0] for line in top.stdout.split("Commands:")[1].splitlines() if line.strip()]
+    assert {"make-lists", "build-lmdb", "sample", "doctor"} <= set(commands)
+    for command in commands:
+        text = run_cli(command, "--help").stdout
+        assert "Example" in text, command
