@@ -162,6 +162,34 @@ def _image_spec(resize, encoded, quality, gray, preset=None):
                      encoded=chosen.get("encoded", True), quality=quality, gray=gray)
 
 
+@main.command()
+@click.argument("src", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("dst", type=click.Path(file_okay=False, path_type=Path))
+@_resize_option("shorter:256")
+@quality_option
+@gray_option
+@jobs_option
+@click.option("--overwrite", is_flag=True, help="Redo every output, even up-to-date ones.")
+@scheduler_option
+def resize(src, dst, resize, quality, gray, jobs, overwrite, scheduler):
+    """Resize every image under SRC into DST as JPEG, keeping relative paths.
+
+    Outputs newer than their source are skipped, so running the command again resumes it.
+    CMYK, PNG-named-JPEG, EXIF-rotated and other odd inputs become upright RGB JPEGs; unusable
+    files are listed in DST/imgprep-resize-failures.tsv (exit status 3).
+
+    \b
+    Examples:
+      imgprep resize /data/ILSVRC2012/train /data/train256 --resize shorter:256
+      imgprep resize /data/ILSVRC2012/train /data/train_sq --resize squash:256x256 --quality 95
+    """
+    from .resize import resize_tree
+
+    report = resize_tree(src, dst, _image_spec(resize, True, quality, gray), jobs, overwrite, scheduler)
+    if report.failures:
+        sys.exit(EXIT_IMAGES_FAILED)
+
+
 @main.command("build-lmdb")
 @click.argument("list_file", metavar="LIST", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.argument("root", type=click.Path(exists=True, file_okay=False, path_type=Path))
@@ -220,3 +248,63 @@ def build_lmdb(list_file, root, out, preset, backend, resize, encoded, quality, 
         click.echo(json.dumps(report_to_dict(report)))
     if report.failures:
         sys.exit(EXIT_IMAGES_FAILED)
+
+
+@main.command("compute-mean")
+@click.argument("db", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--crop", type=click.IntRange(1), default=None,
+              help="Center-crop each image (after --resize) to this size: a crop-sized mean such as "
+                   "caffe-pro's 224x224, for databases whose images differ in size.")
+@_resize_option("none")
+@click.option("--values-out", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also write the per-channel means (BGR and RGB): JSON if the name ends in .json, else text.")
+@jobs_option
+@scheduler_option
+def compute_mean_cmd(db, out, crop, resize, values_out, jobs, scheduler):
+    """Write the exact mean image of database DB as a Caffe .binaryproto OUT.
+
+    The file is what Caffe's compute_image_mean writes (num=1, C, H, W, float32 BGR planar), but
+    summed in integers: exact at any N, where Caffe's float32 sum drifts past ~65k images.
+    LMDB or LevelDB, raw or encoded records. Per-channel means are printed in BGR (Caffe's
+    mean_value order) and RGB.
+
+    \b
+    Examples:
+      imgprep compute-mean train_lmdb imagenet_mean.binaryproto
+      imgprep compute-mean train_resnet_lmdb mean224.binaryproto --crop 224 --values-out means.json
+    """
+    from .imageops import parse_resize
+    from .mean import MeanTransform, compute_mean, write_mean
+
+    result = compute_mean(db, MeanTransform(parse_resize(resize), crop), jobs, scheduler)
+    write_mean(result, out, values_out)
+    values = result.values()
+    click.echo("mean (BGR): " + " ".join(f"{v:.3f}" for v in values["bgr"]))
+    click.echo("mean (RGB): " + " ".join(f"{v:.3f}" for v in values["rgb"]))
+
+
+@main.command("inspect")
+@click.argument("db", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--list", "list_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Check that every entry of this list is in DB under its key with its label.")
+@click.option("--verify", is_flag=True, help="Decode every record (encoded images too).")
+def inspect_cmd(db, list_file, verify):
+    """Describe database DB and, with --list / --verify, prove nothing was lost or corrupted.
+
+    Prints the backend, record count, raw/encoded, size and label histograms, first keys and the
+    imgprep build state. Exit status 1 if any record does not decode or, with --list, if any
+    entry is missing, extra, mislabeled or under the wrong key.
+
+    \b
+    Examples:
+      imgprep inspect train_lmdb
+      imgprep inspect train_lmdb --list train.txt --verify
+    """
+    from .inspection import inspect_db
+
+    result = inspect_db(db, list_file, verify)
+    for line in result.lines():
+        click.echo(line)
+    if not result.ok:
+        sys.exit(1)

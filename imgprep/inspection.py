@@ -1,0 +1,129 @@
+"""`inspect`: what a database holds, whether every record decodes, and whether it matches a list."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import ImgprepError
+from .build import FAILURES, entry_key, list_order, read_failures, read_manifest
+from .codec import RecordError, decode_datum
+from .imageops import ImageFailure, decode_upright
+from .lists import read_list
+from .progress import Progress
+from .storage import Reader
+
+SHOWN = 10
+
+
+@dataclass
+class Inspection:
+    path: Path
+    backend: str = ""
+    records: int = 0
+    kinds: Counter = field(default_factory=Counter)  # "raw" / "encoded"
+    sizes: Counter = field(default_factory=Counter)  # "WxHxC"
+    labels: Counter = field(default_factory=Counter)
+    first_keys: list = field(default_factory=list)
+    manifest: dict | None = None
+    bad_records: list = field(default_factory=list)  # (key, reason)
+    missing: list = field(default_factory=list)  # (path, why)
+    extra: list = field(default_factory=list)
+    mislabeled: list = field(default_factory=list)  # (key, stored, listed)
+    misplaced: list = field(default_factory=list)  # (key, expected key)
+
+    @property
+    def ok(self) -> bool:
+        return not (self.bad_records or self.missing or self.extra or self.mislabeled or self.misplaced)
+
+    def lines(self) -> list[str]:
+        out = [f"database: {self.path} ({self.backend})", f"records: {self.records:,}",
+               "kinds: " + ", ".join(f"{k} {v:,}" for k, v in sorted(self.kinds.items())),
+               "sizes (WxHxC): " + ", ".join(f"{k} {v:,}" for k, v in self.sizes.most_common(8))
+               + (f" (+{len(self.sizes) - 8} more)" if len(self.sizes) > 8 else "")]
+        if self.labels:
+            counts = sorted(self.labels.values())
+            out.append(f"labels: {len(self.labels)} distinct, {min(self.labels)}..{max(self.labels)}; "
+                       f"records per label min {counts[0]}, median {counts[len(counts) // 2]}, max {counts[-1]}")
+        out.append("first keys: " + ", ".join(k.decode(errors="replace") for k in self.first_keys))
+        if self.manifest:
+            m = self.manifest
+            ident = m.get("identity", {})
+            out.append(f"built by imgprep {m.get('imgprep')}: state {m.get('state')}, "
+                       f"{m.get('records', '?')} records, {m.get('failures', '?')} failures; resize "
+                       f"{ident.get('resize')}, {'encoded' if ident.get('encoded') else 'raw'}, "
+                       f"shuffle {ident.get('shuffle')} seed {ident.get('seed')}")
+            if m.get("state") != "complete":
+                out.append("WARNING: this build is not complete (partial or still being written)")
+        else:
+            out.append("no imgprep manifest (not built by imgprep, or built elsewhere)")
+        for title, items in (("undecodable records", self.bad_records), ("missing", self.missing),
+                             ("extra", self.extra), ("mislabeled", self.mislabeled),
+                             ("under the wrong key", self.misplaced)):
+            if items:
+                out.append(f"{title}: {len(items):,}")
+                out.extend(f"  {item}" for item in items[:SHOWN])
+        return out
+
+
+def inspect_db(path, list_path=None, verify: bool = False, show_progress: bool = True) -> Inspection:
+    path = Path(path)
+    result = Inspection(path, manifest=read_manifest(path))
+    with Reader(path) as reader:
+        result.backend = reader.backend
+        progress = Progress("inspect", len(reader), unit="rec", enabled=show_progress and verify)
+        stored_labels = {}
+        for key, value in reader.items():
+            if len(result.first_keys) < 3:
+                result.first_keys.append(key)
+            result.records += 1
+            try:
+                datum = decode_datum(value)
+            except RecordError as e:
+                result.bad_records.append((key, str(e)))
+                if result.records == 1 and not verify:
+                    raise ImgprepError(f"{path} does not hold Caffe Datum records: {e}") from None
+                continue
+            kind = "encoded" if datum.encoded else "raw"
+            result.kinds[kind] += 1
+            result.labels[datum.label] += 1
+            stored_labels[key] = datum.label
+            if verify and datum.encoded:
+                try:
+                    _, img = decode_upright(datum.data)
+                    result.sizes[f"{img.width}x{img.height}x{len(img.getbands())}"] += 1
+                except ImageFailure as e:
+                    result.bad_records.append((key, e.reason + ": " + e.detail))
+            else:
+                result.sizes[f"{datum.width}x{datum.height}x{datum.channels}"] += 1
+            progress.update()
+    if list_path is not None:
+        _compare_with_list(result, Path(list_path), stored_labels)
+    return result
+
+
+def _compare_with_list(result: Inspection, list_path: Path, stored_labels: dict) -> None:
+    entries = read_list(list_path, allow_outside_root=True)
+    identity = (result.manifest or {}).get("identity", {})
+    order = list_order(len(entries), identity.get("shuffle", False), identity.get("seed", 0))
+    failed = {f.path: f.reason for f in read_failures(result.path)}
+    by_path = {key.split(b"_", 1)[1]: key for key in stored_labels if b"_" in key}
+    expected_keys = set()
+    for position, index in enumerate(order):
+        rel, label = entries.paths[index], int(entries.labels[index])
+        key = entry_key(position, rel)
+        expected_keys.add(key)
+        if key in stored_labels:
+            if stored_labels[key] != label:
+                result.mislabeled.append((key.decode(errors="replace"), stored_labels[key], label))
+            continue
+        found = by_path.get(rel.encode("utf-8", "surrogateescape"))
+        if found is not None:
+            result.misplaced.append((found.decode("utf-8", "surrogateescape"), key.decode(errors="replace")))
+        else:
+            why = f"in {FAILURES}: {failed[rel]}" if rel in failed else "not in the database"
+            result.missing.append((rel, why))
+    misplaced = {m[0].encode("utf-8", "surrogateescape") for m in result.misplaced}
+    result.extra = [k.decode(errors="replace") for k in stored_labels
+                    if k not in expected_keys and k not in misplaced]

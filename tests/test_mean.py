@@ -1,0 +1,137 @@
+import numpy as np
+import pytest
+
+from conftest import assert_clean_error, run_cli
+from imgprep import ImgprepError
+from imgprep.build import BuildOptions, build_database
+from imgprep.codec import encode_datum
+from imgprep.imageops import ImageSpec, center_crop, decode_upright, parse_resize, to_bgr_chw
+from imgprep.mean import MeanTransform, compute_mean, load_mean, write_mean
+from imgprep.storage import Reader, open_writer
+
+BLOB_HEADER = bytes.fromhex("08 01 10 03 18 80 02 20 80 02 2a 80 80 30")
+
+
+@pytest.fixture(scope="module")
+def dbs(sample_tree, tmp_path_factory):
+    base = tmp_path_factory.mktemp("meandbs")
+    made = {}
+    for name, spec, backend in (("raw", "squash:256x256", "lmdb"), ("raw_leveldb", "squash:256x256", "leveldb"),
+                                ("encoded", "squash:256x256", "lmdb"), ("resnet", "shorter:256", "lmdb")):
+        options = BuildOptions(backend=backend, jobs=2, shuffle=True,
+                               spec=ImageSpec(parse_resize(spec), encoded=name != "raw" and name != "raw_leveldb",
+                                              quality=95))
+        build_database(sample_tree.lists / "train.txt", sample_tree.root / "train", base / name, options,
+                       show_progress=False)
+        made[name] = base / name
+    return made
+
+
+def caffe_compute_image_mean(db):
+    """compute_image_mean's algorithm: float32 sum of every raw record, in key order, / count."""
+    from caffe_proto import Datum
+
+    total, count = None, 0
+    with Reader(db) as reader:
+        for _, value in reader.items():
+            datum = Datum()
+            datum.ParseFromString(value)
+            pixels = np.frombuffer(datum.data, np.uint8).astype(np.float32)
+            total = pixels if total is None else (total + pixels).astype(np.float32)
+            count += 1
+    return (total / np.float32(count)).reshape(datum.channels, datum.height, datum.width)
+
+
+def test_raw_mean_equals_caffes_and_file_layout_is_caffes(dbs, tmp_path):
+    result = compute_mean(dbs["raw"], jobs=2, show_progress=False)
+    out = tmp_path / "mean.binaryproto"
+    write_mean(result, out)
+    data = out.read_bytes()
+    assert data.startswith(BLOB_HEADER) and len(data) == len(BLOB_HEADER) + 4 * 3 * 256 * 256
+    np.testing.assert_allclose(load_mean(out), caffe_compute_image_mean(dbs["raw"]), rtol=1e-6, atol=1e-4)
+
+
+def test_lmdb_and_leveldb_give_the_same_mean(dbs):
+    a = compute_mean(dbs["raw"], jobs=2, show_progress=False)
+    b = compute_mean(dbs["raw_leveldb"], jobs=2, show_progress=False)
+    c = compute_mean(dbs["raw"], jobs=1, show_progress=False)
+    assert a.count == b.count == c.count
+    np.testing.assert_array_equal(a.sums, b.sums)
+    np.testing.assert_array_equal(a.sums, c.sums)
+
+
+def test_encoded_and_raw_agree_within_jpeg_tolerance(dbs):
+    raw = compute_mean(dbs["raw"], show_progress=False).mean
+    encoded = compute_mean(dbs["encoded"], show_progress=False).mean
+    assert np.abs(raw - encoded).mean() < 1.0
+
+
+def test_mixed_sizes_need_crop_and_crop_mean_is_right(dbs, sample_tree):
+    with pytest.raises(ImgprepError, match="records differ in size.*--crop 224"):
+        compute_mean(dbs["resnet"], show_progress=False)
+    result = compute_mean(dbs["resnet"], MeanTransform(crop=224), jobs=2, show_progress=False)
+    assert result.mean.shape == (3, 224, 224)
+    reference = np.zeros((3, 224, 224))
+    spec = ImageSpec(parse_resize("shorter:256"))
+    from imgprep.lists import read_list
+    entries = read_list(sample_tree.lists / "train.txt")
+    n = 0
+    for rel in entries.paths:
+        try:
+            img = decode_upright((sample_tree.root / "train" / rel).read_bytes(), spec)[1]
+        except Exception:
+            continue
+        reference += to_bgr_chw(center_crop(np.asarray(img), 224)).astype(np.float64)
+        n += 1
+    assert n == result.count
+    assert np.abs(result.mean - reference / n).mean() < 1.0  # the records are JPEG q95
+    squashed = compute_mean(dbs["resnet"], MeanTransform(resize=parse_resize("squash:64x64")), show_progress=False)
+    assert squashed.mean.shape == (3, 64, 64)
+
+
+def test_mean_is_exact_where_float32_drifts(tmp_path):
+    """70,000 records: past 2^24/255 a float32 sum loses the ones; the integer sum does not."""
+    n, shape = 70_000, (3, 4, 4)
+    rng = np.random.default_rng(0)
+    base = rng.integers(200, 256, size=shape, dtype=np.uint8)
+    base[1, 1, 1] = 255
+    writer = open_writer(tmp_path / "db", "lmdb")
+    batch = []
+    for i in range(n):
+        pixels = base.copy()
+        pixels[0, 0, 0] = i % 256
+        batch.append((f"{i:08d}_x".encode(), encode_datum(pixels.tobytes(), 0, *shape, False)))
+        if len(batch) == 5000:
+            writer.put_batch(batch)
+            batch = []
+    writer.close()
+    result = compute_mean(tmp_path / "db", jobs=2, show_progress=False)
+    reference = base.astype(np.float64)
+    reference[0, 0, 0] = np.mean(np.arange(n) % 256)
+    assert np.abs(result.mean - reference).max() < 1e-4
+    drifting = np.float32(0)
+    for i in range(n):
+        drifting = np.float32(drifting + np.float32(base[1, 1, 1]))
+    assert abs(drifting / n - base[1, 1, 1]) > 1e-4  # what Caffe's float32 sum would give
+
+
+def test_not_datum_records_and_bad_mean_files_are_clear_errors(tmp_path):
+    writer = open_writer(tmp_path / "db", "lmdb")
+    writer.put_batch([(b"00000000_a", b"hello, not a datum")])
+    writer.close()
+    assert_clean_error(run_cli("compute-mean", tmp_path / "db", tmp_path / "m.binaryproto", check=False),
+                       "does not hold Caffe Datum records")
+    good = tmp_path / "good.binaryproto"
+    good.write_bytes(BLOB_HEADER + bytes(8))
+    with pytest.raises(ImgprepError, match="not a valid .binaryproto"):
+        load_mean(good)
+    with pytest.raises(ImgprepError, match="cannot read mean file"):
+        load_mean(tmp_path / "absent.binaryproto")
+
+
+def test_cli_writes_values(dbs, tmp_path):
+    result = run_cli("compute-mean", dbs["raw"], tmp_path / "m.binaryproto", "--values-out", tmp_path / "v.json")
+    assert "mean (BGR)" in result.stdout and "compute-mean:" in result.stderr
+    import json
+    values = json.loads((tmp_path / "v.json").read_text())
+    assert values["rgb"] == values["bgr"][::-1] and values["count"] > 100
