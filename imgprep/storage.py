@@ -41,7 +41,8 @@ def _storage_error(path, action: str, e: Exception) -> ImgprepError:
     elif "Permission denied" in text or "Read-only file system" in text:
         hint = "the folder is not writable"
     elif "lock" in text.lower() and ("held" in text or "temporarily unavailable" in text):
-        hint = "another process has the database open"
+        hint = ("another process has the database open; LevelDB allows one process at a time, so "
+                "for several readers at once (one loader per GPU) build the database with --backend lmdb")
     else:
         hint = None
     return ImgprepError(f"cannot {action} {path}: {text}" + (f" ({hint})" if hint else ""))
@@ -110,6 +111,28 @@ def open_writer(path, backend: str, map_size: int = INITIAL_MAP_SIZE):
     raise ImgprepError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
 
 
+_SHARED_LEVELDB: dict[str, list] = {}  # realpath -> [plyvel.DB, users]
+
+
+def _acquire_leveldb(path: Path):
+    """LevelDB allows one open handle per process: readers in one process share it."""
+    key = os.path.realpath(path)
+    entry = _SHARED_LEVELDB.get(key)
+    if entry is None:
+        entry = _SHARED_LEVELDB[key] = [plyvel.DB(str(path), create_if_missing=False), 0]
+    entry[1] += 1
+    return entry[0]
+
+
+def _release_leveldb(path: Path) -> None:
+    key = os.path.realpath(path)
+    entry = _SHARED_LEVELDB[key]
+    entry[1] -= 1
+    if entry[1] == 0:
+        entry[0].close()
+        del _SHARED_LEVELDB[key]
+
+
 class Reader:
     """Key-ordered read access to an LMDB or LevelDB database."""
 
@@ -122,7 +145,7 @@ class Reader:
                 self.db = None
             else:
                 self.env = None
-                self.db = plyvel.DB(str(self.path), create_if_missing=False)
+                self.db = _acquire_leveldb(self.path)
         except (lmdb.Error, plyvel.Error, OSError) as e:
             raise _storage_error(self.path, f"open {self.backend}", e) from None
 
@@ -181,5 +204,7 @@ class Reader:
     def close(self) -> None:
         if self.env is not None:
             self.env.close()
+            self.env = None
         if self.db is not None:
-            self.db.close()
+            _release_leveldb(self.path)
+            self.db = None

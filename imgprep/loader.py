@@ -1,0 +1,340 @@
+"""A DALI loader for imgprep databases with the ResNet recipe's policy.
+
+Training: shorter side to 256, random 224x224 crop, random horizontal mirror. Evaluation:
+shorter side to 256, center 224x224 crop. Then normalisation (per-channel mean/std, or a Caffe
+`.binaryproto` mean image) and output as fp32/fp16, NCHW/NHWC, on the GPU ('mixed' JPEG
+decoding) when there is one and in DALI's CPU mode when not.
+
+One graph serves every source: LMDB records come from `fn.readers.caffe`; LevelDB (which DALI
+cannot read) comes through `fn.external_source`, shaped exactly as the reader's output.
+Raw records are reinterpreted: DALI hands their bytes back as if HWC, but Caffe stores planar
+CHW BGR.
+
+Epochs and shards: shard i of K holds the contiguous records [N*i//K, N*(i+1)//K) every epoch
+(DALI's `stick_to_shard`), so across shards every record is seen exactly once per epoch. The
+last batch of an epoch is partial (padding is trimmed) unless `drop_last`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import ImgprepError
+from .build import read_manifest
+from .codec import RecordError, decode_datum
+from .mean import load_mean
+from .storage import Reader, detect_backend
+
+IMAGENET_MEAN_RGB = (0.485 * 255, 0.456 * 255, 0.406 * 255)
+IMAGENET_STD_RGB = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+READER_NAME = "Reader"
+
+
+@dataclass(frozen=True)
+class DatabaseInfo:
+    path: Path
+    backend: str
+    records: int
+    encoded: bool
+    channels: int
+    stored_size: tuple[int, int] | None  # (H, W) when every record has that size (raw, squash)
+
+
+def database_info(path) -> DatabaseInfo:
+    path = Path(path)
+    backend = detect_backend(path)
+    with Reader(path, backend) as reader:
+        records = len(reader)
+        if records == 0:
+            raise ImgprepError(f"{path} holds no records")
+        key, value = next(reader.items())
+    try:
+        datum = decode_datum(value)
+    except RecordError as e:
+        raise ImgprepError(f"{path} does not hold Caffe Datum records (key {key[:40]!r}: {e})") from None
+    manifest = read_manifest(path) or {}
+    if manifest and manifest.get("state") != "complete":
+        raise ImgprepError(f"{path} is an incomplete build (state {manifest.get('state')!r}); "
+                           "finish it with build-lmdb --resume before training on it")
+    resize = manifest.get("identity", {}).get("resize", "")
+    uniform = not datum.encoded or resize.startswith("squash:")
+    size = (datum.height, datum.width) if uniform and datum.height else None
+    return DatabaseInfo(path, backend, records, datum.encoded, datum.channels or 3, size)
+
+
+def shard_from_env(shard_id: int | None, num_shards: int | None) -> tuple[int, int]:
+    """Explicit values, else torchrun's RANK / WORLD_SIZE, else a single shard."""
+    if shard_id is None and num_shards is None:
+        shard_id = int(os.environ.get("RANK", 0))
+        num_shards = int(os.environ.get("WORLD_SIZE", 1))
+    shard_id, num_shards = shard_id or 0, num_shards or 1
+    if not 0 <= shard_id < num_shards:
+        raise ImgprepError(f"shard_id {shard_id} is not in 0..{num_shards - 1}")
+    return shard_id, num_shards
+
+
+def shard_bounds(records: int, shard_id: int, num_shards: int) -> tuple[int, int]:
+    return records * shard_id // num_shards, records * (shard_id + 1) // num_shards
+
+
+class LevelDBSource:
+    """external_source callable: batches of (record data, label) from a LevelDB, shaped as
+    `readers.caffe` shapes them, padded with the last record at the end of each epoch."""
+
+    def __init__(self, path, batch_size, shard_id, num_shards, shuffle, seed):
+        self.reader = Reader(path, "leveldb")
+        keys = list(self.reader.keys())
+        start, stop = shard_bounds(len(keys), shard_id, num_shards)
+        self.keys = keys[start:stop]
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.epoch = 0
+        self.position = 0
+        self.order = self._order()
+
+    def close(self) -> None:
+        self.reader.close()
+
+    def _order(self):
+        if self.shuffle:
+            return np.random.default_rng([self.seed, self.epoch]).permutation(len(self.keys))
+        return np.arange(len(self.keys))
+
+    def _sample(self, key):
+        datum = decode_datum(self.reader.get(key))
+        data = np.frombuffer(datum.data, np.uint8)
+        if not datum.encoded:  # as readers.caffe does: the bytes, labelled (H, W, C)
+            data = data.reshape(datum.height, datum.width, datum.channels)
+        return data, np.array([datum.label], np.int32)
+
+    def __call__(self):
+        samples = []
+        while len(samples) < self.batch_size:
+            if self.position == len(self.keys):  # pad to the batch end, then a new epoch
+                samples += [samples[-1]] * (self.batch_size - len(samples)) if samples else []
+                self.epoch += 1
+                self.position = 0
+                self.order = self._order()
+                break
+            samples.append(self._sample(self.keys[self.order[self.position]]))
+            self.position += 1
+        return [s[0] for s in samples], [s[1] for s in samples]
+
+
+@dataclass
+class Normalisation:
+    """How pixels are normalised; `mean_image` (C, H, W) BGR float32 from a .binaryproto."""
+
+    mean: tuple[float, ...] = IMAGENET_MEAN_RGB
+    std: tuple[float, ...] = IMAGENET_STD_RGB
+    mean_image: np.ndarray | None = None
+
+    @classmethod
+    def parse(cls, normalize) -> "Normalisation":
+        """'imagenet' (torchvision's mean/std), 'none', a .binaryproto path, or (mean, std) RGB 0..255."""
+        if isinstance(normalize, Normalisation):
+            return normalize
+        if normalize in (None, "none"):
+            return cls((0.0,), (1.0,))
+        if normalize == "imagenet":
+            return cls()
+        if isinstance(normalize, (str, Path)):
+            return cls((0.0,), (1.0,), load_mean(normalize))
+        mean, std = normalize
+        return cls(tuple(mean), tuple(std))
+
+
+def _graph(info: DatabaseInfo, batch_size, train, crop, resize_shorter, norm: Normalisation, dtype,
+           layout, gpu, shard_id, num_shards, seed, shuffle_buffer, sources: list):
+    from nvidia.dali import fn, types
+
+    if info.backend == "lmdb":
+        value, label = fn.readers.caffe(
+            path=str(info.path), shard_id=shard_id, num_shards=num_shards, random_shuffle=train,
+            initial_fill=shuffle_buffer, stick_to_shard=True, pad_last_batch=True, name=READER_NAME)
+    else:
+        source = LevelDBSource(info.path, batch_size, shard_id, num_shards, train, seed)
+        sources.append(source)
+        value, label = fn.external_source(source=source, num_outputs=2, batch=True,
+                                          dtype=[types.UINT8, types.INT32])
+    gray = info.channels == 1
+    if info.encoded:
+        images = fn.decoders.image(value, device="mixed" if gpu else "cpu",
+                                   output_type=types.GRAY if gray else types.RGB)
+    else:
+        if gpu:
+            value = value.gpu()
+        images = fn.transpose(fn.reshape(value, src_dims=[2, 0, 1], layout="CHW"), perm=[1, 2, 0],
+                              output_layout="HWC")
+        if not gray:
+            images = fn.color_space_conversion(images, image_type=types.BGR, output_type=types.RGB)
+    mean_image = norm.mean_image
+    subtract_at_source = mean_image is not None and mean_image.shape[1:] != (crop, crop)
+    if mean_image is not None:
+        _check_mean(mean_image, info, crop, gray)
+    if subtract_at_source:  # stock Caffe: mean of the stored size, before crop and mirror
+        images = fn.cast(images, dtype=types.FLOAT) - types.Constant(_hwc_rgb(mean_image))
+    else:
+        images = fn.resize(images, resize_shorter=resize_shorter, antialias=True)
+    if train:
+        crop_x, crop_y = fn.random.uniform(range=(0.0, 1.0)), fn.random.uniform(range=(0.0, 1.0))
+        mirror = fn.random.coin_flip(probability=0.5)
+    else:
+        crop_x = crop_y = 0.5
+        mirror = 0
+    channels = 1 if gray else 3
+    mean = norm.mean * channels if len(norm.mean) == 1 else norm.mean
+    std = norm.std * channels if len(norm.std) == 1 else norm.std
+    out_dtype = types.FLOAT16 if dtype == "float16" else types.FLOAT
+    chw = layout == "NCHW"
+    if mean_image is not None and not subtract_at_source:
+        # caffe-pro: a crop-sized mean, subtracted at the output position (after crop and mirror)
+        images = fn.crop_mirror_normalize(images, crop=(crop, crop), crop_pos_x=crop_x, crop_pos_y=crop_y,
+                                          mirror=mirror, dtype=types.FLOAT, output_layout="CHW" if chw else "HWC")
+        target = mean_image[::-1].copy() if chw else _hwc_rgb(mean_image)
+        images = (images - types.Constant(target.astype(np.float32))) / types.Constant(
+            np.asarray(std, np.float32).reshape((-1, 1, 1) if chw else (1, 1, -1)))
+        images = fn.cast(images, dtype=out_dtype)
+    else:
+        images = fn.crop_mirror_normalize(images, crop=(crop, crop), crop_pos_x=crop_x, crop_pos_y=crop_y,
+                                          mirror=mirror, mean=list(mean) if not subtract_at_source else [0.0] * channels,
+                                          std=list(std), dtype=out_dtype, output_layout="CHW" if chw else "HWC")
+    if gpu:
+        label = label.gpu()
+    return images, label
+
+
+def _hwc_rgb(mean_chw_bgr: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(mean_chw_bgr[::-1].transpose(1, 2, 0), dtype=np.float32)
+
+
+def _check_mean(mean_image, info: DatabaseInfo, crop, gray):
+    c, h, w = mean_image.shape
+    if c != (1 if gray else 3):
+        raise ImgprepError(f"mean file has {c} channels; the database has {1 if gray else 3}")
+    if (h, w) == (crop, crop):
+        return
+    if info.stored_size is None:
+        raise ImgprepError(f"mean file is {w}x{h}: a stored-size mean (stock Caffe) needs records of one size, "
+                           f"and {info.path}'s differ; use a {crop}x{crop} mean (compute-mean --crop {crop})")
+    if (h, w) != info.stored_size:
+        sh, sw = info.stored_size
+        raise ImgprepError(f"mean file is {w}x{h} but the records are {sw}x{sh} and the crop is {crop}x{crop}; "
+                           "Caffe needs the mean to match one of them")
+
+
+class Loader:
+    """Batches of (images, labels) from an imgprep database through DALI.
+
+    `for images, labels in Loader(db, batch_size=256): ...` yields numpy arrays; use
+    `output="torch"` for PyTorch tensors on the pipeline's device. `len(loader)` is the number
+    of batches in one epoch of this shard; `loader.epoch_size` the number of records.
+    """
+
+    def __init__(self, db, batch_size: int = 256, train: bool = True, crop: int = 224,
+                 resize_shorter: int = 256, normalize="imagenet", dtype: str = "float32",
+                 layout: str = "NCHW", device: str = "auto", device_id: int | None = None,
+                 seed: int = 0, shard_id: int | None = None, num_shards: int | None = None,
+                 num_threads: int | None = None, drop_last: bool = False, output: str = "numpy",
+                 shuffle_buffer: int = 1024, prefetch: int = 2):
+        from nvidia.dali import pipeline_def
+
+        from .env import gpu_count
+
+        if dtype not in ("float32", "float16") or layout not in ("NCHW", "NHWC"):
+            raise ImgprepError("dtype must be float32 or float16, layout NCHW or NHWC")
+        if output not in ("numpy", "torch"):
+            raise ImgprepError("output must be 'numpy' or 'torch'")
+        self.info = database_info(db)
+        if device == "auto":
+            device = "gpu" if gpu_count() > 0 else "cpu"
+        if device == "gpu" and gpu_count() == 0:
+            raise ImgprepError("device='gpu' but DALI sees no CUDA GPU; use device='cpu' or 'auto'")
+        self.device = device
+        self.shard_id, self.num_shards = shard_from_env(shard_id, num_shards)
+        start, stop = shard_bounds(self.info.records, self.shard_id, self.num_shards)
+        self.epoch_size = stop - start
+        if self.epoch_size == 0:
+            raise ImgprepError(f"shard {self.shard_id} of {self.num_shards} is empty ({self.info.records} records)")
+        self.batch_size = batch_size
+        self.drop_last = drop_last
+        self.output = output
+        gpu = device == "gpu"
+        if device_id is None and gpu:
+            device_id = int(os.environ.get("LOCAL_RANK", 0))
+        norm = Normalisation.parse(normalize)
+        threads = num_threads or max(1, min(8, len(os.sched_getaffinity(0))))
+
+        @pipeline_def(batch_size=batch_size, num_threads=threads, device_id=device_id if gpu else None,
+                      seed=seed, prefetch_queue_depth=prefetch)
+        def pipeline():
+            return _graph(self.info, batch_size, train, crop, resize_shorter, norm, dtype, layout, gpu,
+                          self.shard_id, self.num_shards, seed, shuffle_buffer, self._sources)
+
+        self._sources: list = []
+        self.pipeline = pipeline()
+        self.pipeline.build()
+
+    def close(self) -> None:
+        """Releases the pipeline and any database handle (LevelDB allows one per process)."""
+        for source in self._sources:
+            source.close()
+        self._sources.clear()
+        self.pipeline = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __len__(self) -> int:
+        if self.drop_last:
+            return self.epoch_size // self.batch_size
+        return math.ceil(self.epoch_size / self.batch_size)
+
+    def __iter__(self):
+        for i in range(len(self)):
+            images, labels = self.pipeline.run()
+            keep = min(self.batch_size, self.epoch_size - i * self.batch_size)
+            if self.output == "torch":
+                yield _to_torch(images, keep), _to_torch(labels, keep).reshape(-1).long()
+            else:
+                yield _to_numpy(images)[:keep], _to_numpy(labels)[:keep].reshape(-1)
+        remainder = self.epoch_size % self.batch_size
+        if self.drop_last and remainder:
+            self.pipeline.run()  # the epoch's partial batch, dropped, so the next epoch starts aligned
+
+
+def _on_gpu(tensor_list) -> bool:
+    from nvidia.dali.backend import TensorListGPU
+
+    return isinstance(tensor_list, TensorListGPU)
+
+
+def _to_numpy(tensor_list) -> np.ndarray:
+    if _on_gpu(tensor_list):
+        tensor_list = tensor_list.as_cpu()
+    return np.asarray(tensor_list.as_tensor())
+
+
+def _to_torch(tensor_list, keep: int):
+    import torch
+
+    if not _on_gpu(tensor_list):
+        return torch.from_numpy(_to_numpy(tensor_list))[:keep]
+    from nvidia.dali import types
+    from nvidia.dali.plugin.pytorch import feed_ndarray
+
+    tensor = tensor_list.as_tensor()
+    dtype = {types.FLOAT16: torch.float16, types.FLOAT: torch.float32, types.INT32: torch.int32,
+             types.UINT8: torch.uint8}[tensor.dtype]
+    out = torch.empty(tensor.shape(), dtype=dtype, device=torch.device("cuda", torch.cuda.current_device()))
+    feed_ndarray(tensor, out, cuda_stream=torch.cuda.current_stream())
+    return out[:keep]

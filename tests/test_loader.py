@@ -1,0 +1,234 @@
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import run_cli
+from imgprep import ImgprepError
+from imgprep.build import BuildOptions, build_database
+from imgprep.codec import encode_blob
+from imgprep.imageops import ImageSpec, center_crop, decode_to_rgb, parse_resize
+from imgprep.loader import IMAGENET_MEAN_RGB, IMAGENET_STD_RGB, Loader
+from imgprep.storage import Reader
+from imgprep.codec import decode_datum
+
+
+@pytest.fixture(scope="module")
+def dbs(sample_tree, tmp_path_factory):
+    """Databases whose label is the entry's own index, so labels identify records."""
+    base = tmp_path_factory.mktemp("loaderdbs")
+    entries = [line.rsplit(" ", 1)[0] for line in (sample_tree.lists / "train.txt").read_text().splitlines()]
+    good = [p for p in entries if p not in sample_tree.oddities]
+    unique = base / "unique.txt"
+    unique.write_text("".join(f"{p} {i}\n" for i, p in enumerate(good)))
+    made = {}
+    for name, spec, backend in (("encoded", "shorter:256", "lmdb"), ("encoded_leveldb", "shorter:256", "leveldb"),
+                                ("raw", "squash:256x256", "lmdb"), ("raw_leveldb", "squash:256x256", "leveldb"),
+                                ("raw_shorter", "shorter:256", "lmdb")):
+        encoded = name.startswith("encoded")
+        options = BuildOptions(backend=backend, jobs=2, shuffle=True, seed=11,
+                               spec=ImageSpec(parse_resize(spec), encoded=encoded, quality=95))
+        build_database(unique, sample_tree.root / "train", base / name, options, show_progress=False)
+        made[name] = base / name
+    made["count"] = len(good)
+    return made
+
+
+def stored_rgb(db):
+    """key-order list of (label, upright RGB HWC uint8) as stored."""
+    out = []
+    with Reader(db) as reader:
+        for _, value in reader.items():
+            datum = decode_datum(value)
+            rgb = decode_to_rgb(datum.data) if datum.encoded else datum.pixels()[::-1].transpose(1, 2, 0)
+            out.append((datum.label, rgb))
+    return out
+
+
+def epoch_labels(loader):
+    labels = []
+    for images, batch_labels in loader:
+        assert images.shape[0] == batch_labels.shape[0]
+        labels += batch_labels.tolist()
+    return labels
+
+
+@pytest.mark.parametrize("name", ["encoded", "encoded_leveldb", "raw", "raw_leveldb"])
+def test_every_record_exactly_once_per_epoch(dbs, name):
+    with Loader(dbs[name], batch_size=16, train=True, device="cpu", num_threads=2) as loader:
+        assert loader.epoch_size == dbs["count"] and len(loader) == -(-dbs["count"] // 16)
+        for _ in range(2):
+            labels = epoch_labels(loader)
+            assert sorted(labels) == list(range(dbs["count"]))
+
+
+def test_drop_last_keeps_epochs_aligned(dbs):
+    with Loader(dbs["encoded"], batch_size=16, train=False, device="cpu", drop_last=True) as loader:
+        first, second = epoch_labels(loader), epoch_labels(loader)
+    assert len(first) == dbs["count"] // 16 * 16 and first == second
+
+
+def test_eval_is_the_center_crop_of_the_shorter_256_image(dbs):
+    stored = dict(stored_rgb(dbs["encoded"]))
+    with Loader(dbs["encoded"], batch_size=8, train=False, device="cpu", normalize="none", layout="NHWC") as loader:
+        runs = [list(zip(*next(iter(loader)))) for _ in range(1)]
+        again = next(iter(loader))
+    for image, label in runs[0]:
+        reference = center_crop(stored[int(label)], 224).astype(np.float32)
+        assert image.shape == (224, 224, 3)
+        assert np.abs(image - reference).mean() < 1.0
+    assert again[0].shape == (8, 224, 224, 3)
+
+
+def find_crop(stored, out, transform=lambda crop: crop, atol=0.51):
+    """(y, x, mirrored) such that transform(mirror(stored[y:y+224, x:x+224])) == out, or None."""
+    h, w = stored.shape[:2]
+    for mirrored in (False, True):
+        for y in range(h - 223):
+            for x in range(w - 223):
+                crop = stored[y:y + 224, x:x + 224]
+                if mirrored:
+                    crop = crop[:, ::-1]
+                if abs(float(transform(crop, y, x, mirrored)[0, 0, 0]) - float(out[0, 0, 0])) > atol:
+                    continue
+                if np.abs(transform(crop, y, x, mirrored) - out).max() <= atol:
+                    return y, x, mirrored
+    return None
+
+
+def test_training_crops_lie_inside_the_image_and_mirror_about_half_the_time(dbs):
+    stored = dict(stored_rgb(dbs["raw"]))
+    found = []
+    with Loader(dbs["raw"], batch_size=32, train=True, device="cpu", normalize="none", layout="NHWC", seed=3) as loader:
+        for images, labels in loader:
+            for image, label in zip(images, labels):
+                hit = find_crop(stored[int(label)].astype(np.float32), image, lambda c, *a: c)
+                assert hit is not None, f"training crop of record {label} is not a (mirrored) crop of it"
+                found.append(hit)
+    mirrored = sum(m for _, _, m in found) / len(found)
+    assert 0.3 < mirrored < 0.7, mirrored
+    assert len({(y, x) for y, x, _ in found}) > len(found) // 2  # positions vary
+
+
+def test_raw_encoded_and_leveldb_give_the_same_images(dbs):
+    def eval_batches(name):
+        with Loader(dbs[name], batch_size=200, train=False, device="cpu", normalize="none", layout="NHWC") as loader:
+            images, labels = next(iter(loader))
+        return {int(l): im for im, l in zip(images, labels)}
+
+    lmdb_encoded, leveldb_encoded = eval_batches("encoded"), eval_batches("encoded_leveldb")
+    assert lmdb_encoded.keys() == leveldb_encoded.keys()
+    for label in lmdb_encoded:
+        np.testing.assert_array_equal(lmdb_encoded[label], leveldb_encoded[label])
+    raw = eval_batches("raw_shorter")
+    assert np.mean([np.abs(raw[l] - lmdb_encoded[l]).mean() for l in raw]) < 2.0  # q95 JPEG vs raw pixels
+    raw_lmdb, raw_leveldb = eval_batches("raw"), eval_batches("raw_leveldb")
+    for label in raw_lmdb:
+        np.testing.assert_array_equal(raw_lmdb[label], raw_leveldb[label])
+
+
+def test_per_channel_normalisation_and_output_formats(dbs):
+    with Loader(dbs["encoded"], batch_size=4, train=False, device="cpu", normalize="none") as loader:
+        plain, _ = next(iter(loader))
+    with Loader(dbs["encoded"], batch_size=4, train=False, device="cpu", dtype="float16") as loader:
+        normalised, _ = next(iter(loader))
+    assert plain.shape == (4, 3, 224, 224) and normalised.dtype == np.float16
+    mean = np.array(IMAGENET_MEAN_RGB, np.float32).reshape(3, 1, 1)
+    std = np.array(IMAGENET_STD_RGB, np.float32).reshape(3, 1, 1)
+    np.testing.assert_allclose(normalised.astype(np.float32), (plain - mean) / std, atol=0.01)
+
+
+def write_mean(path, mean_chw_bgr):
+    path.write_bytes(encode_blob(mean_chw_bgr.astype(np.float32)))
+    return path
+
+
+def test_stored_size_mean_is_subtracted_at_the_source_pixel_before_mirror(dbs, tmp_path):
+    """Stock Caffe: out = mirror(crop(stored - mean))."""
+    rng = np.random.default_rng(0)
+    mean_bgr = rng.uniform(0, 255, (3, 256, 256)).astype(np.float32)
+    mean_rgb = mean_bgr[::-1].transpose(1, 2, 0)
+    stored = dict(stored_rgb(dbs["raw"]))
+    path = write_mean(tmp_path / "mean256.binaryproto", mean_bgr)
+    with Loader(dbs["raw"], batch_size=6, train=True, device="cpu", normalize=path, layout="NHWC", seed=5) as loader:
+        images, labels = next(iter(loader))
+    for image, label in zip(images, labels):
+        source = stored[int(label)].astype(np.float32) - mean_rgb
+        assert find_crop(source, image, lambda c, *a: c, atol=0.01) is not None
+
+
+def test_crop_size_mean_is_subtracted_at_the_output_position(dbs, tmp_path):
+    """caffe-pro: out = mirror(crop(stored)) - mean224."""
+    rng = np.random.default_rng(1)
+    mean_bgr = rng.uniform(0, 255, (3, 224, 224)).astype(np.float32)
+    mean_rgb = mean_bgr[::-1].transpose(1, 2, 0)
+    stored = dict(stored_rgb(dbs["raw"]))
+    path = write_mean(tmp_path / "mean224.binaryproto", mean_bgr)
+    with Loader(dbs["raw"], batch_size=6, train=True, device="cpu", normalize=path, layout="NHWC", seed=5) as loader:
+        images, labels = next(iter(loader))
+    for image, label in zip(images, labels):
+        hit = find_crop(stored[int(label)].astype(np.float32), image, lambda c, *a: c - mean_rgb, atol=0.01)
+        assert hit is not None
+    with Loader(dbs["raw"], batch_size=6, train=False, device="cpu", normalize=path) as loader:
+        nchw, labels = next(iter(loader))
+    expected = center_crop(stored[int(labels[0])], 224).transpose(2, 0, 1) - mean_bgr[::-1]
+    np.testing.assert_allclose(nchw[0], expected, atol=0.01)
+
+
+def test_clear_errors(dbs, tmp_path):
+    with pytest.raises(ImgprepError, match="does not exist"):
+        Loader(tmp_path / "absent", device="cpu")
+    with pytest.raises(ImgprepError, match="mean file is 100x100"):
+        Loader(dbs["raw"], device="cpu", normalize=write_mean(tmp_path / "m.binaryproto", np.zeros((3, 100, 100))))
+    with pytest.raises(ImgprepError, match="records differ|differ"):
+        Loader(dbs["encoded"], device="cpu", normalize=write_mean(tmp_path / "m2.binaryproto", np.zeros((3, 256, 256))))
+    from imgprep.storage import open_writer
+    writer = open_writer(tmp_path / "junk", "lmdb")
+    writer.put_batch([(b"a", b"\x0f not a datum")])
+    writer.close()
+    with pytest.raises(ImgprepError, match="does not hold Caffe Datum"):
+        Loader(tmp_path / "junk", device="cpu")
+
+
+SHARD_SCRIPT = """
+import json, sys
+from imgprep.loader import Loader
+with Loader(sys.argv[1], batch_size=8, train=True, device="cpu", num_threads=1) as loader:
+    labels = []
+    for _ in range(2):
+        epoch = [l for _, batch in loader for l in batch.tolist()]
+        labels.append(epoch)
+print(json.dumps({"labels": labels, "shard": [loader.shard_id, loader.num_shards]}))
+"""
+
+
+def test_leveldb_shards_are_disjoint_and_complete(dbs):
+    loaders = [Loader(dbs["raw_leveldb"], batch_size=8, device="cpu", shard_id=i, num_shards=3) for i in range(3)]
+    seen = [epoch_labels(loader) for loader in loaders]
+    for loader in loaders:
+        loader.close()
+    assert sorted(sum(seen, [])) == list(range(dbs["count"]))
+
+
+@pytest.mark.parametrize("name", ["encoded", "raw"])
+def test_shards_are_disjoint_and_complete_across_processes(dbs, name):
+    procs = [subprocess.Popen([sys.executable, "-c", SHARD_SCRIPT, str(dbs[name])], stdout=subprocess.PIPE,
+                              env={**__import__("os").environ, "RANK": str(rank), "WORLD_SIZE": "2"})
+             for rank in range(2)]
+    results = [json.loads(p.communicate()[0]) for p in procs]
+    assert [r["shard"] for r in results] == [[0, 2], [1, 2]]
+    for epoch in range(2):
+        a, b = (set(r["labels"][epoch]) for r in results)
+        assert not a & b and a | b == set(range(dbs["count"]))
+        assert all(len(r["labels"][epoch]) == len(set(r["labels"][epoch])) for r in results)
+
+
+def test_torch_output(dbs):
+    torch = pytest.importorskip("torch")
+    with Loader(dbs["raw_leveldb"], batch_size=8, train=True, device="cpu", output="torch", layout="NHWC",
+                dtype="float16") as loader:
+        images, labels = next(iter(loader))
+    assert isinstance(images, torch.Tensor) and images.dtype == torch.float16 and images.shape == (8, 224, 224, 3)
+    assert labels.dtype == torch.int64 and labels.shape == (8,)
