@@ -308,3 +308,53 @@ def inspect_cmd(db, list_file, verify):
         click.echo(line)
     if not result.ok:
         sys.exit(1)
+
+
+@main.command("bench-loader")
+@click.argument("db", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--batch", type=click.IntRange(1), default=256, show_default=True)
+@click.option("--threads", type=click.IntRange(1), default=None, show_default="cores, at most 8")
+@click.option("--device", type=click.Choice(["auto", "gpu", "cpu"]), default="auto", show_default=True)
+@click.option("--seconds", type=float, default=10.0, show_default=True, help="Measured time per row, after warm-up.")
+@click.option("--eval", "eval_policy", is_flag=True, help="Measure the evaluation policy (center crop) instead.")
+@click.option("--compare", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Folder of the original images: also measure DALI's file reader on it and a torchvision "
+                   "ImageFolder DataLoader (when torchvision is installed), in the same run.")
+@click.option("--compare-list", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="With --compare: a 'path label' list of the images under that folder to use (default: "
+                   "every image, ImageFolder-style).")
+@click.option("--torch-workers", type=click.IntRange(0), default=None, show_default="--threads",
+              help="DataLoader workers for the torchvision row.")
+@click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
+def bench_loader_cmd(db, batch, threads, device, seconds, eval_policy, compare, compare_list, torch_workers, as_json):
+    """Measure the DALI loader on DB: images/s and ms per batch for the training policy.
+
+    Rows: the imgprep loader (shorter 256, random crop 224 + mirror, normalise, fp16 NCHW); the
+    same LMDB read and decoded only (the ceiling); with --compare, DALI's file reader on the
+    original JPEGs and a torchvision DataLoader with the same augmentation.
+
+    \b
+    Examples:
+      imgprep bench-loader train_lmdb --batch 256 --seconds 20
+      imgprep bench-loader train_lmdb --compare /data/ILSVRC2012/train --torch-workers 16
+    """
+    from .bench import bench_loader, format_table, rows_to_dicts
+
+    rows = bench_loader(db, batch, threads, device, seconds, not eval_policy, compare, compare_list,
+                        torch_workers=torch_workers)
+    click.echo(json.dumps(rows_to_dicts(rows)) if as_json else format_table(rows))
+
+
+@main.command()
+@click.argument("workdir", type=click.Path(file_okay=False, path_type=Path), default=Path("build/demo"))
+@click.option("--seconds", type=float, default=3.0, show_default=True, help="Seconds per benchmark row.")
+def demo(workdir, seconds):
+    """Run every stage on a fresh bundled sample in WORKDIR (deleted first) and summarise.
+
+    \b
+    Example:
+      imgprep demo build/demo
+    """
+    from .demo import run_demo
+
+    run_demo(workdir, seconds)

@@ -43,6 +43,7 @@ class DatabaseInfo:
     encoded: bool
     channels: int
     stored_size: tuple[int, int] | None  # (H, W) when every record has that size (raw, squash)
+    shorter_side: int | None  # when every record's shorter side is known to be this (imgprep builds)
 
 
 def database_info(path) -> DatabaseInfo:
@@ -64,7 +65,12 @@ def database_info(path) -> DatabaseInfo:
     resize = manifest.get("identity", {}).get("resize", "")
     uniform = not datum.encoded or resize.startswith("squash:")
     size = (datum.height, datum.width) if uniform and datum.height else None
-    return DatabaseInfo(path, backend, records, datum.encoded, datum.channels or 3, size)
+    shorter = None
+    if resize.startswith("shorter:"):
+        shorter = int(resize.split(":")[1])
+    elif size is not None and (resize.startswith("squash:") or not datum.encoded):
+        shorter = min(size)
+    return DatabaseInfo(path, backend, records, datum.encoded, datum.channels or 3, size, shorter)
 
 
 def shard_from_env(shard_id: int | None, num_shards: int | None) -> tuple[int, int]:
@@ -180,7 +186,7 @@ def _graph(info: DatabaseInfo, batch_size, train, crop, resize_shorter, norm: No
         _check_mean(mean_image, info, crop, gray)
     if subtract_at_source:  # stock Caffe: mean of the stored size, before crop and mirror
         images = fn.cast(images, dtype=types.FLOAT) - types.Constant(_hwc_rgb(mean_image))
-    else:
+    elif info.shorter_side != resize_shorter:  # records already at the policy's size skip a no-op resample
         images = fn.resize(images, resize_shorter=resize_shorter, antialias=True)
     if train:
         crop_x, crop_y = fn.random.uniform(range=(0.0, 1.0)), fn.random.uniform(range=(0.0, 1.0))

@@ -1,0 +1,56 @@
+"""`imgprep demo`: every stage on a fresh sample, ending with what was produced and how fast."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import click
+
+from .bench import bench_loader, format_table
+from .build import FAILURES, BuildOptions, build_database
+from .imageops import ImageSpec, parse_resize
+from .inspection import inspect_db
+from .lists import make_lists
+from .mean import MeanTransform, compute_mean, write_mean
+from .sample import make_sample
+
+
+def run_demo(workdir, seconds: float = 3.0) -> None:
+    workdir = Path(workdir)
+    if workdir.exists():
+        shutil.rmtree(workdir)
+    start = time.perf_counter()
+    say = lambda text: click.echo(click.style("==> ", fg="green") + text)  # noqa: E731
+    say(f"sample: an ILSVRC12-shaped tree with the oddities of real ImageNet -> {workdir / 'sample'}")
+    sample = make_sample(workdir / "sample", classes=10, train_per_class=40, val_per_class=10, oddities=True)
+    say("make-lists: train.txt / val.txt with Caffe's sorted-wnid labels")
+    make_lists(sample.root, workdir / "lists")
+    resnet = BuildOptions(spec=ImageSpec(parse_resize("shorter:256"), encoded=True, quality=90), shuffle=True)
+    caffe = BuildOptions(spec=ImageSpec(parse_resize("squash:256x256"), encoded=False), shuffle=True, backend="leveldb")
+    say("build-lmdb --preset resnet --shuffle (train, LMDB of shorter-256 JPEGs); failures are reported, not lost")
+    train = build_database(workdir / "lists" / "train.txt", sample.root / "train", workdir / "train_lmdb", resnet)
+    say("build-lmdb --preset resnet (val)")
+    build_database(workdir / "lists" / "val.txt", sample.root / "val", workdir / "val_lmdb", resnet)
+    say("build-lmdb --preset caffe --backend leveldb (train, raw squash-256 records as in Caffe's recipe)")
+    build_database(workdir / "lists" / "train.txt", sample.root / "train", workdir / "train_caffe_leveldb", caffe)
+    say("compute-mean: Caffe's 256x256 mean of the raw database, and a 224x224 crop mean of the ResNet one")
+    write_mean(compute_mean(workdir / "train_caffe_leveldb"), workdir / "imagenet_mean.binaryproto")
+    write_mean(compute_mean(workdir / "train_lmdb", MeanTransform(crop=224)), workdir / "mean224.binaryproto",
+               workdir / "mean224.json")
+    say("inspect --list train.txt: every listed image is in the database or in the failure report")
+    inspection = inspect_db(workdir / "train_lmdb", workdir / "lists" / "train.txt")
+    for line in inspection.lines()[:4] + [f"missing (all in the failure report): {len(inspection.missing)}"]:
+        click.echo("    " + line)
+    say(f"bench-loader: the DALI training pipeline on train_lmdb, {seconds:.0f} s per row")
+    failed = {line.split("\t")[1] for line in (workdir / "train_lmdb" / FAILURES).read_text().splitlines()}
+    clean = workdir / "lists" / "train_clean.txt"  # the peers cannot skip broken files
+    clean.write_text("".join(line + "\n" for line in (workdir / "lists" / "train.txt").read_text().splitlines()
+                             if line.rsplit(" ", 1)[0] not in failed))
+    rows = bench_loader(workdir / "train_lmdb", batch=32, seconds=seconds, warmup=2,
+                        compare=sample.root / "train", compare_list=clean, torch_workers=2)
+    click.echo(format_table(rows))
+    click.echo(f"demo: done in {time.perf_counter() - start:.0f}s; {train.records} train records "
+               f"({train.failures} failed images reported in {workdir / 'train_lmdb' / 'imgprep-failures.tsv'}); "
+               f"databases, means and lists in {workdir}")
