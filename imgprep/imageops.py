@@ -196,6 +196,15 @@ def to_bgr_chw(img: Image.Image) -> np.ndarray:
     return np.ascontiguousarray(arr[:, :, ::-1].transpose(2, 0, 1))
 
 
+def bgr_planar_bytes(img: Image.Image) -> bytes:
+    """RGB or L image -> Caffe's raw Datum bytes (B plane, G plane, R plane); Pillow's split
+    is about twice as fast as a numpy transpose here."""
+    if img.mode == "L":
+        return img.tobytes()
+    r, g, b = img.split()
+    return b"".join((b.tobytes(), g.tobytes(), r.tobytes()))
+
+
 def bgr_chw_to_rgb_hwc(chw: np.ndarray) -> np.ndarray:
     if chw.shape[0] == 1:
         return chw[0]
@@ -218,7 +227,7 @@ def process_image(data: bytes, spec: ImageSpec) -> ProcessedImage:
     if spec.encoded:
         payload = data if keeps_original(source, spec) else encode_jpeg(img, spec.quality)
         return ProcessedImage(payload, channels, height, width, True)
-    return ProcessedImage(to_bgr_chw(img).tobytes(), channels, height, width, False)
+    return ProcessedImage(bgr_planar_bytes(img), channels, height, width, False)
 
 
 def decode_to_rgb(data: bytes, gray: bool = False) -> np.ndarray:

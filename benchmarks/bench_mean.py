@@ -1,0 +1,65 @@
+"""compute-mean throughput vs a plain single-process loop over the records, raw and encoded.
+
+    python benchmarks/bench_mean.py [--images 2000] [--workdir build/bench]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import sample_tree, table  # noqa: E402
+
+from imgprep.build import BuildOptions, build_database  # noqa: E402
+from imgprep.codec import decode_datum  # noqa: E402
+from imgprep.imageops import ImageSpec, decode_to_rgb, parse_resize  # noqa: E402
+from imgprep.mean import compute_mean  # noqa: E402
+from imgprep.parallel import resolve_jobs  # noqa: E402
+from imgprep.storage import Reader  # noqa: E402
+
+
+def plain_loop(db: Path) -> float:
+    """What a user writes: decode each record (JPEG too), add into a float64 sum."""
+    start = time.perf_counter()
+    total, n = None, 0
+    with Reader(db) as reader:
+        for _, value in reader.items():
+            datum = decode_datum(value)
+            if datum.encoded:
+                pixels = decode_to_rgb(datum.data)[:, :, ::-1].transpose(2, 0, 1)
+            else:
+                pixels = np.frombuffer(datum.data, np.uint8).reshape(datum.channels, datum.height, datum.width)
+            total = pixels.astype(np.float64) if total is None else total + pixels
+            n += 1
+    return n / (time.perf_counter() - start)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=2000)
+    parser.add_argument("--workdir", type=Path, default=Path("build/bench"))
+    args = parser.parse_args()
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    root, list_file = sample_tree(args.workdir, args.images)
+    cores = resolve_jobs(None)
+    for kind, encoded in (("raw", False), ("encoded", True)):
+        db = args.workdir / f"mean_{kind}"
+        if not (db / "data.mdb").exists():
+            build_database(list_file, root, db, BuildOptions(spec=ImageSpec(parse_resize("squash:256x256"), encoded)),
+                           overwrite=True, show_progress=False)
+        rows = [("plain loop, 1 process", plain_loop(db))]
+        for jobs in (1, cores):
+            start = time.perf_counter()
+            result = compute_mean(db, jobs=jobs, show_progress=False)
+            rows.append((f"imgprep compute-mean, {jobs} job(s)", result.count / (time.perf_counter() - start)))
+        print(f"\ncompute-mean, {kind} squash-256 records ({result.count} records, {cores} cores)")
+        print(table(rows, rows[0][0]))
+
+
+if __name__ == "__main__":
+    main()
