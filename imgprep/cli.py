@@ -251,7 +251,8 @@ def build_lmdb(list_file, root, out, preset, backend, resize, encoded, quality, 
 
 
 @main.command("compute-mean")
-@click.argument("db", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("dbs", metavar="DB...", nargs=-1, required=True,
+                type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--crop", type=click.IntRange(1), default=None,
               help="Center-crop each image (after --resize) to this size: a crop-sized mean such as "
@@ -261,8 +262,11 @@ def build_lmdb(list_file, root, out, preset, backend, resize, encoded, quality, 
               help="Also write the per-channel means (BGR and RGB): JSON if the name ends in .json, else text.")
 @jobs_option
 @scheduler_option
-def compute_mean_cmd(db, out, crop, resize, values_out, jobs, scheduler):
+def compute_mean_cmd(dbs, out, crop, resize, values_out, jobs, scheduler):
     """Write the exact mean image of database DB as a Caffe .binaryproto OUT.
+
+    Several DBs (e.g. the parts of a sharded build) give the mean of all their records: the
+    integer sums of the parts are added, so the result equals the merged database's mean.
 
     The file is what Caffe's compute_image_mean writes (num=1, C, H, W, float32 BGR planar), but
     summed in integers: exact at any N, where Caffe's float32 sum drifts past ~65k images.
@@ -273,11 +277,13 @@ def compute_mean_cmd(db, out, crop, resize, values_out, jobs, scheduler):
     Examples:
       imgprep compute-mean train_lmdb imagenet_mean.binaryproto
       imgprep compute-mean train_resnet_lmdb mean224.binaryproto --crop 224 --values-out means.json
+      imgprep compute-mean part0 part1 part2 part3 mean.binaryproto
     """
     from .imageops import parse_resize
-    from .mean import MeanTransform, compute_mean, write_mean
+    from .mean import MeanTransform, combine, compute_mean, write_mean
 
-    result = compute_mean(db, MeanTransform(parse_resize(resize), crop), jobs, scheduler)
+    transform = MeanTransform(parse_resize(resize), crop)
+    result = combine([compute_mean(db, transform, jobs, scheduler) for db in dbs])
     write_mean(result, out, values_out)
     values = result.values()
     click.echo("mean (BGR): " + " ".join(f"{v:.3f}" for v in values["bgr"]))
@@ -358,3 +364,26 @@ def demo(workdir, seconds):
     from .demo import run_demo
 
     run_demo(workdir, seconds)
+
+
+@main.command()
+@click.argument("parts", metavar="PART...", nargs=-1, required=True,
+                type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--overwrite", is_flag=True, help="Replace an existing database at OUT.")
+def merge(parts, out, overwrite):
+    """Merge the parts of a sharded build into one database OUT.
+
+    Each part is `build-lmdb ... --num-shards K --shard-index i` (any scheduler: Dask, a Slurm
+    array, a shell loop). The result equals, record for record, a single build of the same list
+    with the same options; the failure reports are concatenated.
+
+    \b
+    Example:
+      for i in 0 1 2 3; do imgprep build-lmdb train.txt /data/train part$i --preset resnet \\
+          --shuffle --num-shards 4 --shard-index $i & done; wait
+      imgprep merge part0 part1 part2 part3 train_lmdb
+    """
+    from .merge import merge_parts
+
+    merge_parts(parts, out, overwrite)

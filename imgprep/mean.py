@@ -176,6 +176,14 @@ def compute_mean(db, transform: MeanTransform = MeanTransform(), jobs: int | Non
     return result
 
 
+def combine(results: list[MeanResult]) -> MeanResult:
+    """Exact mean over several databases (the parts of a sharded build): integer sums add."""
+    shapes = {r.sums.shape for r in results}
+    if len(shapes) != 1:
+        raise ImgprepError(f"the databases' mean images differ in size: {sorted(shapes)}")
+    return MeanResult(sum(r.sums for r in results), sum(r.count for r in results))
+
+
 def write_mean(result: MeanResult, path, values_out=None) -> None:
     Path(path).write_bytes(encode_blob(result.mean.astype(np.float32)))
     if values_out:

@@ -35,7 +35,7 @@ def _backend_context(scheduler: str | None):
     except ImportError:
         raise ImgprepError("--scheduler needs the dask extra: pip install 'imgprep[dask]'") from None
     try:
-        client = Client(scheduler, timeout="20s")
+        client = Client(scheduler, timeout="10s")
     except (OSError, TimeoutError) as e:
         raise ImgprepError(f"cannot reach the Dask scheduler at {scheduler}: {e}") from None
     return _DaskContext(client)

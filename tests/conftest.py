@@ -44,3 +44,13 @@ def assert_clean_error(result, *fragments):
     assert "Traceback" not in result.stderr, result.stderr
     for fragment in fragments:
         assert fragment in result.stderr, (fragment, result.stderr)
+
+
+@pytest.fixture(scope="session")
+def larger_tree(tmp_path_factory):
+    """600 images: long enough (a few seconds) for a kill to land mid-build."""
+    root = tmp_path_factory.mktemp("larger") / "ilsvrc"
+    tree = make_sample(root, classes=10, train_per_class=60, val_per_class=1, seed=3, oddities=True)
+    tree.lists = root.parent / "lists"
+    make_lists(root, tree.lists, show_progress=False)
+    return tree

@@ -212,19 +212,6 @@ def test_max_failures_stops_the_build(sample_tree, tmp_path):
     assert json.loads((tmp_path / "db" / MANIFEST).read_text())["state"] == "failed"
 
 
-@pytest.fixture(scope="module")
-def larger_tree(tmp_path_factory):
-    """600 images: long enough (a few seconds) for a kill to land mid-build."""
-    from imgprep.lists import make_lists
-    from imgprep.sample import make_sample
-
-    root = tmp_path_factory.mktemp("larger") / "ilsvrc"
-    tree = make_sample(root, classes=10, train_per_class=60, val_per_class=1, seed=3, oddities=True)
-    tree.lists = root.parent / "lists"
-    make_lists(root, tree.lists, show_progress=False)
-    return tree
-
-
 def _start_build(sample_tree, out, *extra):
     env = dict(os.environ, IMGPREP_PROGRESS_INTERVAL="0")
     return subprocess.Popen([*IMGPREP, "build-lmdb", str(sample_tree.lists / "train.txt"),

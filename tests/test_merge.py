@@ -1,0 +1,60 @@
+import json
+
+import pytest
+
+from conftest import assert_clean_error, run_cli
+from imgprep import ImgprepError
+from imgprep.build import FAILURES, MANIFEST, BuildOptions, build_database
+from imgprep.imageops import ImageSpec, parse_resize
+from imgprep.mean import MeanTransform, combine, compute_mean
+from imgprep.merge import merge_parts
+from imgprep.storage import Reader
+
+
+def build(sample_tree, out, backend, **kwargs):
+    options = BuildOptions(backend=backend, jobs=2, shuffle=True, seed=4,
+                           spec=ImageSpec(parse_resize("shorter:96"), encoded=True), **kwargs)
+    return build_database(sample_tree.lists / "train.txt", sample_tree.root / "train", out, options,
+                          show_progress=False)
+
+
+def records(path):
+    with Reader(path) as reader:
+        return list(reader.items())
+
+
+@pytest.mark.parametrize("backend", ["lmdb", "leveldb"])
+def test_shards_merged_equal_a_single_build(sample_tree, tmp_path, backend):
+    build(sample_tree, tmp_path / "single", backend)
+    parts = [tmp_path / f"part{i}" for i in range(3)]
+    for i, part in enumerate(parts):
+        build(sample_tree, part, backend, num_shards=3, shard_index=i)
+    merge_parts(list(reversed(parts)), tmp_path / "merged", show_progress=False)
+    assert records(tmp_path / "merged") == records(tmp_path / "single")
+    assert (tmp_path / "merged" / FAILURES).read_text() == (tmp_path / "single" / FAILURES).read_text()
+    merged = json.loads((tmp_path / "merged" / MANIFEST).read_text())
+    single = json.loads((tmp_path / "single" / MANIFEST).read_text())
+    assert merged["identity"] == single["identity"] and merged["records"] == single["records"]
+    # the parts' integer sums combine into exactly the merged database's mean
+    transform = MeanTransform(crop=96)
+    by_parts = combine([compute_mean(p, transform, show_progress=False) for p in parts])
+    whole = compute_mean(tmp_path / "merged", transform, show_progress=False)
+    assert (by_parts.sums == whole.sums).all() and by_parts.count == whole.count
+    inspected = run_cli("inspect", tmp_path / "merged", "--list", sample_tree.lists / "train.txt", check=False)
+    assert "mislabeled" not in inspected.stdout and "extra" not in inspected.stdout
+
+
+def test_merge_refuses_incomplete_or_mismatched_parts(sample_tree, tmp_path):
+    parts = [tmp_path / f"part{i}" for i in range(2)]
+    for i, part in enumerate(parts):
+        build(sample_tree, part, "lmdb", num_shards=2, shard_index=i)
+    with pytest.raises(ImgprepError, match=r"expected parts 0..1"):
+        merge_parts(parts[:1], tmp_path / "m", show_progress=False)
+    other = tmp_path / "other"
+    options = BuildOptions(jobs=2, num_shards=2, shard_index=1, spec=ImageSpec(parse_resize("shorter:64")))
+    build_database(sample_tree.lists / "train.txt", sample_tree.root / "train", other, options, show_progress=False)
+    assert_clean_error(run_cli("merge", parts[0], other, tmp_path / "m", check=False), "other options", "resize")
+    manifest = json.loads((parts[1] / MANIFEST).read_text())
+    manifest["state"] = "building"
+    (parts[1] / MANIFEST).write_text(json.dumps(manifest))
+    assert_clean_error(run_cli("merge", *parts, tmp_path / "m", check=False), "not complete", "--resume")
