@@ -51,6 +51,7 @@ class BuildOptions:
     txn_size: int = 1000
     chunk_size: int = 32
     max_failures: int | None = None
+    num_labels: int | None = None
     allow_outside_root: bool = False
     map_size: int = INITIAL_MAP_SIZE
     num_shards: int = 1
@@ -259,7 +260,8 @@ def build_database(list_path, root, out, options: BuildOptions = BuildOptions(),
         raise ImgprepError(f"unknown backend {options.backend!r}; choose one of {', '.join(BACKENDS)}")
     if not root.is_dir():
         raise ImgprepError(f"image root {root} is not a folder")
-    entries = image_list or read_list(list_path, allow_outside_root=options.allow_outside_root)
+    entries = image_list or read_list(list_path, num_labels=options.num_labels,
+                                      allow_outside_root=options.allow_outside_root)
     identity = dict(options.identity(), list_sha256=file_sha256(list_path), entries=len(entries))
     previous = _prepare_output(out, identity, resume, overwrite)
     try:

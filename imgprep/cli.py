@@ -26,8 +26,13 @@ class Group(click.Group):
         except ImgprepError as e:
             click.echo(f"Error: {e}", err=True)
             ctx.exit(1)
+        except OSError as e:  # the stages translate the errors they expect; this is the net below them
+            where = f" ({e.filename})" if e.filename else ""
+            click.echo(f"Error: {e.strerror or e}{where}", err=True)
+            ctx.exit(1)
         except KeyboardInterrupt:
-            click.echo("Interrupted.", err=True)
+            click.echo("Interrupted. Finished work is kept: run the same command again to continue "
+                       "(build-lmdb: add --resume).", err=True)
             ctx.exit(130)
 
 
@@ -216,6 +221,8 @@ def resize(src, dst, resize, quality, gray, jobs, overwrite, scheduler):
               help="Give up once more than this many images failed. Default: never.")
 @click.option("--allow-outside-root", is_flag=True,
               help="Accept absolute paths, '..' and symlinks that leave ROOT.")
+@click.option("--num-labels", type=click.IntRange(1), default=None,
+              help="Refuse the list if a label is >= this (e.g. 1000 for ILSVRC12).")
 @click.option("--num-shards", type=click.IntRange(1), default=1, show_default=True,
               help="Build only part --shard-index of this many contiguous parts (see `imgprep merge`).")
 @click.option("--shard-index", type=click.IntRange(0), default=0, show_default=True)
@@ -223,7 +230,7 @@ def resize(src, dst, resize, quality, gray, jobs, overwrite, scheduler):
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 def build_lmdb(list_file, root, out, preset, backend, resize, encoded, quality, gray, shuffle, seed,
                check_size, jobs, txn_size, resume, overwrite, max_failures, allow_outside_root,
-               num_shards, shard_index, scheduler, as_json):
+               num_labels, num_shards, shard_index, scheduler, as_json):
     """Build a Caffe Datum database OUT (LMDB or LevelDB) from LIST and the image ROOT.
 
     Keys are '%08d_path' (Caffe's convert_imageset format); every LIST entry becomes a record or
@@ -240,7 +247,7 @@ def build_lmdb(list_file, root, out, preset, backend, resize, encoded, quality, 
 
     options = BuildOptions(backend=backend, spec=_image_spec(resize, encoded, quality, gray, preset),
                            shuffle=shuffle, seed=seed, check_size=check_size, jobs=jobs,
-                           txn_size=txn_size, max_failures=max_failures,
+                           txn_size=txn_size, max_failures=max_failures, num_labels=num_labels,
                            allow_outside_root=allow_outside_root, num_shards=num_shards,
                            shard_index=shard_index, scheduler=scheduler)
     report = build_database(list_file, root, out, options, resume=resume, overwrite=overwrite)

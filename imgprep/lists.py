@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+from array import array
 from collections import Counter
 import os
 import posixpath
@@ -27,6 +28,7 @@ DEVKIT_ID_TABLE_NAMES = ("meta.mat", "ILSVRC2012_id_to_wnid.csv")
 KAGGLE_SOLUTION = "LOC_val_solution.csv"
 WNID_RE = re.compile(r"^n\d{8}$")
 SHOWN = 10  # how many offending items an error message lists
+INT32_MAX = 2**31 - 1
 
 
 def load_synsets(path: str | os.PathLike | None = None) -> list[str]:
@@ -87,59 +89,38 @@ def read_list(path: str | os.PathLike, num_labels: int | None = None,
     Caffe splits each line at its last space and trims nothing, so a CR or a trailing blank
     silently becomes part of the label. Here line endings (LF, CRLF), a UTF-8 BOM and trailing
     blanks are normalised away (counted in `notes`); blank lines are skipped; everything else
-    that is not `path label` with 0 <= label (< num_labels) is an error.
+    that is not `path label` with 0 <= label (< num_labels) is an error. The file is streamed and
+    labels kept as int32, so 1.28M lines need about 100 bytes each.
     """
+    notes = []
+    paths: list[str] = []
+    labels = array("i")
+    problems: list[str] = []
+    trimmed = blank = 0
     try:
-        data = Path(path).read_bytes()
+        f = open(path, "rb")
     except OSError as e:
         raise ImgprepError(f"cannot read list {path}: {e.strerror}") from None
-    text = data.decode(**LIST_ENCODING)
-    notes = []
-    if text.startswith("\ufeff"):
-        text = text[1:]
-        notes.append("removed a UTF-8 byte-order mark")
-    paths: list[str] = []
-    labels: list[int] = []
-    problems: list[str] = []
-    seen: dict[str, int] = {}
-    trimmed = blank = 0
-    lines = text.split("\n")
-    if lines and lines[-1] == "":
-        lines.pop()
-    for lineno, raw in enumerate(lines, 1):
-        line = raw.rstrip(" \t\r")
-        if line != raw:
-            trimmed += 1
-        if not line.strip():
-            blank += 1
-            continue
-        name, sep, label_text = line.rpartition(" ")
-        if not sep or not name:
-            _bad(problems, lineno, "missing label (expected 'path label', separated by a space)", raw)
-            continue
-        if not re.fullmatch(r"[+-]?\d+", label_text):
-            _bad(problems, lineno, f"label {label_text!r} is not an integer", raw)
-            continue
-        label = int(label_text)
-        if label < 0:
-            _bad(problems, lineno, f"negative label {label}", raw)
-            continue
-        if num_labels is not None and label >= num_labels:
-            _bad(problems, lineno, f"label {label} out of range 0..{num_labels - 1}", raw)
-            continue
-        if not allow_outside_root:
-            if posixpath.isabs(name) or os.path.isabs(name):
-                _bad(problems, lineno, "absolute path (use --allow-outside-root to accept)", raw)
+    with f:
+        for lineno, raw_bytes in enumerate(f, 1):
+            raw = raw_bytes.decode(**LIST_ENCODING).rstrip("\n")
+            if lineno == 1 and raw.startswith("\ufeff"):
+                raw = raw[1:]
+                notes.append("removed a UTF-8 byte-order mark")
+            line = raw.rstrip(" \t\r")
+            if line != raw:
+                trimmed += 1
+            if not line.strip():
+                blank += 1
                 continue
-            if posixpath.normpath(name.replace("\\", "/")).startswith("../") or name == "..":
-                _bad(problems, lineno, "path escapes the image root (use --allow-outside-root)", raw)
+            problem = _check_line(line, num_labels, allow_outside_root)
+            if problem:
+                _bad(problems, lineno, problem, raw)
                 continue
-        if name in seen:
-            _bad(problems, lineno, f"duplicate of line {seen[name]}", raw)
-            continue
-        seen[name] = lineno
-        paths.append(name)
-        labels.append(label)
+            name, _, label_text = line.rpartition(" ")
+            paths.append(name)
+            labels.append(int(label_text))
+    problems += _duplicates(paths)
     if problems:
         shown = "\n  ".join(problems[:SHOWN])
         more = f"\n  ... and {len(problems) - SHOWN} more" if len(problems) > SHOWN else ""
@@ -148,7 +129,46 @@ def read_list(path: str | os.PathLike, num_labels: int | None = None,
         notes.append(f"normalised {trimmed} line(s) with CR or trailing blanks")
     if blank:
         notes.append(f"skipped {blank} blank line(s)")
-    return ImageList(paths, np.asarray(labels, dtype=np.int32), notes)
+    return ImageList(paths, np.frombuffer(labels, dtype=np.int32), notes)
+
+
+def _check_line(line: str, num_labels: int | None, allow_outside_root: bool) -> str | None:
+    """What is wrong with one normalised, non-blank list line, or None."""
+    name, sep, label_text = line.rpartition(" ")
+    if not sep or not name:
+        return "missing label (expected 'path label', separated by a space)"
+    if not re.fullmatch(r"[+-]?\d+", label_text):
+        return f"label {label_text!r} is not an integer"
+    label = int(label_text)
+    if label < 0:
+        return f"negative label {label}"
+    if label > INT32_MAX:
+        return f"label {label} does not fit Caffe's int32 label"
+    if num_labels is not None and label >= num_labels:
+        return f"label {label} out of range 0..{num_labels - 1}"
+    if not allow_outside_root:
+        if posixpath.isabs(name) or os.path.isabs(name):
+            return "absolute path (use --allow-outside-root to accept)"
+        if posixpath.normpath(name.replace("\\", "/")).startswith("../") or name == "..":
+            return "path escapes the image root (use --allow-outside-root)"
+    return None
+
+
+def _duplicates(paths: list[str]) -> list[str]:
+    """Entries listed twice. Sorting references costs 8 bytes an entry; a dict would cost ~100."""
+    ordered = sorted(paths)
+    repeated = {a for a, b in zip(ordered, ordered[1:]) if a == b}
+    if not repeated:
+        return []
+    first_entry: dict[str, int] = {}
+    problems = []
+    for entry, name in enumerate(paths, 1):
+        if name in repeated:
+            if name in first_entry:
+                problems.append(f"entry {entry}: duplicate of entry {first_entry[name]}: {name[:120]!r}")
+            else:
+                first_entry[name] = entry
+    return problems
 
 
 def write_list(path: str | os.PathLike, entries) -> int:

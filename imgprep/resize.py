@@ -96,13 +96,16 @@ def resize_tree(src, dst, spec: ImageSpec, jobs: int | None = None, overwrite: b
         raise ImgprepError("DST must not be SRC or lie inside it")
     spec = ImageSpec(spec.resize, True, spec.quality, spec.gray, spec.max_pixels, spec.draft)
     identity = {"resize": str(spec.resize), "quality": spec.quality, "gray": spec.gray}
-    dst.mkdir(parents=True, exist_ok=True)
     manifest_path = dst / MANIFEST
-    if manifest_path.exists() and not overwrite:
-        previous = json.loads(manifest_path.read_text())
-        if previous != identity:
-            raise ImgprepError(f"{dst} was made with {previous}; pass --overwrite to redo it with {identity}")
-    manifest_path.write_text(json.dumps(identity))
+    try:
+        dst.mkdir(parents=True, exist_ok=True)
+        if manifest_path.exists() and not overwrite:
+            previous = json.loads(manifest_path.read_text())
+            if previous != identity:
+                raise ImgprepError(f"{dst} was made with {previous}; pass --overwrite to redo it with {identity}")
+        manifest_path.write_text(json.dumps(identity))
+    except OSError as e:
+        raise ImgprepError(f"cannot write to {dst}: {e.strerror}") from None
     images, others = walk_images(src)
     report = ResizeReport(dst, total=len(images), skipped_files=others)
     todo = images if overwrite else [r for r in images if not _is_up_to_date(src, dst, r)]

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import errno
 import os
+import resource
+import shutil
 from pathlib import Path
 
 import lmdb
@@ -32,11 +34,26 @@ def detect_backend(path: str | os.PathLike) -> str:
     raise ImgprepError(f"{path} is neither an LMDB (no data.mdb) nor a LevelDB (no CURRENT) database")
 
 
+def _write_limit_hint(path) -> str | None:
+    """LMDB reports a short write as EIO; find out whether a size limit or a full disk caused it."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+    sizes = [f.stat().st_size for f in Path(path).glob("*") if f.is_file()]
+    if soft != resource.RLIM_INFINITY and sizes and max(sizes) + (1 << 20) >= soft:
+        return "file-size limit"
+    try:
+        if shutil.disk_usage(path).free < 64 << 20:
+            return "full"
+    except OSError:
+        pass
+    return None
+
+
 def _storage_error(path, action: str, e: Exception) -> ImgprepError:
     text = str(e)
-    if isinstance(e, OSError) and e.errno == errno.ENOSPC or "No space left" in text:
+    cause = _write_limit_hint(path) if "Input/output error" in text or "MDB_" in text else None
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC or "No space left" in text or cause == "full":
         hint = "the disk is full; free space, then run again with --resume"
-    elif isinstance(e, OSError) and e.errno == errno.EFBIG or "File too large" in text:
+    elif isinstance(e, OSError) and e.errno == errno.EFBIG or "File too large" in text or cause == "file-size limit":
         hint = "a file-size limit was hit (ulimit -f or the file system); raise it, then --resume"
     elif "Permission denied" in text or "Read-only file system" in text:
         hint = "the folder is not writable"

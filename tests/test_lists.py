@@ -145,7 +145,7 @@ def test_read_list_normalises_and_keeps_spaces_in_paths(tmp_path):
     ("a.JPEG -1", "negative label"),
     ("/etc/passwd 1", "absolute path"),
     ("../../secret.JPEG 1", "escapes the image root"),
-    ("ok.JPEG 1\nok.JPEG 2", "duplicate of line 1"),
+    ("ok.JPEG 1\nok.JPEG 2", "duplicate of entry 1"),
     ("a.JPEG\t3", "missing label"),
 ])
 def test_bad_list_lines_are_refused_with_their_line_number(tmp_path, line, message):
