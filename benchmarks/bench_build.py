@@ -12,7 +12,6 @@ ResNet recipe (shorter-256 JPEG records) for imgprep:
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import sys
@@ -24,7 +23,7 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import sample_tree, table  # noqa: E402
+from common import sample_tree, standard_args, table  # noqa: E402
 
 from imgprep.build import BuildOptions, build_database  # noqa: E402
 from imgprep.codec import encode_datum  # noqa: E402
@@ -72,12 +71,7 @@ def imgprep_build(list_file, root, out, spec, jobs) -> float:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=2000)
-    parser.add_argument("--workdir", type=Path, default=Path("build/bench"))
-    parser.add_argument("--runs", type=int, default=3, help="median of this many runs per row")
-    args = parser.parse_args()
-    args.workdir.mkdir(parents=True, exist_ok=True)
+    args = standard_args(__doc__, runs=(int, 3, "median of this many runs per row"))
     root, list_file = sample_tree(args.workdir, args.images)
     entries = read_list(list_file)
     cores = resolve_jobs(None)

@@ -7,13 +7,12 @@ the Dask path is the one that scales to a real cluster.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import sample_tree, table  # noqa: E402
+from common import sample_tree, standard_args, table  # noqa: E402
 
 from imgprep.build import BuildOptions, build_database  # noqa: E402
 from imgprep.imageops import ImageSpec, parse_resize  # noqa: E402
@@ -22,11 +21,7 @@ from imgprep.parallel import resolve_jobs  # noqa: E402
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=2000)
-    parser.add_argument("--workdir", type=Path, default=Path("build/bench"))
-    args = parser.parse_args()
-    args.workdir.mkdir(parents=True, exist_ok=True)
+    args = standard_args(__doc__)
     root, list_file = sample_tree(args.workdir, args.images)
     from distributed import LocalCluster
 

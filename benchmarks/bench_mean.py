@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -13,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import sample_tree, table  # noqa: E402
+from common import sample_tree, standard_args, table  # noqa: E402
 
 from imgprep.build import BuildOptions, build_database  # noqa: E402
 from imgprep.codec import decode_datum  # noqa: E402
@@ -40,11 +39,7 @@ def plain_loop(db: Path) -> float:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=2000)
-    parser.add_argument("--workdir", type=Path, default=Path("build/bench"))
-    args = parser.parse_args()
-    args.workdir.mkdir(parents=True, exist_ok=True)
+    args = standard_args(__doc__)
     root, list_file = sample_tree(args.workdir, args.images)
     cores = resolve_jobs(None)
     for kind, encoded in (("raw", False), ("encoded", True)):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import resource
+import argparse
 from pathlib import Path
 
 from imgprep.lists import make_lists
@@ -18,8 +18,16 @@ def sample_tree(workdir: Path, images: int) -> tuple[Path, Path]:
     return root / "train", workdir / f"lists{images}" / "train.txt"
 
 
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def standard_args(doc: str, **extra) -> argparse.Namespace:
+    """--images and --workdir (created), plus `extra` as name=(type, default, help)."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--images", type=int, default=2000, help="ImageNet-like JPEGs to make")
+    parser.add_argument("--workdir", type=Path, default=Path("build/bench"))
+    for name, (type_, default, help_) in extra.items():
+        parser.add_argument(f"--{name}", type=type_, default=default, help=help_)
+    args = parser.parse_args()
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    return args
 
 
 def table(rows: list[tuple[str, float]], baseline: str, unit: str = "img/s") -> str:

@@ -38,6 +38,15 @@ def run_cli(*args, check=True, **kwargs):
     return result
 
 
+def wait_for_progress(proc, done, stage=b"build-lmdb"):
+    """Reads a child's progress lines (IMGPREP_PROGRESS_INTERVAL=0) until it reports `done` items."""
+    for line in proc.stderr:
+        if line.startswith(stage + b": ") and b"/" in line.split()[1]:
+            if int(line.split()[1].split(b"/")[0].replace(b",", b"")) >= done:
+                return True
+    return False
+
+
 def assert_clean_error(result, *fragments):
     """A user-facing failure: non-zero exit, an `Error:` line naming the problem, no traceback."""
     assert result.returncode not in (0,), result

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from caffe_proto import Datum
-from conftest import IMGPREP, assert_clean_error, run_cli
+from conftest import IMGPREP, assert_clean_error, run_cli, wait_for_progress
 from imgprep.build import FAILURES, MANIFEST, BuildOptions, build_database
 from imgprep.codec import decode_datum
 from imgprep.imageops import ImageSpec, decode_to_rgb, decode_upright, parse_resize, to_bgr_chw
@@ -220,15 +220,6 @@ def _start_build(sample_tree, out, *extra):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True, env=env)
 
 
-def _wait_for_progress(proc, done):
-    """Reads the build's progress lines until it reports `done` entries processed."""
-    for line in proc.stderr:
-        if line.startswith(b"build-lmdb: ") and b"/" in line.split()[1]:
-            if int(line.split()[1].split(b"/")[0].replace(b",", b"")) >= done:
-                return True
-    return False
-
-
 @pytest.mark.parametrize("backend", ["lmdb", "leveldb"])
 def test_resume_after_kill_9_equals_an_uninterrupted_build(larger_tree, tmp_path, backend):
     sample_tree = larger_tree
@@ -240,7 +231,7 @@ def test_resume_after_kill_9_equals_an_uninterrupted_build(larger_tree, tmp_path
     for trial in range(3):
         out = tmp_path / f"killed{trial}"
         proc = _start_build(sample_tree, out, "--backend", backend)
-        assert _wait_for_progress(proc, rng.randrange(20, 550)), "build ended before the kill"
+        assert wait_for_progress(proc, rng.randrange(20, 550)), "build ended before the kill"
         os.killpg(proc.pid, signal.SIGKILL)  # the build and its workers, as an OOM killer would
         proc.wait()
         assert json.loads((out / MANIFEST).read_text())["state"] == "building"
@@ -257,7 +248,7 @@ def test_resume_after_kill_9_equals_an_uninterrupted_build(larger_tree, tmp_path
 def test_ctrl_c_stops_cleanly_and_says_how_to_resume(larger_tree, tmp_path):
     out = tmp_path / "db"
     proc = _start_build(larger_tree, out, "--jobs", "1")
-    assert _wait_for_progress(proc, 50)
+    assert wait_for_progress(proc, 50)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate()
     err = err.decode()

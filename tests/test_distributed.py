@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import IMGPREP
+from conftest import IMGPREP, wait_for_progress
 from imgprep.build import BuildOptions, build_database
 from imgprep.imageops import ImageSpec, parse_resize
 from imgprep.mean import compute_mean
@@ -57,15 +57,11 @@ def test_killed_worker_does_not_lose_images(larger_tree, tmp_path, cluster):
     proc = subprocess.Popen([*IMGPREP, "build-lmdb", str(lst), str(root), str(tmp_path / "dask"), "--resize",
                              "squash:64x64", "--raw", "--scheduler", cluster_.scheduler_address],
                             stderr=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
-    killed = False
-    for line in proc.stderr:
-        if line.startswith(b"build-lmdb: ") and b"/" in line.split()[1] and not killed:
-            if int(line.split()[1].split(b"/")[0].replace(b",", b"")) >= 100:
-                pid = next(iter(client.run(os.getpid).values()))
-                os.kill(pid, signal.SIGKILL)  # the nanny restarts it; its tasks are retried
-                killed = True
+    assert wait_for_progress(proc, 100)
+    pid = next(iter(client.run(os.getpid).values()))
+    os.kill(pid, signal.SIGKILL)  # the nanny restarts it; its tasks are retried
+    proc.stderr.read()
     proc.wait()
-    assert killed
     if proc.returncode not in (0, 3):  # a clear failure must leave a resumable build
         resumed = subprocess.run([*IMGPREP, "build-lmdb", str(lst), str(root), str(tmp_path / "dask"), "--resize",
                                   "squash:64x64", "--raw", "--resume", "--jobs", "2"], capture_output=True)

@@ -11,7 +11,7 @@ from contextlib import contextmanager
 
 import pytest
 
-from conftest import IMGPREP, assert_clean_error, run_cli
+from conftest import IMGPREP, assert_clean_error, run_cli, wait_for_progress
 from imgprep import ImgprepError
 from imgprep.build import MANIFEST
 from imgprep.loader import Loader
@@ -81,14 +81,6 @@ def test_read_only_output_is_a_clear_error(sample_tree, tmp_path):
         assert_clean_error(result, "Read-only file system")
 
 
-def _wait_for_progress(proc, done):
-    for line in proc.stderr:
-        if line.startswith(b"build-lmdb: ") and b"/" in line.split()[1]:
-            if int(line.split()[1].split(b"/")[0].replace(b",", b"")) >= done:
-                return True
-    return False
-
-
 def _slow_build(tree, out, *extra):
     env = dict(os.environ, IMGPREP_PROGRESS_INTERVAL="0")
     return subprocess.Popen(build_cmd(tree, out, "--txn-size", "10", *extra), stdout=subprocess.PIPE,
@@ -100,7 +92,7 @@ def test_second_writer_is_refused_and_readers_see_a_partial_build(larger_tree, r
     out = tmp_path / "db"
     proc = _slow_build(larger_tree, out, "--backend", backend)
     try:
-        assert _wait_for_progress(proc, 100)
+        assert wait_for_progress(proc, 100)
         proc.send_signal(signal.SIGSTOP)  # paused mid-build: it holds its locks, the database is partial
         second = subprocess.run(build_cmd(larger_tree, out, "--backend", backend, "--resume"), capture_output=True,
                                 text=True)
@@ -130,9 +122,7 @@ def test_ctrl_c_in_other_long_commands(larger_tree, tmp_path, command):
         args = ["compute-mean", str(db), str(tmp_path / "m.binaryproto"), "--jobs", "1"]
     env = dict(os.environ, IMGPREP_PROGRESS_INTERVAL="0")
     proc = subprocess.Popen([*IMGPREP, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
-    for line in proc.stderr:
-        if line.startswith(command.encode() + b": ") and b"/" in line.split()[1]:
-            break
+    wait_for_progress(proc, 1, stage=command.encode())
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate()
     if proc.returncode == 0:

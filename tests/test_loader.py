@@ -145,15 +145,19 @@ def write_mean(path, mean_chw_bgr):
     return path
 
 
-def test_stored_size_mean_is_subtracted_at_the_source_pixel_before_mirror(dbs, tmp_path):
-    """Stock Caffe: out = mirror(crop(stored - mean))."""
-    rng = np.random.default_rng(0)
-    mean_bgr = rng.uniform(0, 255, (3, 256, 256)).astype(np.float32)
-    mean_rgb = mean_bgr[::-1].transpose(1, 2, 0)
-    stored = dict(stored_rgb(dbs["raw"]))
-    path = write_mean(tmp_path / "mean256.binaryproto", mean_bgr)
+def random_mean_training_batch(dbs, tmp_path, size, seed):
+    """A random (non-symmetric) mean image of `size`, and a training batch normalised with it."""
+    mean_bgr = np.random.default_rng(seed).uniform(0, 255, (3, size, size)).astype(np.float32)
+    path = write_mean(tmp_path / f"mean{size}.binaryproto", mean_bgr)
     with Loader(dbs["raw"], batch_size=6, train=True, device="cpu", normalize=path, layout="NHWC", seed=5) as loader:
         images, labels = next(iter(loader))
+    return mean_bgr, mean_bgr[::-1].transpose(1, 2, 0), path, images, labels
+
+
+def test_stored_size_mean_is_subtracted_at_the_source_pixel_before_mirror(dbs, tmp_path):
+    """Stock Caffe: out = mirror(crop(stored - mean))."""
+    _, mean_rgb, _, images, labels = random_mean_training_batch(dbs, tmp_path, 256, seed=0)
+    stored = dict(stored_rgb(dbs["raw"]))
     for image, label in zip(images, labels):
         source = stored[int(label)].astype(np.float32) - mean_rgb
         assert find_crop(source, image, lambda c, *a: c, atol=0.01) is not None
@@ -161,13 +165,8 @@ def test_stored_size_mean_is_subtracted_at_the_source_pixel_before_mirror(dbs, t
 
 def test_crop_size_mean_is_subtracted_at_the_output_position(dbs, tmp_path):
     """caffe-pro: out = mirror(crop(stored)) - mean224."""
-    rng = np.random.default_rng(1)
-    mean_bgr = rng.uniform(0, 255, (3, 224, 224)).astype(np.float32)
-    mean_rgb = mean_bgr[::-1].transpose(1, 2, 0)
+    mean_bgr, mean_rgb, path, images, labels = random_mean_training_batch(dbs, tmp_path, 224, seed=1)
     stored = dict(stored_rgb(dbs["raw"]))
-    path = write_mean(tmp_path / "mean224.binaryproto", mean_bgr)
-    with Loader(dbs["raw"], batch_size=6, train=True, device="cpu", normalize=path, layout="NHWC", seed=5) as loader:
-        images, labels = next(iter(loader))
     for image, label in zip(images, labels):
         hit = find_crop(stored[int(label)].astype(np.float32), image, lambda c, *a: c - mean_rgb, atol=0.01)
         assert hit is not None
