@@ -170,9 +170,27 @@ def _graph(info: DatabaseInfo, batch_size, train, crop, resize_shorter, norm: No
         value, label = fn.external_source(source=source, num_outputs=2, batch=True,
                                           dtype=[types.UINT8, types.INT32])
     gray = info.channels == 1
-    if info.encoded:
-        images = fn.decoders.image(value, device="mixed" if gpu else "cpu",
-                                   output_type=types.GRAY if gray else types.RGB)
+    mean_image = norm.mean_image
+    subtract_at_source = mean_image is not None and mean_image.shape[1:] != (crop, crop)
+    if mean_image is not None:
+        _check_mean(mean_image, info, crop, gray)
+    needs_resize = info.shorter_side != resize_shorter and not subtract_at_source
+    if train:
+        crop_x, crop_y = fn.random.uniform(range=(0.0, 1.0)), fn.random.uniform(range=(0.0, 1.0))
+        mirror = fn.random.coin_flip(probability=0.5)
+    else:
+        crop_x = crop_y = 0.5
+        mirror = 0
+    window = dict(crop=(crop, crop), crop_pos_x=crop_x, crop_pos_y=crop_y)
+    # On CPU, decoding only the crop window (libjpeg-turbo skips the rest) is measurably faster when no
+    # resize comes between decode and crop; on the GPU it is slower (SPEC §7), so the GPU decodes whole.
+    decode_window = info.encoded and not gpu and not needs_resize and not subtract_at_source
+    output_type = types.GRAY if gray else types.RGB
+    if decode_window:
+        images = fn.decoders.image_crop(value, device="cpu", output_type=output_type, **window)
+        window = {}
+    elif info.encoded:
+        images = fn.decoders.image(value, device="mixed" if gpu else "cpu", output_type=output_type)
     else:
         if gpu:
             value = value.gpu()
@@ -180,20 +198,10 @@ def _graph(info: DatabaseInfo, batch_size, train, crop, resize_shorter, norm: No
                               output_layout="HWC")
         if not gray:
             images = fn.color_space_conversion(images, image_type=types.BGR, output_type=types.RGB)
-    mean_image = norm.mean_image
-    subtract_at_source = mean_image is not None and mean_image.shape[1:] != (crop, crop)
-    if mean_image is not None:
-        _check_mean(mean_image, info, crop, gray)
     if subtract_at_source:  # stock Caffe: mean of the stored size, before crop and mirror
         images = fn.cast(images, dtype=types.FLOAT) - types.Constant(_hwc_rgb(mean_image))
-    elif info.shorter_side != resize_shorter:  # records already at the policy's size skip a no-op resample
+    elif needs_resize:  # records already at the policy's size skip a no-op resample
         images = fn.resize(images, resize_shorter=resize_shorter, antialias=True)
-    if train:
-        crop_x, crop_y = fn.random.uniform(range=(0.0, 1.0)), fn.random.uniform(range=(0.0, 1.0))
-        mirror = fn.random.coin_flip(probability=0.5)
-    else:
-        crop_x = crop_y = 0.5
-        mirror = 0
     channels = 1 if gray else 3
     mean = norm.mean * channels if len(norm.mean) == 1 else norm.mean
     std = norm.std * channels if len(norm.std) == 1 else norm.std
@@ -201,16 +209,16 @@ def _graph(info: DatabaseInfo, batch_size, train, crop, resize_shorter, norm: No
     chw = layout == "NCHW"
     if mean_image is not None and not subtract_at_source:
         # caffe-pro: a crop-sized mean, subtracted at the output position (after crop and mirror)
-        images = fn.crop_mirror_normalize(images, crop=(crop, crop), crop_pos_x=crop_x, crop_pos_y=crop_y,
-                                          mirror=mirror, dtype=types.FLOAT, output_layout="CHW" if chw else "HWC")
+        images = fn.crop_mirror_normalize(images, mirror=mirror, dtype=types.FLOAT,
+                                          output_layout="CHW" if chw else "HWC", **window)
         target = mean_image[::-1].copy() if chw else _hwc_rgb(mean_image)
         images = (images - types.Constant(target.astype(np.float32))) / types.Constant(
             np.asarray(std, np.float32).reshape((-1, 1, 1) if chw else (1, 1, -1)))
         images = fn.cast(images, dtype=out_dtype)
     else:
-        images = fn.crop_mirror_normalize(images, crop=(crop, crop), crop_pos_x=crop_x, crop_pos_y=crop_y,
-                                          mirror=mirror, mean=list(mean) if not subtract_at_source else [0.0] * channels,
-                                          std=list(std), dtype=out_dtype, output_layout="CHW" if chw else "HWC")
+        images = fn.crop_mirror_normalize(images, mirror=mirror, dtype=out_dtype,
+                                          mean=list(mean) if not subtract_at_source else [0.0] * channels,
+                                          std=list(std), output_layout="CHW" if chw else "HWC", **window)
     if gpu:
         label = label.gpu()
     return images, label
