@@ -247,7 +247,7 @@ class Loader:
     """Batches of (images, labels) from an imgprep database through DALI.
 
     `for images, labels in Loader(db, batch_size=256): ...` yields numpy arrays; use
-    `output="torch"` for PyTorch tensors on the pipeline's device. `len(loader)` is the number
+    `output="torch"` for PyTorch tensors or `output="jax"` for JAX arrays on the pipeline's device. `len(loader)` is the number
     of batches in one epoch of this shard; `loader.epoch_size` the number of records.
     """
 
@@ -263,8 +263,8 @@ class Loader:
 
         if dtype not in ("float32", "float16") or layout not in ("NCHW", "NHWC"):
             raise ImgprepError("dtype must be float32 or float16, layout NCHW or NHWC")
-        if output not in ("numpy", "torch"):
-            raise ImgprepError("output must be 'numpy' or 'torch'")
+        if output not in ("numpy", "torch", "jax"):
+            raise ImgprepError("output must be 'numpy', 'torch' or 'jax'")
         self.info = database_info(db)
         if device == "auto":
             device = "gpu" if gpu_count() > 0 else "cpu"
@@ -319,6 +319,8 @@ class Loader:
             keep = min(self.batch_size, self.epoch_size - i * self.batch_size)
             if self.output == "torch":
                 yield _to_torch(images, keep), _to_torch(labels, keep).reshape(-1).long()
+            elif self.output == "jax":
+                yield _to_jax(images, keep), _to_jax(labels, keep).reshape(-1)
             else:
                 yield _to_numpy(images)[:keep], _to_numpy(labels)[:keep].reshape(-1)
         remainder = self.epoch_size % self.batch_size
@@ -352,3 +354,13 @@ def _to_torch(tensor_list, keep: int):
     out = torch.empty(tensor.shape(), dtype=dtype, device=torch.device("cuda", torch.cuda.current_device()))
     feed_ndarray(tensor, out, cuda_stream=torch.cuda.current_stream())
     return out[:keep]
+
+
+def _to_jax(tensor_list, keep: int):
+    """A JAX array on the pipeline's device; copied, because DALI reuses its output buffers."""
+    import jax
+    import jax.numpy as jnp
+
+    if not _on_gpu(tensor_list):
+        return jnp.asarray(_to_numpy(tensor_list)[:keep])
+    return jax.dlpack.from_dlpack(tensor_list.as_tensor()).copy()[:keep]

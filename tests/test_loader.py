@@ -231,3 +231,15 @@ def test_torch_output(dbs):
         images, labels = next(iter(loader))
     assert isinstance(images, torch.Tensor) and images.dtype == torch.float16 and images.shape == (8, 224, 224, 3)
     assert labels.dtype == torch.int64 and labels.shape == (8,)
+
+
+def test_jax_output(dbs):
+    jnp = pytest.importorskip("jax.numpy")
+    with Loader(dbs["encoded"], batch_size=16, train=False, device="cpu", output="jax", normalize="none") as jax_loader:
+        batches = list(jax_loader)
+    with Loader(dbs["encoded"], batch_size=16, train=False, device="cpu", normalize="none") as numpy_loader:
+        reference = list(numpy_loader)
+    assert len(batches) == len(reference) and isinstance(batches[0][0], type(jnp.zeros(1)))
+    assert batches[-1][0].shape[0] == dbs["count"] % 16 or batches[-1][0].shape[0] == 16
+    for (images, labels), (ref_images, ref_labels) in zip(batches, reference):
+        assert (labels.tolist() == ref_labels.tolist()) and float(abs(images - ref_images).max()) == 0.0
