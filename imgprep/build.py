@@ -294,10 +294,8 @@ def _build_locked(list_path, root, out, options, entries, identity, previous, sh
 
     report = BuildReport(out, total=len(positions), resumed_from=start - positions.start)
     report.records = start - positions.start - len(failures)
-    progress = Progress("build-lmdb", len(positions), enabled=show_progress)
-    progress.done = report.resumed_from
-    progress.failures = len(failures)
-    progress.start = time.perf_counter()
+    progress = Progress("build-lmdb", len(positions), enabled=show_progress, done=report.resumed_from,
+                        failures=len(failures))
     failure_log = open(out / FAILURES, "a", encoding="utf-8", errors="surrogateescape")
     writer = open_writer(out, options.backend, options.map_size)
     pending: list[tuple[bytes, bytes]] = []

@@ -62,13 +62,17 @@ def database_info(path) -> DatabaseInfo:
     if manifest and manifest.get("state") != "complete":
         raise ImgprepError(f"{path} is an incomplete build (state {manifest.get('state')!r}); "
                            "finish it with build-lmdb --resume before training on it")
-    resize = manifest.get("identity", {}).get("resize", "")
-    uniform = not datum.encoded or resize.startswith("squash:")
+    identity = manifest.get("identity", {})
+    resize = identity.get("resize", "")
+    if manifest:
+        uniform = resize.startswith("squash:") or bool(identity.get("check_size"))
+    else:  # not built by imgprep: Caffe's raw databases are one size (convert_imageset --resize_*)
+        uniform = not datum.encoded
     size = (datum.height, datum.width) if uniform and datum.height else None
     shorter = None
     if resize.startswith("shorter:"):
         shorter = int(resize.split(":")[1])
-    elif size is not None and (resize.startswith("squash:") or not datum.encoded):
+    elif size is not None:
         shorter = min(size)
     return DatabaseInfo(path, backend, records, datum.encoded, datum.channels or 3, size, shorter)
 

@@ -20,7 +20,7 @@ class Progress:
     """
 
     def __init__(self, stage: str, total: int | None, unit: str = "img", stream=None,
-                 interval: float | None = None, enabled: bool = True):
+                 interval: float | None = None, enabled: bool = True, done: int = 0, failures: int = 0):
         self.stage = stage
         self.total = total
         self.unit = unit
@@ -30,8 +30,8 @@ class Progress:
             interval = float(os.environ.get("IMGPREP_PROGRESS_INTERVAL", 0.5 if self.tty else 10.0))
         self.interval = interval
         self.enabled = enabled
-        self.done = 0
-        self.failures = 0
+        self.done = self.initial = done  # work finished before this run (a resumed build) counts
+        self.failures = failures          # toward the total, not toward the rate
         self.start = time.perf_counter()
         self._last_print = self.start
 
@@ -41,7 +41,7 @@ class Progress:
 
     @property
     def rate(self) -> float:
-        return self.done / self.elapsed if self.elapsed > 0 else 0.0
+        return (self.done - self.initial) / self.elapsed if self.elapsed > 0 else 0.0
 
     def update(self, n: int = 1, failures: int = 0) -> None:
         self.done += n

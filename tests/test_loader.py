@@ -181,8 +181,9 @@ def test_clear_errors(dbs, tmp_path):
         Loader(tmp_path / "absent", device="cpu")
     with pytest.raises(ImgprepError, match="mean file is 100x100"):
         Loader(dbs["raw"], device="cpu", normalize=write_mean(tmp_path / "m.binaryproto", np.zeros((3, 100, 100))))
-    with pytest.raises(ImgprepError, match="records differ|differ"):
-        Loader(dbs["encoded"], device="cpu", normalize=write_mean(tmp_path / "m2.binaryproto", np.zeros((3, 256, 256))))
+    for varying in ("encoded", "raw_shorter"):  # shorter-side builds: records differ in size
+        with pytest.raises(ImgprepError, match="records of one size"):
+            Loader(dbs[varying], device="cpu", normalize=write_mean(tmp_path / "m2.binaryproto", np.zeros((3, 256, 256))))
     from imgprep.storage import open_writer
     writer = open_writer(tmp_path / "junk", "lmdb")
     writer.put_batch([(b"a", b"\x0f not a datum")])
