@@ -134,9 +134,19 @@ def _measure_peer(rows, name, make_step, batch, seconds, warmup):
         rows.append(BenchRow(name, 0.0, 0.0, 0, "failed: " + str(e).strip().splitlines()[-1][:120]))
 
 
+def _time_loader(loader, batch, seconds, warmup) -> tuple[float, float, int]:
+    """Batches from the loader's own iterator (every pipeline it runs), across epochs."""
+    def batches():
+        while True:
+            yield from loader
+    it = batches()
+    return time_batches(lambda: next(it), batch, seconds, warmup)
+
+
 def bench_loader(db, batch: int = 256, threads: int | None = None, device: str = "auto", seconds: float = 10.0,
                  train: bool = True, compare: Path | None = None, compare_list: Path | None = None,
-                 warmup: int = 3, torch_workers: int | None = None) -> list[BenchRow]:
+                 warmup: int = 3, torch_workers: int | None = None, cpu_share: float = 0.0,
+                 cpu_threads: int | None = None) -> list[BenchRow]:
     threads = threads or max(1, min(8, len(os.sched_getaffinity(0))))
     rows = []
     loader = Loader(db, batch_size=batch, train=train, device=device, num_threads=threads)
@@ -149,6 +159,13 @@ def bench_loader(db, batch: int = 256, threads: int | None = None, device: str =
     rows.append(BenchRow(f"imgprep loader ({policy} policy, {loader.device})", rate, ms, n,
                          "fp16 NCHW" if gpu else "fp32 NCHW"))
     loader.close()
+    if cpu_share:
+        with Loader(db, batch_size=batch, train=train, device=device, num_threads=threads,
+                    dtype="float16" if gpu else "float32", cpu_share=cpu_share, cpu_threads=cpu_threads,
+                    output="torch" if gpu else "numpy") as split:
+            rate, ms, n = _time_loader(split, batch, seconds, warmup)
+        rows.append(BenchRow(f"imgprep loader, {cpu_share:.0%} of records decoded on CPU threads", rate, ms, n,
+                             f"{cpu_threads or threads} CPU decode threads beside {threads}"))
     info = database_info(db)
     if info.encoded and info.backend == "lmdb":
         rate, ms, n = time_batches(_dali_step(decode_only_pipeline(Path(db), batch, threads, gpu)), batch, seconds, warmup)

@@ -338,8 +338,13 @@ def inspect_cmd(db, list_file, verify):
                    "every image, ImageFolder-style).")
 @click.option("--torch-workers", type=click.IntRange(0), default=None, show_default="--threads",
               help="DataLoader workers for the torchvision row.")
+@click.option("--cpu-share", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True,
+              help="Also measure the loader with this share of the records decoded on CPU threads beside the "
+                   "GPU decoder (e.g. 0.35 on a 16-core H100 machine).")
+@click.option("--cpu-threads", type=click.IntRange(1), default=None, help="CPU decode threads for --cpu-share.")
 @click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
-def bench_loader_cmd(db, batch, threads, device, seconds, eval_policy, compare, compare_list, torch_workers, as_json):
+def bench_loader_cmd(db, batch, threads, device, seconds, eval_policy, compare, compare_list, torch_workers,
+                     cpu_share, cpu_threads, as_json):
     """Measure the DALI loader on DB: images/s and ms per batch for the training policy.
 
     Rows: the imgprep loader (shorter 256, random crop 224 + mirror, normalise, fp16 NCHW); the
@@ -350,11 +355,12 @@ def bench_loader_cmd(db, batch, threads, device, seconds, eval_policy, compare, 
     Examples:
       imgprep bench-loader train_lmdb --batch 256 --seconds 20
       imgprep bench-loader train_lmdb --compare /data/ILSVRC2012/train --torch-workers 16
+      imgprep bench-loader train_lmdb --threads 6 --cpu-share 0.35 --cpu-threads 10
     """
     from .bench import bench_loader, format_table, rows_to_dicts
 
     rows = bench_loader(db, batch, threads, device, seconds, not eval_policy, compare, compare_list,
-                        torch_workers=torch_workers)
+                        torch_workers=torch_workers, cpu_share=cpu_share, cpu_threads=cpu_threads)
     click.echo(json.dumps(rows_to_dicts(rows)) if as_json else format_table(rows))
 
 

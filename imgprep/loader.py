@@ -17,6 +17,7 @@ last batch of an epoch is partial (padding is trimmed) unless `drop_last`.
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 from dataclasses import dataclass
@@ -92,15 +93,15 @@ def shard_bounds(records: int, shard_id: int, num_shards: int) -> tuple[int, int
     return records * shard_id // num_shards, records * (shard_id + 1) // num_shards
 
 
-class LevelDBSource:
-    """external_source callable: batches of (record data, label) from a LevelDB, shaped as
-    `readers.caffe` shapes them, padded with the last record at the end of each epoch."""
+class RecordSource:
+    """external_source callable: batches of (record data, label) for the records at positions
+    [begin, end) of a database, shaped as `readers.caffe` shapes them, reshuffled every epoch when
+    `shuffle`, and padded with the last record at the end of each epoch. Serves LevelDB (which DALI
+    cannot read) and the sub-ranges of a split (`cpu_share`) loader."""
 
-    def __init__(self, path, batch_size, shard_id, num_shards, shuffle, seed):
-        self.reader = Reader(path, "leveldb")
-        keys = list(self.reader.keys())
-        start, stop = shard_bounds(len(keys), shard_id, num_shards)
-        self.keys = keys[start:stop]
+    def __init__(self, path, backend, batch_size, begin, end, shuffle, seed):
+        self.reader = Reader(path, backend)
+        self.keys = list(itertools.islice(self.reader.keys(), begin, end))
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.seed = seed
@@ -123,14 +124,19 @@ class LevelDBSource:
             data = data.reshape(datum.height, datum.width, datum.channels)
         return data, np.array([datum.label], np.int32)
 
+    def _next_epoch(self) -> None:
+        self.epoch += 1
+        self.position = 0
+        self.order = self._order()
+
     def __call__(self):
+        if self.position == len(self.keys):  # the last epoch ended on a batch boundary
+            self._next_epoch()
         samples = []
         while len(samples) < self.batch_size:
-            if self.position == len(self.keys):  # pad to the batch end, then a new epoch
-                samples += [samples[-1]] * (self.batch_size - len(samples)) if samples else []
-                self.epoch += 1
-                self.position = 0
-                self.order = self._order()
+            if self.position == len(self.keys):  # pad to the batch end; the next batch starts an epoch
+                samples += [samples[-1]] * (self.batch_size - len(samples))
+                self._next_epoch()
                 break
             samples.append(self._sample(self.keys[self.order[self.position]]))
             self.position += 1
@@ -160,17 +166,19 @@ class Normalisation:
         return cls(tuple(mean), tuple(std))
 
 
-def _graph(info: DatabaseInfo, batch_size, train, crop, resize_shorter, norm: Normalisation, dtype,
-           layout, gpu, shard_id, num_shards, seed, shuffle_buffer, sources: list):
+def _graph(info: DatabaseInfo, train, crop, resize_shorter, norm: Normalisation, dtype, layout, gpu,
+           reader_shard, source, shuffle_buffer, decode_on_cpu=False):
+    """The policy graph. Records come from `readers.caffe` over `reader_shard` (shard_id, num_shards),
+    or from `source` (a RecordSource). With `decode_on_cpu` a GPU graph decodes on CPU threads and
+    crops and normalises on the GPU."""
     from nvidia.dali import fn, types
 
-    if info.backend == "lmdb":
+    if source is None:
+        shard_id, num_shards = reader_shard
         value, label = fn.readers.caffe(
             path=str(info.path), shard_id=shard_id, num_shards=num_shards, random_shuffle=train,
             initial_fill=shuffle_buffer, stick_to_shard=True, pad_last_batch=True, name=READER_NAME)
     else:
-        source = LevelDBSource(info.path, batch_size, shard_id, num_shards, train, seed)
-        sources.append(source)
         value, label = fn.external_source(source=source, num_outputs=2, batch=True,
                                           dtype=[types.UINT8, types.INT32])
     gray = info.channels == 1
@@ -188,13 +196,14 @@ def _graph(info: DatabaseInfo, batch_size, train, crop, resize_shorter, norm: No
     window = dict(crop=(crop, crop), crop_pos_x=crop_x, crop_pos_y=crop_y)
     # On CPU, decoding only the crop window (libjpeg-turbo skips the rest) is measurably faster when no
     # resize comes between decode and crop; on the GPU it is slower (SPEC §7), so the GPU decodes whole.
-    decode_window = info.encoded and not gpu and not needs_resize and not subtract_at_source
+    cpu_decoder = not gpu or decode_on_cpu
+    decode_window = info.encoded and cpu_decoder and not needs_resize and not subtract_at_source
     output_type = types.GRAY if gray else types.RGB
     if decode_window:
         images = fn.decoders.image_crop(value, device="cpu", output_type=output_type, **window)
         window = {}
     elif info.encoded:
-        images = fn.decoders.image(value, device="mixed" if gpu else "cpu", output_type=output_type)
+        images = fn.decoders.image(value, device="cpu" if cpu_decoder else "mixed", output_type=output_type)
     else:
         if gpu:
             value = value.gpu()
@@ -202,6 +211,8 @@ def _graph(info: DatabaseInfo, batch_size, train, crop, resize_shorter, norm: No
                               output_layout="HWC")
         if not gray:
             images = fn.color_space_conversion(images, image_type=types.BGR, output_type=types.RGB)
+    if gpu and info.encoded and cpu_decoder:
+        images = images.gpu()
     if subtract_at_source:  # stock Caffe: mean of the stored size, before crop and mirror
         images = fn.cast(images, dtype=types.FLOAT) - types.Constant(_hwc_rgb(mean_image))
     elif needs_resize:  # records already at the policy's size skip a no-op resample
@@ -247,12 +258,27 @@ def _check_mean(mean_image, info: DatabaseInfo, crop, gray):
                            "Caffe needs the mean to match one of them")
 
 
+@dataclass
+class _Stream:
+    """One pipeline over `size` consecutive records of this shard."""
+
+    pipeline: object
+    size: int
+    source: RecordSource | None = None
+
+
 class Loader:
     """Batches of (images, labels) from an imgprep database through DALI.
 
     `for images, labels in Loader(db, batch_size=256): ...` yields numpy arrays; use
-    `output="torch"` for PyTorch tensors or `output="jax"` for JAX arrays on the pipeline's device. `len(loader)` is the number
-    of batches in one epoch of this shard; `loader.epoch_size` the number of records.
+    `output="torch"` for PyTorch tensors or `output="jax"` for JAX arrays on the pipeline's device.
+    `len(loader)` is the number of batches in one epoch of this shard; `loader.epoch_size` the
+    number of records.
+
+    `cpu_share` (GPU only; 0 by default) gives that fraction of the shard's records to a second
+    pipeline that decodes JPEGs on `cpu_threads` CPU threads and crops/normalises on the GPU,
+    beside the GPU-decoding one: the CPU cores that sit idle while the GPU decodes add throughput.
+    Batches of the two alternate so both end each epoch together.
     """
 
     def __init__(self, db, batch_size: int = 256, train: bool = True, crop: int = 224,
@@ -260,15 +286,16 @@ class Loader:
                  layout: str = "NCHW", device: str = "auto", device_id: int | None = None,
                  seed: int = 0, shard_id: int | None = None, num_shards: int | None = None,
                  num_threads: int | None = None, drop_last: bool = False, output: str = "numpy",
-                 shuffle_buffer: int = 1024, prefetch: int = 2):
-        from nvidia.dali import pipeline_def
-
+                 shuffle_buffer: int = 1024, prefetch: int = 2, cpu_share: float = 0.0,
+                 cpu_threads: int | None = None):
         from .env import gpu_count
 
         if dtype not in ("float32", "float16") or layout not in ("NCHW", "NHWC"):
             raise ImgprepError("dtype must be float32 or float16, layout NCHW or NHWC")
         if output not in ("numpy", "torch", "jax"):
             raise ImgprepError("output must be 'numpy', 'torch' or 'jax'")
+        if not 0.0 <= cpu_share < 1.0:
+            raise ImgprepError("cpu_share must be in [0, 1)")
         self.info = database_info(db)
         if device == "auto":
             device = "gpu" if gpu_count() > 0 else "cpu"
@@ -286,25 +313,42 @@ class Loader:
         gpu = device == "gpu"
         if device_id is None and gpu:
             device_id = int(os.environ.get("LOCAL_RANK", 0))
-        norm = Normalisation.parse(normalize)
         threads = num_threads or max(1, min(8, len(os.sched_getaffinity(0))))
+        graph = dict(info=self.info, train=train, crop=crop, resize_shorter=resize_shorter,
+                     norm=Normalisation.parse(normalize), dtype=dtype, layout=layout, gpu=gpu,
+                     shuffle_buffer=shuffle_buffer)
+        pipeline_args = dict(batch_size=batch_size, device_id=device_id if gpu else None, seed=seed,
+                             prefetch_queue_depth=prefetch)
+        split = start + round(self.epoch_size * (1.0 - cpu_share))
+        if cpu_share and not self.info.encoded:
+            raise ImgprepError("cpu_share splits JPEG decoding; the database holds raw records")
+        self._streams: list[_Stream] = []
+        try:
+            for begin, end, decode_on_cpu, n_threads in ((start, split, False, threads),
+                                                          (split, stop, True, cpu_threads or threads)):
+                if end == begin:
+                    continue
+                source = None
+                if self.info.backend != "lmdb" or cpu_share:  # readers.caffe only splits evenly
+                    source = RecordSource(self.info.path, self.info.backend, batch_size, begin, end, train, seed)
+                self._streams.append(_Stream(_build_pipeline(graph, pipeline_args, n_threads, source,
+                                                             (self.shard_id, self.num_shards), decode_on_cpu),
+                                             end - begin, source))
+        except Exception:
+            self.close()
+            raise
 
-        @pipeline_def(batch_size=batch_size, num_threads=threads, device_id=device_id if gpu else None,
-                      seed=seed, prefetch_queue_depth=prefetch)
-        def pipeline():
-            return _graph(self.info, batch_size, train, crop, resize_shorter, norm, dtype, layout, gpu,
-                          self.shard_id, self.num_shards, seed, shuffle_buffer, self._sources)
-
-        self._sources: list = []
-        self.pipeline = pipeline()
-        self.pipeline.build()
+    @property
+    def pipeline(self):
+        """The (first) DALI pipeline, for callers that drive it directly."""
+        return self._streams[0].pipeline
 
     def close(self) -> None:
-        """Releases the pipeline and any database handle (LevelDB allows one per process)."""
-        for source in self._sources:
-            source.close()
-        self._sources.clear()
-        self.pipeline = None
+        """Releases the pipelines and any database handle (LevelDB allows one per process)."""
+        for stream in self._streams:
+            if stream.source is not None:
+                stream.source.close()
+        self._streams = []
 
     def __enter__(self):
         return self
@@ -312,24 +356,48 @@ class Loader:
     def __exit__(self, *exc):
         self.close()
 
-    def __len__(self) -> int:
+    def _batches(self, stream: _Stream) -> int:
         if self.drop_last:
-            return self.epoch_size // self.batch_size
-        return math.ceil(self.epoch_size / self.batch_size)
+            return stream.size // self.batch_size
+        return math.ceil(stream.size / self.batch_size)
+
+    def __len__(self) -> int:
+        return sum(self._batches(stream) for stream in self._streams)
 
     def __iter__(self):
-        for i in range(len(self)):
-            images, labels = self.pipeline.run()
-            keep = min(self.batch_size, self.epoch_size - i * self.batch_size)
-            if self.output == "torch":
-                yield _to_torch(images, keep), _to_torch(labels, keep).reshape(-1).long()
-            elif self.output == "jax":
-                yield _to_jax(images, keep), _to_jax(labels, keep).reshape(-1)
-            else:
-                yield _to_numpy(images)[:keep], _to_numpy(labels)[:keep].reshape(-1)
-        remainder = self.epoch_size % self.batch_size
-        if self.drop_last and remainder:
-            self.pipeline.run()  # the epoch's partial batch, dropped, so the next epoch starts aligned
+        taken = [0] * len(self._streams)
+        totals = [self._batches(stream) for stream in self._streams]
+        for _ in range(sum(totals)):
+            # the stream furthest behind in its share of the epoch goes next
+            i = min((k for k in range(len(totals)) if taken[k] < totals[k]), key=lambda k: taken[k] / totals[k])
+            stream = self._streams[i]
+            images, labels = stream.pipeline.run()
+            keep = min(self.batch_size, stream.size - taken[i] * self.batch_size)
+            taken[i] += 1
+            labels = self._convert(labels, keep).reshape(-1)
+            yield self._convert(images, keep), labels.long() if self.output == "torch" else labels
+        for stream in self._streams:
+            if self.drop_last and stream.size % self.batch_size:
+                stream.pipeline.run()  # the epoch's partial batch, dropped, so the next epoch starts aligned
+
+    def _convert(self, tensor_list, keep: int):
+        if self.output == "torch":
+            return _to_torch(tensor_list, keep)
+        if self.output == "jax":
+            return _to_jax(tensor_list, keep)
+        return _to_numpy(tensor_list)[:keep]
+
+
+def _build_pipeline(graph: dict, pipeline_args: dict, threads: int, source, reader_shard, decode_on_cpu):
+    from nvidia.dali import pipeline_def
+
+    @pipeline_def(num_threads=threads, **pipeline_args)
+    def pipeline():
+        return _graph(**graph, reader_shard=reader_shard, source=source, decode_on_cpu=decode_on_cpu)
+
+    built = pipeline()
+    built.build()
+    return built
 
 
 def _on_gpu(tensor_list) -> bool:

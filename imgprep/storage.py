@@ -137,26 +137,27 @@ def open_writer(path, backend: str, map_size: int = INITIAL_MAP_SIZE):
     raise ImgprepError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
 
 
-_SHARED_LEVELDB: dict[str, list] = {}  # realpath -> [plyvel.DB, users]
+_SHARED: dict[tuple[str, str], list] = {}  # (backend, realpath) -> [handle, users]
 
 
-def _acquire_leveldb(path: Path):
-    """LevelDB allows one open handle per process: readers in one process share it."""
-    key = os.path.realpath(path)
-    entry = _SHARED_LEVELDB.get(key)
+def _acquire(path: Path, backend: str, open_handle):
+    """One read handle per database per process, shared: LevelDB allows one open handle per
+    process, and py-lmdb one environment per path."""
+    key = (backend, os.path.realpath(path))
+    entry = _SHARED.get(key)
     if entry is None:
-        entry = _SHARED_LEVELDB[key] = [plyvel.DB(str(path), create_if_missing=False), 0]
+        entry = _SHARED[key] = [open_handle(), 0]
     entry[1] += 1
     return entry[0]
 
 
-def _release_leveldb(path: Path) -> None:
-    key = os.path.realpath(path)
-    entry = _SHARED_LEVELDB[key]
+def _release(path: Path, backend: str) -> None:
+    key = (backend, os.path.realpath(path))
+    entry = _SHARED[key]
     entry[1] -= 1
     if entry[1] == 0:
         entry[0].close()
-        del _SHARED_LEVELDB[key]
+        del _SHARED[key]
 
 
 class Reader:
@@ -167,11 +168,12 @@ class Reader:
         self.backend = backend or detect_backend(self.path)
         try:
             if self.backend == "lmdb":
-                self.env = self._open_lmdb()
+                self.env = _acquire(self.path, "lmdb", self._open_lmdb)
                 self.db = None
             else:
                 self.env = None
-                self.db = _acquire_leveldb(self.path)
+                self.db = _acquire(self.path, "leveldb",
+                                   lambda: plyvel.DB(str(self.path), create_if_missing=False))
         except (lmdb.Error, plyvel.Error, OSError) as e:
             raise _storage_error(self.path, f"open {self.backend}", e) from None
 
@@ -229,8 +231,8 @@ class Reader:
 
     def close(self) -> None:
         if self.env is not None:
-            self.env.close()
+            _release(self.path, "lmdb")
             self.env = None
         if self.db is not None:
-            _release_leveldb(self.path)
+            _release(self.path, "leveldb")
             self.db = None

@@ -18,8 +18,10 @@ def test_bench_loader_runs_on_cpu_with_its_peers(sample_tree, tmp_path):
     assert "same LMDB, read + decode only" in names
     assert any(name.startswith("DALI file reader") and row["images_per_s"] > 0 for name, row in zip(names, rows))
     assert any(name.startswith("torchvision") for name in names)  # measured, or noted as not installed
-    table = run_cli("bench-loader", tmp_path / "db", "--batch", "8", "--seconds", "0.3", "--eval").stdout
+    table = run_cli("bench-loader", tmp_path / "db", "--batch", "8", "--seconds", "0.3", "--eval",
+                    "--cpu-share", "0.4").stdout
     assert "| imgprep loader (eval policy, cpu) |" in table
+    assert "| imgprep loader, 40% of records decoded on CPU threads |" in table
 
 
 def test_bench_loader_on_a_non_database_is_a_clear_error(tmp_path):

@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 import sys
 
@@ -13,6 +14,11 @@ from imgprep.imageops import ImageSpec, center_crop, decode_to_rgb, parse_resize
 from imgprep.loader import IMAGENET_MEAN_RGB, IMAGENET_STD_RGB, Loader
 from imgprep.storage import Reader
 from imgprep.codec import decode_datum
+
+
+# The loader tests run in DALI's CPU mode here; on a GPU machine IMGPREP_TEST_DEVICE=gpu runs them
+# through the GPU graph ('mixed' decoding, GPU crop/normalise) with the same assertions.
+DEVICE = os.environ.get("IMGPREP_TEST_DEVICE", "cpu")
 
 
 @pytest.fixture(scope="module")
@@ -57,22 +63,42 @@ def epoch_labels(loader):
 
 @pytest.mark.parametrize("name", ["encoded", "encoded_leveldb", "raw", "raw_leveldb"])
 def test_every_record_exactly_once_per_epoch(dbs, name):
-    with Loader(dbs[name], batch_size=16, train=True, device="cpu", num_threads=2) as loader:
+    with Loader(dbs[name], batch_size=16, train=True, device=DEVICE, num_threads=2) as loader:
         assert loader.epoch_size == dbs["count"] and len(loader) == -(-dbs["count"] // 16)
         for _ in range(2):
             labels = epoch_labels(loader)
             assert sorted(labels) == list(range(dbs["count"]))
 
 
+@pytest.mark.parametrize("name", ["encoded", "encoded_leveldb"])
+def test_split_loader_interleaves_two_pipelines_over_disjoint_records(dbs, name):
+    """cpu_share: a second pipeline (CPU decoding; on a GPU, crop/normalise on the GPU) takes that share."""
+    with Loader(dbs[name], batch_size=8, train=True, device=DEVICE, cpu_share=0.4, cpu_threads=1) as loader:
+        assert len(loader._streams) == 2
+        assert [s.size for s in loader._streams] == [round(dbs["count"] * 0.6), dbs["count"] - round(dbs["count"] * 0.6)]
+        for _ in range(2):
+            batches = [labels.tolist() for _, labels in loader]
+            assert sorted(sum(batches, [])) == list(range(dbs["count"]))
+        assert len(batches) == len(loader)
+    with Loader(dbs["encoded"], batch_size=8, train=False, device=DEVICE, normalize="none", layout="NHWC") as whole, \
+            Loader(dbs["encoded"], batch_size=8, train=False, device=DEVICE, normalize="none", layout="NHWC",
+                   cpu_share=0.5) as split:
+        a = {int(l): im for images, labels in whole for im, l in zip(images, labels)}
+        b = {int(l): im for images, labels in split for im, l in zip(images, labels)}
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    with pytest.raises(ImgprepError, match="raw records"):
+        Loader(dbs["raw"], device=DEVICE, cpu_share=0.3)
+
+
 def test_drop_last_keeps_epochs_aligned(dbs):
-    with Loader(dbs["encoded"], batch_size=16, train=False, device="cpu", drop_last=True) as loader:
+    with Loader(dbs["encoded"], batch_size=16, train=False, device=DEVICE, drop_last=True) as loader:
         first, second = epoch_labels(loader), epoch_labels(loader)
     assert len(first) == dbs["count"] // 16 * 16 and first == second
 
 
 def test_eval_is_the_center_crop_of_the_shorter_256_image(dbs):
     stored = dict(stored_rgb(dbs["encoded"]))
-    with Loader(dbs["encoded"], batch_size=8, train=False, device="cpu", normalize="none", layout="NHWC") as loader:
+    with Loader(dbs["encoded"], batch_size=8, train=False, device=DEVICE, normalize="none", layout="NHWC") as loader:
         runs = [list(zip(*next(iter(loader)))) for _ in range(1)]
         again = next(iter(loader))
     for image, label in runs[0]:
@@ -101,7 +127,7 @@ def find_crop(stored, out, transform=lambda crop: crop, atol=0.51):
 def test_training_crops_lie_inside_the_image_and_mirror_about_half_the_time(dbs):
     stored = dict(stored_rgb(dbs["raw"]))
     found = []
-    with Loader(dbs["raw"], batch_size=32, train=True, device="cpu", normalize="none", layout="NHWC", seed=3) as loader:
+    with Loader(dbs["raw"], batch_size=32, train=True, device=DEVICE, normalize="none", layout="NHWC", seed=3) as loader:
         for images, labels in loader:
             for image, label in zip(images, labels):
                 hit = find_crop(stored[int(label)].astype(np.float32), image, lambda c, *a: c)
@@ -114,7 +140,7 @@ def test_training_crops_lie_inside_the_image_and_mirror_about_half_the_time(dbs)
 
 def test_raw_encoded_and_leveldb_give_the_same_images(dbs):
     def eval_batches(name):
-        with Loader(dbs[name], batch_size=200, train=False, device="cpu", normalize="none", layout="NHWC") as loader:
+        with Loader(dbs[name], batch_size=200, train=False, device=DEVICE, normalize="none", layout="NHWC") as loader:
             images, labels = next(iter(loader))
         return {int(l): im for im, l in zip(images, labels)}
 
@@ -130,9 +156,9 @@ def test_raw_encoded_and_leveldb_give_the_same_images(dbs):
 
 
 def test_per_channel_normalisation_and_output_formats(dbs):
-    with Loader(dbs["encoded"], batch_size=4, train=False, device="cpu", normalize="none") as loader:
+    with Loader(dbs["encoded"], batch_size=4, train=False, device=DEVICE, normalize="none") as loader:
         plain, _ = next(iter(loader))
-    with Loader(dbs["encoded"], batch_size=4, train=False, device="cpu", dtype="float16") as loader:
+    with Loader(dbs["encoded"], batch_size=4, train=False, device=DEVICE, dtype="float16") as loader:
         normalised, _ = next(iter(loader))
     assert plain.shape == (4, 3, 224, 224) and normalised.dtype == np.float16
     mean = np.array(IMAGENET_MEAN_RGB, np.float32).reshape(3, 1, 1)
@@ -149,7 +175,7 @@ def random_mean_training_batch(dbs, tmp_path, size, seed):
     """A random (non-symmetric) mean image of `size`, and a training batch normalised with it."""
     mean_bgr = np.random.default_rng(seed).uniform(0, 255, (3, size, size)).astype(np.float32)
     path = write_mean(tmp_path / f"mean{size}.binaryproto", mean_bgr)
-    with Loader(dbs["raw"], batch_size=6, train=True, device="cpu", normalize=path, layout="NHWC", seed=5) as loader:
+    with Loader(dbs["raw"], batch_size=6, train=True, device=DEVICE, normalize=path, layout="NHWC", seed=5) as loader:
         images, labels = next(iter(loader))
     return mean_bgr, mean_bgr[::-1].transpose(1, 2, 0), path, images, labels
 
@@ -170,7 +196,7 @@ def test_crop_size_mean_is_subtracted_at_the_output_position(dbs, tmp_path):
     for image, label in zip(images, labels):
         hit = find_crop(stored[int(label)].astype(np.float32), image, lambda c, *a: c - mean_rgb, atol=0.01)
         assert hit is not None
-    with Loader(dbs["raw"], batch_size=6, train=False, device="cpu", normalize=path) as loader:
+    with Loader(dbs["raw"], batch_size=6, train=False, device=DEVICE, normalize=path) as loader:
         nchw, labels = next(iter(loader))
     expected = center_crop(stored[int(labels[0])], 224).transpose(2, 0, 1) - mean_bgr[::-1]
     np.testing.assert_allclose(nchw[0], expected, atol=0.01)
@@ -178,24 +204,24 @@ def test_crop_size_mean_is_subtracted_at_the_output_position(dbs, tmp_path):
 
 def test_clear_errors(dbs, tmp_path):
     with pytest.raises(ImgprepError, match="does not exist"):
-        Loader(tmp_path / "absent", device="cpu")
+        Loader(tmp_path / "absent", device=DEVICE)
     with pytest.raises(ImgprepError, match="mean file is 100x100"):
-        Loader(dbs["raw"], device="cpu", normalize=write_mean(tmp_path / "m.binaryproto", np.zeros((3, 100, 100))))
+        Loader(dbs["raw"], device=DEVICE, normalize=write_mean(tmp_path / "m.binaryproto", np.zeros((3, 100, 100))))
     for varying in ("encoded", "raw_shorter"):  # shorter-side builds: records differ in size
         with pytest.raises(ImgprepError, match="records of one size"):
-            Loader(dbs[varying], device="cpu", normalize=write_mean(tmp_path / "m2.binaryproto", np.zeros((3, 256, 256))))
+            Loader(dbs[varying], device=DEVICE, normalize=write_mean(tmp_path / "m2.binaryproto", np.zeros((3, 256, 256))))
     from imgprep.storage import open_writer
     writer = open_writer(tmp_path / "junk", "lmdb")
     writer.put_batch([(b"a", b"\x0f not a datum")])
     writer.close()
     with pytest.raises(ImgprepError, match="does not hold Caffe Datum"):
-        Loader(tmp_path / "junk", device="cpu")
+        Loader(tmp_path / "junk", device=DEVICE)
 
 
 SHARD_SCRIPT = """
 import json, sys
 from imgprep.loader import Loader
-with Loader(sys.argv[1], batch_size=8, train=True, device="cpu", num_threads=1) as loader:
+with Loader(sys.argv[1], batch_size=8, train=True, device=sys.argv[2], num_threads=1) as loader:
     labels = []
     for _ in range(2):
         epoch = [l for _, batch in loader for l in batch.tolist()]
@@ -205,7 +231,7 @@ print(json.dumps({"labels": labels, "shard": [loader.shard_id, loader.num_shards
 
 
 def test_leveldb_shards_are_disjoint_and_complete(dbs):
-    loaders = [Loader(dbs["raw_leveldb"], batch_size=8, device="cpu", shard_id=i, num_shards=3) for i in range(3)]
+    loaders = [Loader(dbs["raw_leveldb"], batch_size=8, device=DEVICE, shard_id=i, num_shards=3) for i in range(3)]
     seen = [epoch_labels(loader) for loader in loaders]
     for loader in loaders:
         loader.close()
@@ -214,8 +240,8 @@ def test_leveldb_shards_are_disjoint_and_complete(dbs):
 
 @pytest.mark.parametrize("name", ["encoded", "raw"])
 def test_shards_are_disjoint_and_complete_across_processes(dbs, name):
-    procs = [subprocess.Popen([sys.executable, "-c", SHARD_SCRIPT, str(dbs[name])], stdout=subprocess.PIPE,
-                              env={**__import__("os").environ, "RANK": str(rank), "WORLD_SIZE": "2"})
+    procs = [subprocess.Popen([sys.executable, "-c", SHARD_SCRIPT, str(dbs[name]), DEVICE], stdout=subprocess.PIPE,
+                              env={**os.environ, "RANK": str(rank), "WORLD_SIZE": "2"})
              for rank in range(2)]
     results = [json.loads(p.communicate()[0]) for p in procs]
     assert [r["shard"] for r in results] == [[0, 2], [1, 2]]
@@ -227,7 +253,7 @@ def test_shards_are_disjoint_and_complete_across_processes(dbs, name):
 
 def test_torch_output(dbs):
     torch = pytest.importorskip("torch")
-    with Loader(dbs["raw_leveldb"], batch_size=8, train=True, device="cpu", output="torch", layout="NHWC",
+    with Loader(dbs["raw_leveldb"], batch_size=8, train=True, device=DEVICE, output="torch", layout="NHWC",
                 dtype="float16") as loader:
         images, labels = next(iter(loader))
     assert isinstance(images, torch.Tensor) and images.dtype == torch.float16 and images.shape == (8, 224, 224, 3)
@@ -236,9 +262,9 @@ def test_torch_output(dbs):
 
 def test_jax_output(dbs):
     jnp = pytest.importorskip("jax.numpy")
-    with Loader(dbs["encoded"], batch_size=16, train=False, device="cpu", output="jax", normalize="none") as jax_loader:
+    with Loader(dbs["encoded"], batch_size=16, train=False, device=DEVICE, output="jax", normalize="none") as jax_loader:
         batches = list(jax_loader)
-    with Loader(dbs["encoded"], batch_size=16, train=False, device="cpu", normalize="none") as numpy_loader:
+    with Loader(dbs["encoded"], batch_size=16, train=False, device=DEVICE, normalize="none") as numpy_loader:
         reference = list(numpy_loader)
     assert len(batches) == len(reference) and isinstance(batches[0][0], type(jnp.zeros(1)))
     assert batches[-1][0].shape[0] == dbs["count"] % 16 or batches[-1][0].shape[0] == 16
