@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Everything imgprep wants measured on a GPU machine, in one device call (about 5 minutes on an H100).
+# Prepare once here:   ../shared/tools/pack-dali-cp312 .gpu   (and add /.gpu/ to .git/info/exclude)
+# then one call per part copies .gpu/pN/part to /tmp/parts/pN, and the last one runs:
+#   mkdir -p /tmp/dali && cat /tmp/parts/p? | xz -d | tar x -C /tmp/dali && bash scripts/gpu-check.sh
+# Writes doctor.txt, loader-tests.txt, bench.md and bench-split.md to $OUT (or build/gpu-check).
+set -uo pipefail
+site=${DALI_SITE:-/tmp/dali/site}
+out=${OUT:-build/gpu-check}
+work=${WORK:-/tmp/imgprep-gpu}
+export PYTHONPATH=$site:$PWD PYTHONUNBUFFERED=1
+mkdir -p "$out" "$work"
+py=${PYTHON:-python3}
+$py -m imgprep doctor 2>&1 | tee "$out/doctor.txt"
+# the loader's assertions, through the GPU graph ('mixed' decode, GPU crop/normalise, torch on CUDA)
+IMGPREP_TEST_DEVICE=gpu $py -m pytest -q -p no:cacheprovider tests/test_loader.py 2>&1 | tee "$out/loader-tests.txt"
+# ImageNet-like data (SPEC §7 used 20k images): originals, then the ResNet-preset LMDB
+if [ ! -d "$work/sample/train" ]; then
+    $py -m imgprep sample "$work/sample" --classes 20 --train-per-class "${PER_CLASS:-1000}" --val-per-class 1
+    $py -m imgprep make-lists "$work/sample" --out "$work/lists"
+    $py -m imgprep build-lmdb "$work/lists/train.txt" "$work/sample/train" "$work/train_lmdb" --preset resnet --shuffle
+fi
+$py -m imgprep bench-loader "$work/train_lmdb" --batch 256 --threads 8 --seconds 10 \
+    --compare "$work/sample/train" --torch-workers 16 2>&1 | tee "$out/bench.md"
+for split in "6 0.3 10" "6 0.35 10" "8 0.4 8"; do
+    set -- $split
+    $py -m imgprep bench-loader "$work/train_lmdb" --batch 256 --threads "$1" --seconds 10 \
+        --cpu-share "$2" --cpu-threads "$3" 2>&1 | tee -a "$out/bench-split.md"
+done
