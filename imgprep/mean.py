@@ -9,7 +9,9 @@ so its values are read here and shipped to the workers.
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,24 +96,16 @@ def _sum_values(values, transform: MeanTransform, shape):
     return ("ok", acc.astype(np.uint64) if acc is not None else None, count)
 
 
-_ENV_CACHE: dict = {}
-
-
 def sum_task(task, transform: MeanTransform, shape):
-    """Worker: one task is ("lmdb", path, start_key, n) or ("values", [(key, value)...])."""
+    """Worker: one task is ("lmdb", path, start_key, n) or ("values", [(key, value)...]).
+
+    The LMDB is opened per task and closed after it: a map kept open would hold every page the
+    worker has read in its resident set, which loky's leak check mistakes for a leak."""
     if task[0] == "values":
         return _sum_values(task[1], transform, shape)
     _, path, start, n = task
-    reader = _ENV_CACHE.get(path)
-    if reader is None:
-        reader = _ENV_CACHE[path] = Reader(path, "lmdb")
-
-    def take():
-        for i, item in enumerate(reader.items(start)):
-            if i >= n:
-                return
-            yield item
-    return _sum_values(take(), transform, shape)
+    with Reader(path, "lmdb") as reader:
+        return _sum_values(itertools.islice(reader.items(start), n), transform, shape)
 
 
 def _tasks(reader: Reader, workers_open_db: bool):
@@ -154,10 +148,14 @@ def compute_mean(db, transform: MeanTransform = MeanTransform(), jobs: int | Non
         count = 0
         progress = Progress("compute-mean", total, enabled=show_progress)
         jobs = resolve_jobs(jobs)
-        # LMDB is multi-reader, so worker processes open it themselves; LevelDB allows one process.
-        workers_open_db = reader.backend == "lmdb" and (jobs > 1 or scheduler is not None)
-        for status, payload, n in ordered_map(sum_task, _tasks(reader, workers_open_db), jobs,
-                                              scheduler=scheduler, transform=transform, shape=shape):
+        if jobs == 1 and scheduler is None:  # in-process: stream records straight from the cursor
+            items = reader.items()
+            results = (_sum_values(itertools.islice(items, TASK_RECORDS), transform, shape)
+                       for _ in range(math.ceil(total / TASK_RECORDS)))
+        else:  # LMDB is multi-reader, so workers open it themselves; LevelDB allows one process
+            results = ordered_map(sum_task, _tasks(reader, reader.backend == "lmdb"), jobs,
+                                  scheduler=scheduler, transform=transform, shape=shape)
+        for status, payload, n in results:
             if status == "mismatch":
                 c, h, w = shape
                 raise ImgprepError(

@@ -1,14 +1,22 @@
-"""Ordered, bounded parallel map over chunks of work, on joblib (local processes or Dask)."""
+"""Ordered, bounded parallel map over chunks of work: local processes (joblib's loky executor) or
+a Dask cluster.
+
+At most `2 x workers` chunks are outstanding (running, or done and waiting for the consumer); the
+next chunk is submitted only when the consumer takes a result. So a consumer slower than the
+workers (a writer on a slow disk) holds the workers back instead of letting results pile up in
+memory. (joblib's `Parallel(return_as="generator")` keeps dispatching as tasks finish, whatever
+the consumer does, so it is not used here.)
+"""
 
 from __future__ import annotations
 
 import itertools
 import os
-from contextlib import nullcontext
-
-from joblib import Parallel, delayed, parallel_config
+from collections import deque
 
 from . import ImgprepError
+
+WINDOW_PER_WORKER = 2
 
 
 def resolve_jobs(jobs: int | None) -> int:
@@ -27,42 +35,43 @@ def chunked(iterable, size: int):
         yield chunk
 
 
-def _backend_context(scheduler: str | None):
-    if not scheduler:
-        return nullcontext()
+def dask_client(scheduler: str):
     try:
         from dask.distributed import Client
     except ImportError:
         raise ImgprepError("--scheduler needs the dask extra: pip install 'imgprep[dask]'") from None
     try:
-        client = Client(scheduler, timeout="10s")
+        return Client(scheduler, timeout="10s")
     except (OSError, TimeoutError) as e:
         raise ImgprepError(f"cannot reach the Dask scheduler at {scheduler}: {e}") from None
-    return _DaskContext(client)
 
 
-class _DaskContext:
-    def __init__(self, client):
-        self.client = client
-        self.config = parallel_config(backend="dask")
-
-    def __enter__(self):
-        self.config.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        self.config.__exit__(*exc)
-        self.client.close()
+def _windowed(submit, chunks, window: int):
+    pending = deque(submit(chunk) for chunk in itertools.islice(chunks, window))
+    while pending:
+        result = pending.popleft().result()
+        for chunk in itertools.islice(chunks, 1):
+            pending.append(submit(chunk))
+        yield result
 
 
 def ordered_map(fn, chunks, jobs: int, scheduler: str | None = None, **kwargs):
-    """Yields fn(chunk, **kwargs) for each chunk, in order, with at most about 2*jobs chunks in
-    flight, so memory stays bounded however long `chunks` is."""
-    if jobs == 1 and not scheduler:
+    """Yields fn(chunk, **kwargs) for each chunk, in order, with bounded work in flight."""
+    chunks = iter(chunks)
+    if scheduler:
+        client = dask_client(scheduler)
+        try:
+            workers = max(1, sum(client.nthreads().values()))
+            yield from _windowed(lambda chunk: client.submit(fn, chunk, pure=False, **kwargs), chunks,
+                                 WINDOW_PER_WORKER * workers)
+        finally:
+            client.close()
+        return
+    if jobs == 1:
         for chunk in chunks:
             yield fn(chunk, **kwargs)
         return
-    with _backend_context(scheduler):
-        parallel = Parallel(n_jobs=jobs if not scheduler else -1, return_as="generator",
-                            pre_dispatch="2*n_jobs", batch_size=1)
-        yield from parallel(delayed(fn)(chunk, **kwargs) for chunk in chunks)
+    from joblib.externals.loky import get_reusable_executor
+
+    executor = get_reusable_executor(max_workers=jobs)
+    yield from _windowed(lambda chunk: executor.submit(fn, chunk, **kwargs), chunks, WINDOW_PER_WORKER * jobs)
