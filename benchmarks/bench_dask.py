@@ -1,5 +1,5 @@
 """build-lmdb and compute-mean through a Dask LocalCluster (2 worker processes, loopback) vs local
-joblib processes, on the same images, in one run. Expect parity on one machine: the point is that
+(loky) processes, on the same images, in one run. Expect parity on one machine: the point is that
 the Dask path is the one that scales to a real cluster.
 
     python benchmarks/bench_dask.py [--images 2000] [--workdir build/bench]
@@ -30,7 +30,7 @@ def main():
     with LocalCluster(n_workers=cores, threads_per_worker=1, host="127.0.0.1", dashboard_address=None,
                       silence_logs=40) as cluster:
         build_rows, mean_rows = [], []
-        for name, kwargs in ((f"local joblib, {cores} processes", {"jobs": cores}),
+        for name, kwargs in ((f"local processes, {cores}", {"jobs": cores}),
                              (f"Dask LocalCluster, {cores} workers", {"scheduler": cluster.scheduler_address})):
             out = args.workdir / "dask_bench_db"
             rates = []
