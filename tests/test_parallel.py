@@ -8,16 +8,18 @@ def _stamp(chunk):
 
 
 def test_results_come_in_order_and_a_slow_consumer_holds_the_workers_back():
-    jobs, consume_s = 2, 0.03
-    ahead = []
-    for k, result in enumerate(ordered_map(_stamp, ([i] for i in range(60)), jobs)):
-        index, started = result[0]
+    jobs, items = 2, 60
+    started, consumed = [], []  # when each task started; when the consumer took each result
+    for k, result in enumerate(ordered_map(_stamp, ([i] for i in range(items)), jobs)):
+        index, start = result[0]
         assert index == k
-        ahead.append((time.time() - started) / consume_s)  # how many items ago this task started
-        time.sleep(consume_s)
-    # a task starts at most about one window before the consumer takes it; without back-pressure
-    # the last ones would have started ~60 items ahead
-    assert max(ahead[10:]) <= WINDOW_PER_WORKER * jobs + 2, ahead
+        started.append(start)
+        consumed.append(time.time())
+        time.sleep(0.03)  # a slow writer
+    # how far ahead of the consumer each task started: its index minus the results taken by then.
+    # Without back-pressure the last tasks would start ~60 ahead; with it, at most one window.
+    ahead = [k - sum(1 for c in consumed if c <= started[k]) for k in range(items)]
+    assert max(ahead) <= WINDOW_PER_WORKER * jobs, ahead
 
 
 def test_chunked_and_resolve_jobs():
