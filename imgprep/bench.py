@@ -22,7 +22,8 @@ class BenchRow:
 
 
 def time_batches(step, batch_size: int, seconds: float, warmup: int) -> tuple[float, float, int]:
-    """Calls step() (one batch) `warmup` times, then for `seconds`; returns (img/s, ms/batch, n)."""
+    """Calls step() (one batch; a DALI pipeline's run returns once the batch is ready, on CPU or
+    GPU) `warmup` times, then for `seconds`; returns (img/s, ms/batch, n)."""
     for _ in range(warmup):
         step()
     n = 0
@@ -33,10 +34,6 @@ def time_batches(step, batch_size: int, seconds: float, warmup: int) -> tuple[fl
         elapsed = time.perf_counter() - start
         if elapsed >= seconds:
             return n * batch_size / elapsed, 1000 * elapsed / n, n
-
-
-def _dali_step(pipeline):
-    return pipeline.run  # returns once the batch's outputs are ready, on CPU or GPU
 
 
 def _policy(images, fn, types, train, gpu):
@@ -155,7 +152,7 @@ def bench_loader(db, batch: int = 256, threads: int | None = None, device: str =
         loader.close()
         loader = Loader(db, batch_size=batch, train=train, device=device, num_threads=threads, dtype="float16")
     policy = "training" if train else "eval"
-    rate, ms, n = time_batches(_dali_step(loader.pipeline), batch, seconds, warmup)
+    rate, ms, n = time_batches(loader.pipeline.run, batch, seconds, warmup)
     rows.append(BenchRow(f"imgprep loader ({policy} policy, {loader.device})", rate, ms, n,
                          "fp16 NCHW" if gpu else "fp32 NCHW"))
     loader.close()
@@ -168,14 +165,14 @@ def bench_loader(db, batch: int = 256, threads: int | None = None, device: str =
                              f"{cpu_threads or threads} CPU decode threads beside {threads}"))
     info = database_info(db)
     if info.encoded and info.backend == "lmdb":
-        rate, ms, n = time_batches(_dali_step(decode_only_pipeline(Path(db), batch, threads, gpu)), batch, seconds, warmup)
+        rate, ms, n = time_batches(decode_only_pipeline(Path(db), batch, threads, gpu).run, batch, seconds, warmup)
         rows.append(BenchRow("same LMDB, read + decode only", rate, ms, n, "the decode ceiling"))
     if compare is not None:
         compare = Path(compare)
         if not compare.is_dir():
             raise ImgprepError(f"--compare {compare} is not a folder of original images")
         _measure_peer(rows, f"DALI file reader, original JPEGs ({policy})",
-                      lambda: _dali_step(file_reader_pipeline(compare, compare_list, batch, threads, gpu, train)),
+                      lambda: file_reader_pipeline(compare, compare_list, batch, threads, gpu, train).run,
                       batch, seconds, warmup)
         workers = torch_workers if torch_workers is not None else threads
         _measure_peer(rows, f"torchvision DataLoader, original JPEGs, {workers} workers",

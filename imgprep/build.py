@@ -1,7 +1,7 @@
 """`build-lmdb`: a list plus an image root -> Caffe Datum records in LMDB or LevelDB.
 
-Images are processed in parallel (loky processes or Dask, see parallel.py) in chunks; one streaming writer puts the records in
-list order, one transaction per `txn_size` records. Bookkeeping lives in sidecar files in the
+Images are processed in parallel (local processes or Dask, see parallel.py) in chunks; one
+streaming writer puts the records in list order, one transaction per `txn_size` records. Bookkeeping lives in sidecar files in the
 database folder, which neither LMDB nor LevelDB reads:
 
 - `imgprep-build.json`: the build parameters and state (`building` until the very end, then

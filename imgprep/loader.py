@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from . import ImgprepError
-from .build import read_manifest
+from .build import read_manifest, shard_range
 from .codec import RecordError, decode_datum
 from .mean import load_mean
 from .storage import Reader, detect_backend
@@ -87,10 +87,6 @@ def shard_from_env(shard_id: int | None, num_shards: int | None) -> tuple[int, i
     if not 0 <= shard_id < num_shards:
         raise ImgprepError(f"shard_id {shard_id} is not in 0..{num_shards - 1}")
     return shard_id, num_shards
-
-
-def shard_bounds(records: int, shard_id: int, num_shards: int) -> tuple[int, int]:
-    return records * shard_id // num_shards, records * (shard_id + 1) // num_shards
 
 
 class RecordSource:
@@ -303,7 +299,8 @@ class Loader:
             raise ImgprepError("device='gpu' but DALI sees no CUDA GPU; use device='cpu' or 'auto'")
         self.device = device
         self.shard_id, self.num_shards = shard_from_env(shard_id, num_shards)
-        start, stop = shard_bounds(self.info.records, self.shard_id, self.num_shards)
+        shard = shard_range(self.info.records, self.num_shards, self.shard_id)
+        start, stop = shard.start, shard.stop
         self.epoch_size = stop - start
         if self.epoch_size == 0:
             raise ImgprepError(f"shard {self.shard_id} of {self.num_shards} is empty ({self.info.records} records)")

@@ -75,10 +75,6 @@ class MeanResult:
         return {"count": self.count, "shape_chw": list(self.sums.shape), "bgr": bgr, "rgb": bgr[::-1]}
 
 
-class _Mismatch(Exception):
-    pass
-
-
 def _sum_values(values, transform: MeanTransform, shape):
     acc = None
     count = 0
@@ -108,8 +104,10 @@ def sum_task(task, transform: MeanTransform, shape):
         return _sum_values(itertools.islice(reader.items(start), n), transform, shape)
 
 
-def _tasks(reader: Reader, workers_open_db: bool):
-    if workers_open_db:
+def _tasks(reader: Reader):
+    """LMDB is multi-reader, so workers open it themselves; LevelDB allows one process, so its
+    values are read here and shipped."""
+    if reader.backend == "lmdb":
         start, n = None, 0
         for key in reader.keys():
             if n == 0:
@@ -152,8 +150,8 @@ def compute_mean(db, transform: MeanTransform = MeanTransform(), jobs: int | Non
             items = reader.items()
             results = (_sum_values(itertools.islice(items, TASK_RECORDS), transform, shape)
                        for _ in range(math.ceil(total / TASK_RECORDS)))
-        else:  # LMDB is multi-reader, so workers open it themselves; LevelDB allows one process
-            results = ordered_map(sum_task, _tasks(reader, reader.backend == "lmdb"), jobs,
+        else:
+            results = ordered_map(sum_task, _tasks(reader), jobs,
                                   scheduler=scheduler, transform=transform, shape=shape)
         for status, payload, n in results:
             if status == "mismatch":

@@ -1,7 +1,6 @@
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -36,6 +35,14 @@ def run_cli(*args, check=True, **kwargs):
     if check and result.returncode != 0:
         raise AssertionError(f"imgprep {args} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
     return result
+
+
+def db_records(path):
+    """Every (key, value) of a database, in key order."""
+    from imgprep.storage import Reader
+
+    with Reader(path) as reader:
+        return list(reader.items())
 
 
 def wait_for_progress(proc, done, stage=b"build-lmdb"):

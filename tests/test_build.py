@@ -3,28 +3,20 @@ import os
 import random
 import signal
 import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
 
 from caffe_proto import Datum
-from conftest import IMGPREP, assert_clean_error, run_cli, wait_for_progress
+from conftest import IMGPREP, assert_clean_error, run_cli, wait_for_progress, db_records
 from imgprep.build import FAILURES, MANIFEST, BuildOptions, build_database
 from imgprep.codec import decode_datum
 from imgprep.imageops import ImageSpec, decode_to_rgb, decode_upright, parse_resize, to_bgr_chw
 from imgprep.lists import read_list
 from imgprep.sample import ODDITY_OUTCOMES
-from imgprep.storage import Reader
 
 CAFFE = ImageSpec(parse_resize("squash:256x256"), encoded=False)
 RESNET = ImageSpec(parse_resize("shorter:256"), encoded=True)
-
-
-def records(path):
-    with Reader(path) as reader:
-        return list(reader.items())
 
 
 def build(sample_tree, out, spec, backend="lmdb", **kwargs):
@@ -47,7 +39,7 @@ def built(sample_tree, tmp_path_factory):
 
 @pytest.mark.parametrize("preset", ["caffe", "resnet"])
 def test_both_backends_hold_identical_records(built, preset):
-    assert records(built[preset, "lmdb"][1]) == records(built[preset, "leveldb"][1])
+    assert db_records(built[preset, "lmdb"][1]) == db_records(built[preset, "leveldb"][1])
 
 
 @pytest.mark.parametrize("preset", ["caffe", "resnet"])
@@ -59,7 +51,7 @@ def test_every_entry_is_a_record_or_a_reported_failure(sample_tree, built, prese
     assert {f[1] for f in failures} == failed_kinds
     assert {f[2] for f in failures} == {"truncated", "empty", "unreadable"}
     expected_keys = [f"{i:08d}_{p}".encode() for i, p in enumerate(entries.paths) if p not in failed_kinds]
-    assert [k for k, _ in records(path)] == expected_keys
+    assert [k for k, _ in db_records(path)] == expected_keys
     assert report.records == len(expected_keys) and report.failures == len(failed_kinds)
     manifest = json.loads((path / MANIFEST).read_text())
     assert manifest["state"] == "complete" and manifest["records"] == report.records
@@ -68,7 +60,7 @@ def test_every_entry_is_a_record_or_a_reported_failure(sample_tree, built, prese
 def test_raw_records_are_caffe_datums_with_bgr_planar_pixels(sample_tree, built):
     entries = read_list(sample_tree.lists / "train.txt")
     label_of = dict(zip(entries.paths, entries.labels.tolist()))
-    for key, value in records(built["caffe", "lmdb"][1]):
+    for key, value in db_records(built["caffe", "lmdb"][1]):
         path = key.decode().split("_", 1)[1]
         reference = Datum()
         reference.ParseFromString(value)  # Google's protobuf, not ours
@@ -80,7 +72,7 @@ def test_raw_records_are_caffe_datums_with_bgr_planar_pixels(sample_tree, built)
 
 
 def test_encoded_records_decode_to_the_shorter_256_image(sample_tree, built):
-    for key, value in records(built["resnet", "lmdb"][1]):
+    for key, value in db_records(built["resnet", "lmdb"][1]):
         datum = decode_datum(value)
         assert datum.encoded and datum.data[:2] == b"\xff\xd8"
         image = decode_to_rgb(datum.data)
@@ -91,7 +83,7 @@ def test_encoded_records_decode_to_the_shorter_256_image(sample_tree, built):
 
 
 def test_oddities_that_can_be_fixed_are_stored_upright_rgb(sample_tree, built):
-    stored = {k.decode().split("_", 1)[1]: decode_datum(v) for k, v in records(built["caffe", "lmdb"][1])}
+    stored = {k.decode().split("_", 1)[1]: decode_datum(v) for k, v in db_records(built["caffe", "lmdb"][1])}
     for rel, kind in sample_tree.oddities.items():
         if ODDITY_OUTCOMES[kind] == "converted":
             assert stored[rel].pixels().shape == (3, 256, 256), kind
@@ -116,7 +108,7 @@ def dali_read(path, batch_size, encoded):
 @pytest.mark.parametrize("preset", ["caffe", "resnet"])
 def test_dali_readers_caffe_reads_back_labels_and_pixels(built, preset):
     path = built[preset, "lmdb"][1]
-    stored = [decode_datum(v) for _, v in records(path)]
+    stored = [decode_datum(v) for _, v in db_records(path)]
     images, labels = dali_read(path, len(stored), encoded=preset == "resnet")
     assert labels.tolist() == [d.label for d in stored]
     for image, datum in zip(images, stored):
@@ -131,8 +123,8 @@ def test_shuffle_is_seeded_and_keys_follow_the_shuffled_order(sample_tree, tmp_p
     spec = ImageSpec(parse_resize("squash:16x16"), encoded=False)
     a = build(sample_tree, tmp_path / "a", spec, shuffle=True, seed=1)
     b = build(sample_tree, tmp_path / "b", spec, shuffle=True, seed=1, backend="leveldb")
-    c = build(sample_tree, tmp_path / "c", spec, shuffle=True, seed=2)
-    ra, rb, rc = records(tmp_path / "a"), records(tmp_path / "b"), records(tmp_path / "c")
+    build(sample_tree, tmp_path / "c", spec, shuffle=True, seed=2)
+    ra, rb, rc = db_records(tmp_path / "a"), db_records(tmp_path / "b"), db_records(tmp_path / "c")
     assert ra == rb and a.records == b.records
     assert [k.split(b"_", 1)[1] for k, _ in ra] != [k.split(b"_", 1)[1] for k, _ in rc]
     entries = read_list(sample_tree.lists / "train.txt")
@@ -151,14 +143,14 @@ def test_check_size_fails_images_of_another_size(sample_tree, tmp_path):
                    check_size=True)
     reasons = report.failure_reasons
     assert reasons.get("size-mismatch", 0) > 10
-    shapes = {decode_datum(v).pixels().shape for _, v in records(tmp_path / "db")}
+    shapes = {decode_datum(v).pixels().shape for _, v in db_records(tmp_path / "db")}
     assert len(shapes) == 1
 
 
 def test_lmdb_map_grows_past_several_doublings(sample_tree, tmp_path):
     report = build(sample_tree, tmp_path / "db", CAFFE, map_size=1 << 20, txn_size=7)
     assert report.map_growths >= 4
-    assert len(records(tmp_path / "db")) == report.records
+    assert len(db_records(tmp_path / "db")) == report.records
 
 
 def cli_build(sample_tree, out, *extra, **kwargs):
@@ -225,7 +217,7 @@ def test_resume_after_kill_9_equals_an_uninterrupted_build(larger_tree, tmp_path
     sample_tree = larger_tree
     reference = tmp_path / "reference"
     assert _start_build(sample_tree, reference, "--backend", backend).wait() == 3
-    expected = records(reference)
+    expected = db_records(reference)
     expected_failures = (reference / FAILURES).read_text()
     rng = random.Random(backend)
     for trial in range(3):
@@ -235,12 +227,12 @@ def test_resume_after_kill_9_equals_an_uninterrupted_build(larger_tree, tmp_path
         os.killpg(proc.pid, signal.SIGKILL)  # the build and its workers, as an OOM killer would
         proc.wait()
         assert json.loads((out / MANIFEST).read_text())["state"] == "building"
-        assert len(records(out)) < len(expected)
+        assert len(db_records(out)) < len(expected)
         resumed = _start_build(sample_tree, out, "--backend", backend, "--resume")
         _, err = resumed.communicate()
         assert resumed.returncode == 3, err
         assert b"resumed at entry" in err
-        assert records(out) == expected
+        assert db_records(out) == expected
         assert (out / FAILURES).read_text() == expected_failures
         assert json.loads((out / MANIFEST).read_text())["state"] == "complete"
 

@@ -3,16 +3,14 @@
 import os
 import signal
 import subprocess
-import sys
 
 import pytest
 
-from conftest import IMGPREP, wait_for_progress
+from conftest import IMGPREP, wait_for_progress, db_records
 from imgprep.build import BuildOptions, build_database
 from imgprep.imageops import ImageSpec, parse_resize
 from imgprep.mean import compute_mean
 from imgprep.resize import resize_tree
-from imgprep.storage import Reader
 
 distributed = pytest.importorskip("distributed")
 
@@ -25,11 +23,6 @@ def cluster():
             yield cluster, client
 
 
-def records(path):
-    with Reader(path) as reader:
-        return list(reader.items())
-
-
 SPEC = ImageSpec(parse_resize("squash:64x64"), encoded=False)
 
 
@@ -40,7 +33,7 @@ def test_dask_build_resize_and_mean_equal_local(sample_tree, tmp_path, cluster):
                            show_progress=False)
     dask = build_database(lst, root, tmp_path / "dask", BuildOptions(spec=SPEC, shuffle=True, scheduler=address),
                           show_progress=False)
-    assert records(tmp_path / "dask") == records(tmp_path / "local")
+    assert db_records(tmp_path / "dask") == db_records(tmp_path / "local")
     assert (dask.records, dask.failures) == (local.records, local.failures)
     assert (compute_mean(tmp_path / "dask", scheduler=address, show_progress=False).sums
             == compute_mean(tmp_path / "local", jobs=1, show_progress=False).sums).all()
@@ -66,7 +59,7 @@ def test_killed_worker_does_not_lose_images(larger_tree, tmp_path, cluster):
         resumed = subprocess.run([*IMGPREP, "build-lmdb", str(lst), str(root), str(tmp_path / "dask"), "--resize",
                                   "squash:64x64", "--raw", "--resume", "--jobs", "2"], capture_output=True)
         assert resumed.returncode == 3, resumed.stderr
-    assert records(tmp_path / "dask") == records(tmp_path / "local")
+    assert db_records(tmp_path / "dask") == db_records(tmp_path / "local")
 
 
 def test_unreachable_scheduler_is_a_clear_error(sample_tree, tmp_path):

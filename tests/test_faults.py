@@ -6,16 +6,14 @@ import os
 import resource
 import signal
 import subprocess
-import time
 from contextlib import contextmanager
 
 import pytest
 
-from conftest import IMGPREP, assert_clean_error, run_cli, wait_for_progress
+from conftest import IMGPREP, assert_clean_error, run_cli, wait_for_progress, db_records
 from imgprep import ImgprepError
 from imgprep.build import MANIFEST
 from imgprep.loader import Loader
-from imgprep.storage import Reader
 
 BUILD = ["--resize", "squash:128x128", "--raw", "--jobs", "1"]
 
@@ -24,16 +22,11 @@ def build_cmd(tree, out, *extra):
     return [*IMGPREP, "build-lmdb", str(tree.lists / "train.txt"), str(tree.root / "train"), str(out), *BUILD, *extra]
 
 
-def records(path):
-    with Reader(path) as reader:
-        return list(reader.items())
-
-
 @pytest.fixture(scope="module")
 def reference(larger_tree, tmp_path_factory):
     out = tmp_path_factory.mktemp("faults") / "reference"
     assert subprocess.run(build_cmd(larger_tree, out), capture_output=True).returncode == 3
-    return records(out)
+    return db_records(out)
 
 
 def test_file_size_limit_is_a_clear_error_and_resumable(larger_tree, reference, tmp_path):
@@ -48,7 +41,7 @@ def test_file_size_limit_is_a_clear_error_and_resumable(larger_tree, reference, 
     assert json.loads((out / MANIFEST).read_text())["state"] == "building"
     resumed = subprocess.run(build_cmd(larger_tree, out, "--resume"), capture_output=True, text=True)
     assert resumed.returncode == 3, resumed.stderr
-    assert records(out) == reference
+    assert db_records(out) == reference
 
 
 @contextmanager
@@ -69,7 +62,7 @@ def test_full_disk_is_a_clear_error_and_resumable(larger_tree, reference, tmp_pa
         subprocess.run(["mount", "-o", "remount,size=200m", str(disk)], check=True)
         resumed = subprocess.run(build_cmd(larger_tree, disk / "db", "--resume"), capture_output=True, text=True)
         assert resumed.returncode == 3, resumed.stderr
-        assert records(disk / "db") == reference
+        assert db_records(disk / "db") == reference
 
 
 def test_read_only_output_is_a_clear_error(sample_tree, tmp_path):
@@ -109,7 +102,7 @@ def test_second_writer_is_refused_and_readers_see_a_partial_build(larger_tree, r
         proc.stderr.read()
         proc.wait()
     assert proc.returncode == 3
-    assert records(out) == reference
+    assert db_records(out) == reference
 
 
 @pytest.mark.parametrize("command", ["resize", "compute-mean"])
@@ -139,4 +132,4 @@ def test_non_utf8_file_names_are_built_under_their_bytes(sample_tree, tmp_path):
         f.write(source)
     (tmp_path / "list.txt").write_bytes(name + b" 0\n")
     run_cli("build-lmdb", tmp_path / "list.txt", root, tmp_path / "db")
-    assert [k for k, _ in records(tmp_path / "db")] == [b"00000000_" + name]
+    assert [k for k, _ in db_records(tmp_path / "db")] == [b"00000000_" + name]

@@ -6,7 +6,6 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import run_cli
 from imgprep import ImgprepError
 from imgprep.build import BuildOptions, build_database
 from imgprep.codec import encode_blob

@@ -2,13 +2,12 @@ import json
 
 import pytest
 
-from conftest import assert_clean_error, run_cli
+from conftest import assert_clean_error, run_cli, db_records
 from imgprep import ImgprepError
 from imgprep.build import FAILURES, MANIFEST, BuildOptions, build_database
 from imgprep.imageops import ImageSpec, parse_resize
 from imgprep.mean import MeanTransform, combine, compute_mean
 from imgprep.merge import merge_parts
-from imgprep.storage import Reader
 
 
 def build(sample_tree, out, backend, **kwargs):
@@ -18,11 +17,6 @@ def build(sample_tree, out, backend, **kwargs):
                           show_progress=False)
 
 
-def records(path):
-    with Reader(path) as reader:
-        return list(reader.items())
-
-
 @pytest.mark.parametrize("backend", ["lmdb", "leveldb"])
 def test_shards_merged_equal_a_single_build(sample_tree, tmp_path, backend):
     build(sample_tree, tmp_path / "single", backend)
@@ -30,7 +24,7 @@ def test_shards_merged_equal_a_single_build(sample_tree, tmp_path, backend):
     for i, part in enumerate(parts):
         build(sample_tree, part, backend, num_shards=3, shard_index=i)
     merge_parts(list(reversed(parts)), tmp_path / "merged", show_progress=False)
-    assert records(tmp_path / "merged") == records(tmp_path / "single")
+    assert db_records(tmp_path / "merged") == db_records(tmp_path / "single")
     assert (tmp_path / "merged" / FAILURES).read_text() == (tmp_path / "single" / FAILURES).read_text()
     merged = json.loads((tmp_path / "merged" / MANIFEST).read_text())
     single = json.loads((tmp_path / "single" / MANIFEST).read_text())
