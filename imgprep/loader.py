@@ -209,8 +209,11 @@ def _graph(info: DatabaseInfo, train, crop, resize_shorter, norm: Normalisation,
             images = fn.color_space_conversion(images, image_type=types.BGR, output_type=types.RGB)
     if gpu and info.encoded and cpu_decoder:
         images = images.gpu()
+    def constant(array):  # on the images' device: a CPU constant would be copied over every batch
+        return types.Constant(np.asarray(array, np.float32), device="gpu" if gpu else "cpu")
+
     if subtract_at_source:  # stock Caffe: mean of the stored size, before crop and mirror
-        images = fn.cast(images, dtype=types.FLOAT) - types.Constant(_hwc_rgb(mean_image))
+        images = fn.cast(images, dtype=types.FLOAT) - constant(_hwc_rgb(mean_image))
     elif needs_resize:  # records already at the policy's size skip a no-op resample
         images = fn.resize(images, resize_shorter=resize_shorter, antialias=True)
     channels = 1 if gray else 3
@@ -223,8 +226,7 @@ def _graph(info: DatabaseInfo, train, crop, resize_shorter, norm: Normalisation,
         images = fn.crop_mirror_normalize(images, mirror=mirror, dtype=types.FLOAT,
                                           output_layout="CHW" if chw else "HWC", **window)
         target = mean_image[::-1].copy() if chw else _hwc_rgb(mean_image)
-        images = (images - types.Constant(target.astype(np.float32))) / types.Constant(
-            np.asarray(std, np.float32).reshape((-1, 1, 1) if chw else (1, 1, -1)))
+        images = (images - constant(target)) / constant(np.reshape(std, (-1, 1, 1) if chw else (1, 1, -1)))
         images = fn.cast(images, dtype=out_dtype)
     else:
         images = fn.crop_mirror_normalize(images, mirror=mirror, dtype=out_dtype,
@@ -414,14 +416,12 @@ def _to_torch(tensor_list, keep: int):
 
     if not _on_gpu(tensor_list):
         return torch.from_numpy(_to_numpy(tensor_list))[:keep]
-    from nvidia.dali import types
-    from nvidia.dali.plugin.pytorch import feed_ndarray
+    from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
 
     tensor = tensor_list.as_tensor()
-    dtype = {types.FLOAT16: torch.float16, types.FLOAT: torch.float32, types.INT32: torch.int32,
-             types.UINT8: torch.uint8}[tensor.dtype]
-    out = torch.empty(tensor.shape(), dtype=dtype, device=torch.device("cuda", torch.cuda.current_device()))
-    feed_ndarray(tensor, out, cuda_stream=torch.cuda.current_stream())
+    device = torch.device("cuda", tensor_list.device_id())  # the pipeline's GPU, whatever torch's current one is
+    out = torch.empty(tensor.shape(), dtype=to_torch_type[tensor.dtype], device=device)
+    feed_ndarray(tensor, out, cuda_stream=torch.cuda.current_stream(device))
     return out[:keep]
 
 

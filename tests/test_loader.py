@@ -269,3 +269,57 @@ def test_jax_output(dbs):
     assert batches[-1][0].shape[0] == dbs["count"] % 16 or batches[-1][0].shape[0] == 16
     for (images, labels), (ref_images, ref_labels) in zip(batches, reference):
         assert (labels.tolist() == ref_labels.tolist()) and float(abs(images - ref_images).max()) == 0.0
+
+
+def graph_ops(*outputs):
+    """{(operator name, device)} of every operator feeding `outputs` (inputs and argument inputs)."""
+    seen, ops, todo = set(), set(), list(outputs)
+    while todo:
+        node = todo.pop()
+        op = node.source
+        if op is None or id(op) in seen:
+            continue
+        seen.add(id(op))
+        ops.add((op._op._operator_name().removeprefix("nvidia.dali.fn."), op._op.device))
+        todo += op._inputs
+    return ops
+
+
+# Where each input reaches the GPU: anything else on the CPU in a GPU graph is a placement mistake.
+CPU_SIDE = {"readers.caffe", "external_source", "random.uniform", "random.coin_flip"}
+
+
+@pytest.mark.parametrize("name", ["encoded", "encoded_leveldb", "raw", "raw_leveldb", "raw_shorter"])
+def test_gpu_graph_places_every_stage_after_the_reader_on_the_gpu(dbs, tmp_path, name):
+    """The GPU graph cannot run here, but DALI checks device placement while the graph is defined."""
+    from nvidia.dali import Pipeline
+    from imgprep.loader import Normalisation, RecordSource, _graph, database_info
+
+    info = database_info(dbs[name])
+    norms = [Normalisation.parse("imagenet"), Normalisation.parse(((120.0,), (60.0,))),
+             Normalisation.parse(write_mean(tmp_path / "m224.binaryproto", np.zeros((3, 224, 224))))]
+    if info.stored_size == (256, 256):
+        norms.append(Normalisation.parse(write_mean(tmp_path / "m256.binaryproto", np.zeros((3, 256, 256)))))
+    cases = [(train, norm, cpu_decode) for train in (True, False) for norm in norms
+             for cpu_decode in ((False, True) if info.encoded else (False,))]
+    for train, norm, cpu_decode in cases:
+        source = RecordSource(info.path, info.backend, 8, 0, 8, train, 0) if info.backend != "lmdb" else None
+        pipe = Pipeline(batch_size=8, num_threads=1, device_id=0)
+        try:
+            with pipe:
+                images, labels = _graph(info, train, 224, 256, norm, "float16", "NCHW", True, (0, 1), source,
+                                        64, decode_on_cpu=cpu_decode)
+        finally:
+            if source is not None:
+                source.close()
+        assert (images.device, labels.device) == ("gpu", "gpu")
+        ops = graph_ops(images, labels)
+        decoders = {op for op in ops if op[0].startswith("decoders.")}
+        if info.encoded and not cpu_decode:
+            assert decoders == {("decoders.image", "mixed")}
+        elif info.encoded:  # the whole image, or only the crop window when no resize comes first
+            assert decoders in ({("decoders.image", "cpu")}, {("decoders.image_crop", "cpu")}), decoders
+        else:
+            assert not decoders
+        stray = {op for op in ops - decoders if op[1] == "cpu" and op[0] not in CPU_SIDE}
+        assert not stray, f"CPU stages in the GPU graph ({name}, train={train}, cpu_decode={cpu_decode}): {stray}"
