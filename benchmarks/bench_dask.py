@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import sample_tree, standard_args, table  # noqa: E402
+from common import describe_jpegs, sample_tree, standard_args, table  # noqa: E402
 
 from imgprep.build import BuildOptions, build_database  # noqa: E402
 from imgprep.imageops import ImageSpec, parse_resize  # noqa: E402
@@ -42,7 +42,7 @@ def main():
             start = time.perf_counter()
             result = compute_mean(out, MeanTransform(crop=224), show_progress=False, **kwargs)
             mean_rows.append((name, result.count / (time.perf_counter() - start)))
-    print(f"build-lmdb, {args.images} ImageNet-like JPEGs -> shorter-256 JPEG records")
+    print(f"build-lmdb, {describe_jpegs(root)} -> shorter-256 JPEG records")
     print(table(build_rows, build_rows[0][0]))
     print("\ncompute-mean --crop 224 of that database")
     print(table(mean_rows, mean_rows[0][0]))

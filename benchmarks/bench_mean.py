@@ -45,7 +45,7 @@ def main():
     root, list_file = sample_tree(args.workdir, args.images)
     cores = resolve_jobs(None)
     for kind, encoded in (("raw", False), ("encoded", True)):
-        db = args.workdir / f"mean_{kind}"
+        db = args.workdir / f"mean_{kind}-{list_file.parent.name}"  # one per sample tree
         if not (db / "data.mdb").exists():
             build_database(list_file, root, db, BuildOptions(spec=ImageSpec(parse_resize("squash:256x256"), encoded)),
                            overwrite=True, show_progress=False)

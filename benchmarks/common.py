@@ -5,17 +5,36 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from PIL import Image
+
 from imgprep.lists import make_lists
 from imgprep.sample import make_sample
 
 
+GRAIN = 8.0  # ImageNet's file size and decoding cost (see imgprep.sample)
+
+
 def sample_tree(workdir: Path, images: int) -> tuple[Path, Path]:
-    """(train root, train.txt) with `images` ImageNet-like JPEGs (about 500x375, q75-97)."""
-    root = workdir / f"sample{images}"
+    """(train root, train.txt) with `images` ImageNet-like JPEGs (about 500x375, q75-97, ~110 KB)."""
+    name = f"{images}-grain{GRAIN:g}"
+    root = workdir / f"sample{name}"
     if not (root / "train").exists():
-        make_sample(root, classes=20, train_per_class=images // 20, val_per_class=1, seed=1)
-        make_lists(root, workdir / f"lists{images}", show_progress=False)
-    return root / "train", workdir / f"lists{images}" / "train.txt"
+        make_sample(root, classes=20, train_per_class=images // 20, val_per_class=1, seed=1, grain=GRAIN)
+        make_lists(root, workdir / f"lists{name}", show_progress=False)
+    return root / "train", workdir / f"lists{name}" / "train.txt"
+
+
+def describe_jpegs(root: Path) -> str:
+    """'N JPEGs, mean W x H, K KB, S% 4:4:4' for the table's caption."""
+    sizes, areas, full_chroma, count = 0, [], 0, 0
+    for path in sorted(root.rglob("*.JPEG")):
+        with Image.open(path) as img:
+            areas.append(img.size)
+            full_chroma += getattr(img, "layer", [(0, 1, 1)])[0][1:3] == (1, 1)
+        sizes += path.stat().st_size
+        count += 1
+    w, h = (sum(a[i] for a in areas) / count for i in (0, 1))
+    return f"{count} JPEGs, mean {w:.0f}x{h:.0f}, {sizes / count / 1024:.0f} KB, {100 * full_chroma / count:.0f}% 4:4:4"
 
 
 def standard_args(doc: str, **extra) -> argparse.Namespace:

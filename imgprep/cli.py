@@ -94,7 +94,10 @@ def doctor():
 @click.option("--oddities", is_flag=True,
               help="Add the files real ImageNet throws at a tool: CMYK JPEG, PNG named .JPEG, RGBA, "
                    "EXIF-rotated, truncated, zero-byte, random bytes.")
-def sample(out, classes, train_per_class, val_per_class, seed, oddities):
+@click.option("--grain", type=float, default=0.0, show_default=True,
+              help="Sensor-like noise (pixel std-dev). 8 makes files as large and slow to decode as "
+                   "ImageNet's (~110 KB per 500x375 image); 0 keeps them small and fast.")
+def sample(out, classes, train_per_class, val_per_class, seed, oddities, grain):
     """Write a small ILSVRC12-shaped tree OUT from the bundled photos.
 
     OUT/train/<wnid>/<wnid>_<n>.JPEG, flat OUT/val/ILSVRC2012_val_<n>.JPEG, and the val labels as
@@ -103,10 +106,11 @@ def sample(out, classes, train_per_class, val_per_class, seed, oddities):
     \b
     Example:
       imgprep sample work/sample --classes 10 --oddities
+      imgprep sample work/bench --classes 20 --train-per-class 100 --grain 8
     """
     from .sample import make_sample
 
-    result = make_sample(out, classes, train_per_class, val_per_class, seed, oddities)
+    result = make_sample(out, classes, train_per_class, val_per_class, seed, oddities, grain)
     click.echo(f"sample: {result.train} train and {result.val} val images in {len(result.wnids)} "
                f"classes ({len(result.oddities)} oddities) -> {out}")
 
@@ -347,9 +351,10 @@ def bench_loader_cmd(db, batch, threads, device, seconds, eval_policy, compare, 
                      cpu_share, cpu_threads, as_json):
     """Measure the DALI loader on DB: images/s and ms per batch for the training policy.
 
-    Rows: the imgprep loader (shorter 256, random crop 224 + mirror, normalise, fp16 NCHW); the
-    same LMDB read and decoded only (the ceiling); with --compare, DALI's file reader on the
-    original JPEGs and a torchvision DataLoader with the same augmentation.
+    Rows: the imgprep loader (shorter 256, random crop 224 + mirror, normalise; NCHW, fp16 on a
+    GPU and fp32 on the CPU); the same LMDB read and decoded only (the ceiling); with --compare,
+    DALI's file reader on the original JPEGs and a torchvision DataLoader with the same
+    augmentation.
 
     \b
     Examples:
