@@ -80,7 +80,7 @@ def _render(photo: Image.Image, tint: tuple[float, float, float], rng: random.Ra
         img = Image.merge("RGB", bands)
     if grain:
         pixels = np.asarray(img, np.float32)
-        pixels += np.random.default_rng(rng.getrandbits(64)).normal(0.0, grain, pixels.shape).astype(np.float32)
+        pixels += np.random.default_rng(rng.getrandbits(64)).standard_normal(pixels.shape, np.float32) * grain
         img = Image.fromarray(np.clip(pixels + 0.5, 0, 255).astype(np.uint8), img.mode)
     return img
 
