@@ -15,7 +15,7 @@ GRAIN = 8.0  # ImageNet's file size and decoding cost (see imgprep.sample)
 
 
 def sample_tree(workdir: Path, images: int) -> tuple[Path, Path]:
-    """(train root, train.txt) with `images` ImageNet-like JPEGs (about 500x375, q75-97, ~110 KB)."""
+    """(train root, train.txt) with `images` ImageNet-like JPEGs (about 500x375, q75-97, ~100 KB)."""
     name = f"{images}-grain{GRAIN:g}"
     root = workdir / f"sample{name}"
     if not (root / "train").exists():

@@ -96,7 +96,7 @@ def doctor():
                    "EXIF-rotated, truncated, zero-byte, random bytes.")
 @click.option("--grain", type=float, default=0.0, show_default=True,
               help="Sensor-like noise (pixel std-dev). 8 makes files as large and slow to decode as "
-                   "ImageNet's (~110 KB per 500x375 image); 0 keeps them small and fast.")
+                   "ImageNet's (~100 KB each); 0 keeps them small and fast.")
 def sample(out, classes, train_per_class, val_per_class, seed, oddities, grain):
     """Write a small ILSVRC12-shaped tree OUT from the bundled photos.
 
@@ -104,7 +104,7 @@ def sample(out, classes, train_per_class, val_per_class, seed, oddities, grain):
     the devkit's ground truth (+ ID table) and as Kaggle's LOC_val_solution.csv.
 
     \b
-    Example:
+    Examples:
       imgprep sample work/sample --classes 10 --oddities
       imgprep sample work/bench --classes 20 --train-per-class 100 --grain 8
     """

@@ -3,9 +3,9 @@
 Images are crops of the photos at ImageNet-like sizes (about 500x375, some portrait, some
 large) and JPEG qualities; each class is one photo with a tint of its own, so that a tiny
 network can learn the classes. The photos are upscaled, so the files are smoother (about 50 KB)
-than real ones; `grain` adds sensor-like noise, and 8 gives ImageNet's size and decoding cost
-(about 110 KB per 500x375 image), which is what the benchmarks use. With `oddities=True` the train set also holds the files real
-ImageNet throws at a tool (SPEC §5): CMYK JPEG, PNG named .JPEG, RGBA PNG, EXIF-rotated
+than real ones; `grain` adds sensor-like noise, and 8 gives about ImageNet's file size and
+decoding cost (about 100 KB), which is what the benchmarks use. With `oddities=True` the train
+set also holds the files real ImageNet throws at a tool (SPEC §5): CMYK JPEG, PNG named .JPEG, RGBA PNG, EXIF-rotated
 JPEG, truncated JPEG, zero-byte file, random bytes named .JPEG.
 """
 

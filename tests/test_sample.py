@@ -15,7 +15,7 @@ def test_same_seed_same_tree_and_grain_makes_imagenet_sized_files(tmp_path):
     assert plain == tree_bytes(tmp_path / "b") and grainy == tree_bytes(tmp_path / "grainy2")
     assert plain.keys() == grainy.keys() and len(plain) == 15
     mean_kb = [sum(map(len, files.values())) / len(files) / 1024 for files in (plain, grainy)]
-    # smooth upscaled crops (~50 KB); with grain, much larger (~110 KB over a few hundred files)
+    # smooth upscaled crops (~50 KB); with grain, much larger (~100 KB over a few hundred files)
     assert mean_kb[0] < 75 and mean_kb[1] > 1.4 * mean_kb[0], mean_kb
 
 
