@@ -3,7 +3,7 @@
 # Prepare once here:   ../shared/tools/pack-dali-cp312 .gpu   (and add /.gpu/ to .git/info/exclude)
 # then one call per part copies .gpu/pN/part to /tmp/parts/pN, and the last one runs:
 #   mkdir -p /tmp/dali && cat /tmp/parts/p? | xz -d | tar x -C /tmp/dali && bash scripts/gpu-check.sh
-# Writes doctor.txt, loader-tests.txt, bench.md and bench-split.md to $OUT (or build/gpu-check).
+# Writes doctor.txt, loader-tests.txt, bench.md, bench-split.md and train-resnet50.txt to $OUT (or build/gpu-check).
 set -uo pipefail
 site=${DALI_SITE:-/tmp/dali/site}
 out=${OUT:-build/gpu-check}
@@ -27,3 +27,5 @@ for split in "6 0.3 10" "6 0.35 10" "8 0.4 8"; do
     $py -m imgprep bench-loader "$work/train_lmdb" --batch 256 --threads "$1" --seconds 10 \
         --cpu-share "$2" --cpu-threads "$3" 2>&1 | tee -a "$out/bench-split.md"
 done
+# the example trainer on the GPU: ResNet-50, fp16 batches from the loader, throughput per 20 steps
+$py examples/train_resnet50.py "$work/train_lmdb" --steps 100 --batch 128 2>&1 | tee "$out/train-resnet50.txt"
