@@ -30,7 +30,7 @@ from . import ImgprepError, __version__
 from .codec import decode_datum, encode_datum
 from .imageops import ImageFailure, ImageSpec, process_image
 from .lists import ImageList, read_list
-from .parallel import chunked, ordered_map, resolve_jobs
+from .parallel import chunked, ordered_map, resolve_jobs, shared_put
 from .progress import Progress
 from .storage import BACKENDS, INITIAL_MAP_SIZE, Reader, detect_backend, open_writer
 
@@ -38,6 +38,8 @@ MANIFEST = "imgprep-build.json"
 FAILURES = "imgprep-failures.tsv"
 LOCK = "imgprep.lock"
 MANIFEST_FORMAT = "imgprep-build/1"
+# Shared memory per record in flight: a raw 3x256x256 record is 196 KB; larger ones travel pickled.
+AREA_BYTES_PER_RECORD = 320 * 1024
 
 
 @dataclass
@@ -148,15 +150,17 @@ def read_source(root: Path, rel: str, allow_outside_root: bool) -> bytes:
         raise ImageFailure("unreadable", f"{path}: {e.strerror}") from None
 
 
-def process_chunk(chunk, root: Path, spec: ImageSpec, allow_outside_root: bool):
-    """Worker side: [(position, path, label)] -> [(position, path, record bytes | Failure)]."""
+def process_chunk(chunk, root: Path, spec: ImageSpec, allow_outside_root: bool, area=None):
+    """Worker side: [(position, path, label)] -> [(position, path, record bytes | Failure, shape)];
+    with a shared `area` (parallel.shared_put) the records travel back through it."""
     results = []
+    put = shared_put(area)
     for position, rel, label in chunk:
         try:
             image = process_image(read_source(root, rel, allow_outside_root), spec)
             value = encode_datum(image.data, label, image.channels, image.height, image.width,
                                  image.encoded)
-            results.append((position, rel, value, (image.channels, image.height, image.width)))
+            results.append((position, rel, put(value), (image.channels, image.height, image.width)))
         except ImageFailure as e:
             results.append((position, rel, Failure(position, rel, e.reason, e.detail), None))
         except MemoryError:
@@ -317,7 +321,8 @@ def _build_locked(list_path, root, out, options, entries, identity, previous, sh
     jobs = resolve_jobs(options.jobs)
     try:
         for results in ordered_map(process_chunk, chunked(work, options.chunk_size), jobs,
-                                   scheduler=options.scheduler, root=root, spec=options.spec,
+                                   scheduler=options.scheduler, area_bytes=options.chunk_size * AREA_BYTES_PER_RECORD,
+                                   root=root, spec=options.spec,
                                    allow_outside_root=options.allow_outside_root):
             for position, rel, value, shape in results:
                 if not isinstance(value, Failure) and options.check_size:

@@ -6,17 +6,85 @@ next chunk is submitted only when the consumer takes a result. So a consumer slo
 workers (a writer on a slow disk) holds the workers back instead of letting results pile up in
 memory. (joblib's `Parallel(return_as="generator")` keeps dispatching as tasks finish, whatever
 the consumer does, so it is not used here.)
+
+Local workers can hand bulky bytes (raw records) back through shared memory instead of pickling
+them through the executor's pipe: each chunk in flight gets an area of `area_bytes` in /dev/shm,
+the worker puts its bytes there (`shared_put`) and returns `Stored` references, and the consumer copies them
+out before the area is reused (measured on 2 cores, output on tmpfs: +26% for raw 196 KB records,
+no change for JPEG records).
 """
 
 from __future__ import annotations
 
 import itertools
+import mmap
 import os
 from collections import deque
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
 
 from . import ImgprepError
 
 WINDOW_PER_WORKER = 2
+SHM_DIR = Path("/dev/shm")
+AREA_PREFIX = "imgprep-"
+
+
+@dataclass(frozen=True)
+class Stored:
+    """Where a worker left `length` bytes in its chunk's shared area."""
+
+    offset: int
+    length: int
+
+
+@dataclass(frozen=True)
+class SharedArea:
+    """One chunk's shared-memory area, as its worker sees it (it travels by name)."""
+
+    name: str
+    size: int
+
+
+def shared_put(area: SharedArea | None):
+    """Worker side, once per chunk: put(data) -> a Stored reference when `data` fits in what is left
+    of the area, else `data` itself (which then travels back pickled, as without an area)."""
+    if area is None:
+        return lambda data: data
+    view = _mapping(area)
+    used = 0
+
+    def put(data):
+        nonlocal used
+        start, used_after = used, used + len(data)
+        if used_after > area.size:
+            return data
+        view[start:used_after] = data
+        used = used_after
+        return Stored(start, len(data))
+
+    return put
+
+
+_MAPPED: dict[str, mmap.mmap] = {}  # this worker's mappings of the current build's areas
+
+
+def _mapping(area: SharedArea) -> mmap.mmap:
+    """Mapped once per worker and build (mapping an area for every chunk pays its page faults every
+    time: measured, no gain left); an idle worker keeps the last build's mappings until its next
+    build or its exit."""
+    view = _MAPPED.get(area.name)
+    if view is None:
+        build = area.name.rsplit("-", 1)[0]
+        for name in [n for n in _MAPPED if n.rsplit("-", 1)[0] != build]:  # an earlier build's areas
+            _MAPPED.pop(name).close()
+        fd = os.open(SHM_DIR / area.name, os.O_RDWR)
+        try:
+            view = _MAPPED[area.name] = mmap.mmap(fd, area.size)
+        finally:
+            os.close(fd)
+    return view
 
 
 def resolve_jobs(jobs: int | None) -> int:
@@ -55,8 +123,76 @@ def _windowed(submit, chunks, window: int):
         yield result
 
 
-def ordered_map(fn, chunks, jobs: int, scheduler: str | None = None, **kwargs):
-    """Yields fn(chunk, **kwargs) for each chunk, in order, with bounded work in flight."""
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        pass
+    return True
+
+
+def _remove_stale_areas() -> None:
+    """Areas left by builds killed with their whole process group (so Python's resource tracker,
+    which cleans up after a lone killed process, died too)."""
+    for path in SHM_DIR.glob(f"{AREA_PREFIX}*"):
+        owner = path.name[len(AREA_PREFIX):].split("-", 1)[0]
+        if owner.isdigit() and not _pid_alive(int(owner)):
+            path.unlink(missing_ok=True)
+
+
+@contextmanager
+def _shared_areas(count: int, size: int):
+    """`count` areas of `size` bytes as [(SharedArea, buffer)], or [] where /dev/shm is missing or
+    lacks twice the room (a full tmpfs would kill the workers with SIGBUS)."""
+    try:
+        stat = os.statvfs(SHM_DIR)
+        room = stat.f_bavail * stat.f_frsize >= 2 * count * size
+    except OSError:
+        room = False
+    if not size or not room:
+        yield []
+        return
+    from multiprocessing import shared_memory
+
+    _remove_stale_areas()
+    token = os.urandom(4).hex()
+    made = []
+    try:
+        for k in range(count):
+            made.append(shared_memory.SharedMemory(f"{AREA_PREFIX}{os.getpid()}-{token}-{k}", create=True, size=size))
+        yield [(SharedArea(m.name, size), m.buf) for m in made]
+    finally:
+        for m in made:
+            m.close()
+            m.unlink()
+
+
+def _copy_out(result, buffer):
+    """`result` with every Stored reference (in lists and tuples) replaced by its bytes."""
+    if isinstance(result, Stored):
+        return bytes(buffer[result.offset:result.offset + result.length])
+    if isinstance(result, (list, tuple)):
+        return type(result)(_copy_out(item, buffer) for item in result)
+    return result
+
+
+class _CopyingOut:
+    """A future whose result has its Stored bytes copied out of the area (freeing it for reuse)."""
+
+    def __init__(self, future, buffer):
+        self.future, self.buffer = future, buffer
+
+    def result(self):
+        return _copy_out(self.future.result(), self.buffer)
+
+
+def ordered_map(fn, chunks, jobs: int, scheduler: str | None = None, area_bytes: int = 0, **kwargs):
+    """Yields fn(chunk, **kwargs) for each chunk, in order, with bounded work in flight.
+
+    With `area_bytes`, local workers also get `area=` (a SharedArea for `shared_put`) where /dev/shm
+    has room, so `fn` takes `area=None`; results come back with the bytes in place of references."""
     chunks = iter(chunks)
     if scheduler:
         client = dask_client(scheduler)
@@ -74,4 +210,16 @@ def ordered_map(fn, chunks, jobs: int, scheduler: str | None = None, **kwargs):
     from joblib.externals.loky import get_reusable_executor
 
     executor = get_reusable_executor(max_workers=jobs)
-    yield from _windowed(lambda chunk: executor.submit(fn, chunk, **kwargs), chunks, WINDOW_PER_WORKER * jobs)
+    window = WINDOW_PER_WORKER * jobs
+    # window + 1 areas: the chunk being copied out, and `window` in flight
+    with _shared_areas(window + 1, area_bytes) as areas:
+        if not areas:
+            yield from _windowed(lambda chunk: executor.submit(fn, chunk, **kwargs), chunks, window)
+            return
+        turn = itertools.cycle(areas)
+
+        def submit(chunk):
+            area, buffer = next(turn)
+            return _CopyingOut(executor.submit(fn, chunk, area=area, **kwargs), buffer)
+
+        yield from _windowed(submit, chunks, window)

@@ -1,6 +1,12 @@
+import os
+import subprocess
+import sys
 import time
 
-from imgprep.parallel import WINDOW_PER_WORKER, chunked, ordered_map, resolve_jobs
+import pytest
+
+from imgprep.parallel import (AREA_PREFIX, SHM_DIR, WINDOW_PER_WORKER, Stored, chunked, ordered_map, resolve_jobs,
+                              shared_put)
 
 
 def _stamp(chunk):
@@ -25,3 +31,56 @@ def test_results_come_in_order_and_a_slow_consumer_holds_the_workers_back():
 def test_chunked_and_resolve_jobs():
     assert list(chunked(range(7), 3)) == [[0, 1, 2], [3, 4, 5], [6]]
     assert resolve_jobs(3) == 3 and resolve_jobs(None) >= 1 and resolve_jobs(-1) == resolve_jobs(0)
+
+
+def _records(chunk, area=None):
+    """(item, 40 KB of bytes, how they travelled): through the shared area when there is one."""
+    put = shared_put(area)
+    refs = [(i, put(bytes([i % 256]) * 40_000)) for i in chunk]
+    return [(i, ref, "area" if isinstance(ref, Stored) else "pipe") for i, ref in refs]
+
+
+def _expected(items, travelled):
+    return [[(i, bytes([i % 256]) * 40_000, travelled)] for i in items]
+
+
+def _areas_of_this_process():
+    return sorted(SHM_DIR.glob(f"{AREA_PREFIX}{os.getpid()}-*"))
+
+
+@pytest.mark.skipif(not SHM_DIR.is_dir(), reason="no /dev/shm")
+def test_bytes_come_back_through_shared_areas_and_the_areas_go_away():
+    items = range(40)
+    # areas of 100 KB hold two items; a chunk of three sends its third back through the pipe
+    results = list(ordered_map(_records, ([i, i + 1, i + 2] for i in range(0, 39, 3)), 2, area_bytes=100_000))
+    assert [r for chunk in results for r in chunk] == [
+        (i, bytes([i % 256]) * 40_000, "pipe" if i % 3 == 2 else "area") for i in range(39)]
+    assert list(ordered_map(_records, ([i] for i in items), 2, area_bytes=100_000)) == _expected(items, "area")
+    assert not _areas_of_this_process()
+    stopped = ordered_map(_records, ([i] for i in items), 2, area_bytes=100_000)
+    next(stopped)
+    assert len(_areas_of_this_process()) == 2 * WINDOW_PER_WORKER + 1
+    stopped.close()  # a consumer that gives up (an error in the writer) still removes them
+    assert not _areas_of_this_process()
+
+
+def test_without_room_in_shared_memory_bytes_travel_pickled():
+    huge = 1 << 50  # more than any /dev/shm has: no areas, workers get area=None
+    assert list(ordered_map(_records, ([i] for i in range(10)), 2, area_bytes=huge)) == _expected(range(10), "pipe")
+    assert not _areas_of_this_process()
+
+
+@pytest.mark.skipif(not SHM_DIR.is_dir(), reason="no /dev/shm")
+def test_areas_of_dead_builds_are_swept_and_live_ones_kept():
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = SHM_DIR / f"{AREA_PREFIX}{dead.pid}-0badc0de-0"
+    live = SHM_DIR / f"{AREA_PREFIX}{os.getppid()}-0badc0de-0"
+    for path in (stale, live):
+        path.write_bytes(b"x")
+    try:
+        list(ordered_map(_records, ([i] for i in range(4)), 2, area_bytes=100_000))
+        assert not stale.exists() and live.exists()
+    finally:
+        stale.unlink(missing_ok=True)
+        live.unlink()
