@@ -133,11 +133,22 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _owner_prefix() -> str:
+    """imgprep-<pid namespace>-<pid>-: a pid means something only within its namespace, and
+    containers sharing /dev/shm (hostIPC) may run builds in other namespaces."""
+    try:
+        namespace = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        namespace = 0
+    return f"{AREA_PREFIX}{namespace}-{os.getpid()}-"
+
+
 def _remove_stale_areas() -> None:
-    """Areas left by builds killed with their whole process group (so Python's resource tracker,
-    which cleans up after a lone killed process, died too)."""
-    for path in SHM_DIR.glob(f"{AREA_PREFIX}*"):
-        owner = path.name[len(AREA_PREFIX):].split("-", 1)[0]
+    """Areas left by builds in this pid namespace that were killed with their whole process group
+    (so Python's resource tracker, which cleans up after a lone killed process, died too)."""
+    namespace = _owner_prefix()[len(AREA_PREFIX):].split("-", 1)[0]
+    for path in SHM_DIR.glob(f"{AREA_PREFIX}{namespace}-*"):
+        owner = path.name[len(AREA_PREFIX):].split("-")[1]
         if owner.isdigit() and not _pid_alive(int(owner)):
             path.unlink(missing_ok=True)
 
@@ -157,11 +168,11 @@ def _shared_areas(count: int, size: int):
     from multiprocessing import shared_memory
 
     _remove_stale_areas()
-    token = os.urandom(4).hex()
+    name = f"{_owner_prefix()}{os.urandom(4).hex()}-"
     made = []
     try:
         for k in range(count):
-            made.append(shared_memory.SharedMemory(f"{AREA_PREFIX}{os.getpid()}-{token}-{k}", create=True, size=size))
+            made.append(shared_memory.SharedMemory(f"{name}{k}", create=True, size=size))
         yield [(SharedArea(m.name, size), m.buf) for m in made]
     finally:
         for m in made:

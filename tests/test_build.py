@@ -237,7 +237,7 @@ def test_resume_after_kill_9_equals_an_uninterrupted_build(larger_tree, tmp_path
         assert (out / FAILURES).read_text() == expected_failures
         assert json.loads((out / MANIFEST).read_text())["state"] == "complete"
         # the killed build's shared-memory areas (its resource tracker died with it) are swept
-        assert not list(SHM_DIR.glob(f"{AREA_PREFIX}{proc.pid}-*"))
+        assert not list(SHM_DIR.glob(f"{AREA_PREFIX}{os.stat('/proc/self/ns/pid').st_ino}-{proc.pid}-*"))
 
 
 def test_ctrl_c_stops_cleanly_and_says_how_to_resume(larger_tree, tmp_path):

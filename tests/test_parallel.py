@@ -44,8 +44,12 @@ def _expected(items, travelled):
     return [[(i, bytes([i % 256]) * 40_000, travelled)] for i in items]
 
 
+def _areas_of(pid):
+    return sorted(SHM_DIR.glob(f"{AREA_PREFIX}{os.stat('/proc/self/ns/pid').st_ino}-{pid}-*"))
+
+
 def _areas_of_this_process():
-    return sorted(SHM_DIR.glob(f"{AREA_PREFIX}{os.getpid()}-*"))
+    return _areas_of(os.getpid())
 
 
 @pytest.mark.skipif(not SHM_DIR.is_dir(), reason="no /dev/shm")
@@ -74,13 +78,15 @@ def test_without_room_in_shared_memory_bytes_travel_pickled():
 def test_areas_of_dead_builds_are_swept_and_live_ones_kept():
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    stale = SHM_DIR / f"{AREA_PREFIX}{dead.pid}-0badc0de-0"
-    live = SHM_DIR / f"{AREA_PREFIX}{os.getppid()}-0badc0de-0"
-    for path in (stale, live):
+    namespace = os.stat("/proc/self/ns/pid").st_ino
+    stale = SHM_DIR / f"{AREA_PREFIX}{namespace}-{dead.pid}-0badc0de-0"
+    live = SHM_DIR / f"{AREA_PREFIX}{namespace}-{os.getppid()}-0badc0de-0"
+    other_namespace = SHM_DIR / f"{AREA_PREFIX}{namespace + 1}-{dead.pid}-0badc0de-0"  # its pid means nothing here
+    for path in (stale, live, other_namespace):
         path.write_bytes(b"x")
     try:
         list(ordered_map(_records, ([i] for i in range(4)), 2, area_bytes=100_000))
-        assert not stale.exists() and live.exists()
+        assert not stale.exists() and live.exists() and other_namespace.exists()
     finally:
-        stale.unlink(missing_ok=True)
-        live.unlink()
+        for path in (stale, live, other_namespace):
+            path.unlink(missing_ok=True)
