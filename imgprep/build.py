@@ -168,6 +168,16 @@ def process_chunk(chunk, root: Path, spec: ImageSpec, allow_outside_root: bool, 
     return results
 
 
+def crashed_failure(position: int, rel: str, detail: str) -> Failure:
+    """An image whose worker process died under it twice (parallel.ordered_map's `crashed`)."""
+    return Failure(position, rel, "crashed", f"{detail}, twice, while processing it")
+
+
+def crashed_entry(item, detail: str):
+    position, rel, _ = item
+    return position, rel, crashed_failure(position, rel, detail), None
+
+
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -322,7 +332,7 @@ def _build_locked(list_path, root, out, options, entries, identity, previous, sh
     try:
         for results in ordered_map(process_chunk, chunked(work, options.chunk_size), jobs,
                                    scheduler=options.scheduler, area_bytes=options.chunk_size * AREA_BYTES_PER_RECORD,
-                                   root=root, spec=options.spec,
+                                   crashed=crashed_entry, root=root, spec=options.spec,
                                    allow_outside_root=options.allow_outside_root):
             for position, rel, value, shape in results:
                 if not isinstance(value, Failure) and options.check_size:

@@ -18,7 +18,8 @@ EXIT_IMAGES_FAILED = 3
 
 
 class Group(click.Group):
-    """Turns ImgprepError into `Error: message` and exit 1, and Ctrl-C into exit 130."""
+    """Turns ImgprepError (and OSError, a dead worker process) into `Error: message` and exit 1, and
+    Ctrl-C into exit 130."""
 
     def invoke(self, ctx):
         try:
@@ -34,6 +35,14 @@ class Group(click.Group):
             click.echo("Interrupted. Finished work is kept: run the same command again to continue "
                        "(build-lmdb: add --resume).", err=True)
             ctx.exit(130)
+        except Exception as e:  # build-lmdb and resize survive a dying worker; anything else stops here
+            from .parallel import died_how, worker_died
+
+            if not worker_died(e):
+                raise
+            click.echo(f"Error: {died_how(e)}: killed for memory, or crashed. Run the same command again "
+                       "(build-lmdb: add --resume).", err=True)
+            ctx.exit(1)
 
 
 def _resize_option(default: str | None):

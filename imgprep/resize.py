@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import ImgprepError
-from .build import Failure, read_source
+from .build import Failure, crashed_failure, read_source
 from .imageops import ImageFailure, ImageSpec, process_image
 from .lists import is_image_name
 from .parallel import chunked, ordered_map, resolve_jobs
@@ -112,6 +112,7 @@ def resize_tree(src, dst, spec: ImageSpec, jobs: int | None = None, overwrite: b
     report.up_to_date = len(images) - len(todo)
     progress = Progress("resize", len(todo), enabled=show_progress)
     for results in ordered_map(resize_chunk, chunked(todo, 16), resolve_jobs(jobs), scheduler=scheduler,
+                               crashed=lambda rel, detail: (rel, crashed_failure(0, rel, detail)),
                                src=src, dst=dst, spec=spec):
         for rel, failure in results:
             if failure:

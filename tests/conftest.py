@@ -1,6 +1,7 @@
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -52,6 +53,12 @@ def wait_for_progress(proc, done, stage=b"build-lmdb"):
             if int(line.split()[1].split(b"/")[0].replace(b",", b"")) >= done:
                 return True
     return False
+
+
+def loky_workers(pid: int) -> list[int]:
+    """The pids of a process's joblib (loky) worker processes."""
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return [int(c) for c in children if b"LokyProcess" in Path(f"/proc/{c}/cmdline").read_bytes()]
 
 
 def assert_clean_error(result, *fragments):

@@ -3,12 +3,13 @@ import os
 import random
 import signal
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from caffe_proto import Datum
-from conftest import IMGPREP, assert_clean_error, run_cli, wait_for_progress, db_records
+from conftest import IMGPREP, assert_clean_error, db_records, loky_workers, run_cli, wait_for_progress
 from imgprep.build import FAILURES, MANIFEST, BuildOptions, build_database
 from imgprep.codec import decode_datum
 from imgprep.imageops import ImageSpec, decode_to_rgb, decode_upright, parse_resize, to_bgr_chw
@@ -238,6 +239,21 @@ def test_resume_after_kill_9_equals_an_uninterrupted_build(larger_tree, tmp_path
         assert json.loads((out / MANIFEST).read_text())["state"] == "complete"
         # the killed build's shared-memory areas (its resource tracker died with it) are swept
         assert not list(SHM_DIR.glob(f"{AREA_PREFIX}{os.stat('/proc/self/ns/pid').st_ino}-{proc.pid}-*"))
+
+
+def test_a_worker_killed_mid_build_costs_nothing(larger_tree, tmp_path):
+    """The OOM killer (or a decoder's segfault) takes one worker: its chunk runs again, and the build
+    ends complete and equal to an uninterrupted one."""
+    reference = tmp_path / "reference"
+    assert _start_build(larger_tree, reference).wait() == 3
+    out = tmp_path / "db"
+    proc = _start_build(larger_tree, out)
+    assert wait_for_progress(proc, 100), "build ended before the kill"
+    os.kill(loky_workers(proc.pid)[0], signal.SIGKILL)
+    _, err = proc.communicate()
+    assert proc.returncode == 3 and b"Traceback" not in err, err
+    assert db_records(out) == db_records(reference)
+    assert (out / FAILURES).read_text() == (reference / FAILURES).read_text()
 
 
 def test_ctrl_c_stops_cleanly_and_says_how_to_resume(larger_tree, tmp_path):

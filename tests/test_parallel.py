@@ -1,4 +1,5 @@
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -6,7 +7,7 @@ import time
 import pytest
 
 from imgprep.parallel import (AREA_PREFIX, SHM_DIR, WINDOW_PER_WORKER, Stored, chunked, ordered_map, resolve_jobs,
-                              shared_put)
+                              shared_put, worker_died)
 
 
 def _stamp(chunk):
@@ -90,3 +91,46 @@ def test_areas_of_dead_builds_are_swept_and_live_ones_kept():
     finally:
         for path in (stale, live, other_namespace):
             path.unlink(missing_ok=True)
+
+
+def _dies_on(chunk, marker, area=None):
+    """Kills its own worker (as a decoder's segfault or the OOM killer would) on item 13, and on
+    item 7 only while `marker` does not exist yet (a one-off kill)."""
+    if 13 in chunk or (7 in chunk and not os.path.exists(marker)):
+        if 7 in chunk:
+            open(marker, "w").close()
+        os.kill(os.getpid(), signal.SIGKILL)
+    return [(i, "done") for i in chunk]
+
+
+def test_a_dying_worker_costs_only_the_item_that_kills_it(tmp_path):
+    results = list(ordered_map(_dies_on, chunked(range(30), 4), 2, crashed=lambda item, detail: (item, detail),
+                               marker=str(tmp_path / "seven-died-once")))
+    flat = [r for chunk in results for r in chunk]
+    assert [r[0] for r in flat] == list(range(30))
+    assert [r for r in flat if r[1] != "done"] == [(13, "its worker process died (SIGKILL(-9))")]
+    # without `crashed` a dying worker is an error for the caller, as before
+    with pytest.raises(Exception) as raised:
+        list(ordered_map(_dies_on, chunked(range(30), 4), 2, marker=str(tmp_path / "seven-died-once")))
+    assert worker_died(raised.value)
+
+
+def test_a_dying_worker_anywhere_else_is_a_clean_cli_error(tmp_path):
+    """compute-mean (no per-item results) stops with a message, not a traceback."""
+    import click
+    from click.testing import CliRunner
+
+    from imgprep.cli import Group
+
+    @click.group(cls=Group)
+    def cli():
+        pass
+
+    @cli.command()
+    def work():
+        list(ordered_map(_dies_on, chunked(range(30), 4), 2, marker=str(tmp_path / "m")))
+
+    result = CliRunner().invoke(cli, ["work"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.output.startswith("Error: its worker process died (SIGKILL(-9)"), result.output
+    assert "killed for memory, or crashed. Run the same command again" in result.output

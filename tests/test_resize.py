@@ -1,8 +1,10 @@
 import os
+import signal
+import subprocess
 
 from PIL import Image
 
-from conftest import assert_clean_error, run_cli
+from conftest import IMGPREP, assert_clean_error, loky_workers, run_cli, wait_for_progress
 from imgprep.imageops import ImageSpec, parse_resize
 from imgprep.resize import FAILURES, resize_tree
 from imgprep.sample import ODDITY_OUTCOMES
@@ -37,3 +39,22 @@ def test_resize_cli_refuses_other_options_on_an_existing_output(sample_tree, tmp
     assert_clean_error(run_cli("resize", sample_tree.root / "val", dst, "--resize", "squash:64x64", check=False),
                        "--overwrite")
     assert run_cli("resize", sample_tree.root / "val", dst, "--resize", "squash:64x64", "--overwrite").returncode == 0
+
+
+def test_a_worker_killed_mid_resize_costs_nothing(larger_tree, tmp_path):
+    src = larger_tree.root / "train"
+    env = dict(os.environ, IMGPREP_PROGRESS_INTERVAL="0")
+
+    def start(dst):
+        return subprocess.Popen([*IMGPREP, "resize", str(src), str(dst), "--resize", "squash:64x64", "--jobs", "2"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+
+    assert start(tmp_path / "reference").wait() == 3
+    proc = start(tmp_path / "out")
+    assert wait_for_progress(proc, 100, b"resize"), "resize ended before the kill"
+    os.kill(loky_workers(proc.pid)[0], signal.SIGKILL)
+    _, err = proc.communicate()
+    assert proc.returncode == 3 and b"Traceback" not in err, err
+    written = {p.relative_to(tmp_path / "reference"): p.read_bytes() for p in (tmp_path / "reference").rglob("*.JPEG")}
+    assert {p.relative_to(tmp_path / "out"): p.read_bytes() for p in (tmp_path / "out").rglob("*.JPEG")} == written
+    assert (tmp_path / "out" / FAILURES).read_text() == (tmp_path / "reference" / FAILURES).read_text()
