@@ -26,14 +26,14 @@ def sample_tree(workdir: Path, images: int) -> tuple[Path, Path]:
 
 def describe_jpegs(root: Path) -> str:
     """'N JPEGs, mean W x H, K KB, S% 4:4:4' for the table's caption."""
-    sizes, areas, full_chroma, count = 0, [], 0, 0
+    sizes, dims, full_chroma, count = 0, [], 0, 0
     for path in sorted(root.rglob("*.JPEG")):
         with Image.open(path) as img:
-            areas.append(img.size)
+            dims.append(img.size)
             full_chroma += getattr(img, "layer", [(0, 1, 1)])[0][1:3] == (1, 1)
         sizes += path.stat().st_size
         count += 1
-    w, h = (sum(a[i] for a in areas) / count for i in (0, 1))
+    w, h = (sum(d[i] for d in dims) / count for i in (0, 1))
     return f"{count} JPEGs, mean {w:.0f}x{h:.0f}, {sizes / count / 1024:.0f} KB, {100 * full_chroma / count:.0f}% 4:4:4"
 
 

@@ -9,9 +9,9 @@ the consumer does, so it is not used here.)
 
 Local workers can hand bulky bytes (raw records) back through shared memory instead of pickling
 them through the executor's pipe: each chunk in flight gets an area of `area_bytes` in /dev/shm,
-the worker puts its bytes there (`shared_put`) and returns `Stored` references, and the consumer copies them
-out before the area is reused (measured on 2 cores, output on tmpfs: +26% for raw 196 KB records,
-no change for JPEG records).
+the worker puts its bytes there (`shared_put`) and returns `Stored` references, and the consumer
+copies them out before the area is reused (measured on 2 cores, output on tmpfs: +26% for raw
+196 KB records, no change for JPEG records).
 
 A worker process that dies (a decoder's segfault, the OOM killer) breaks the executor and every
 task in flight; with `crashed`, the oldest chunk then runs again item by item in fresh workers, the
@@ -174,21 +174,24 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _owner_prefix() -> str:
-    """imgprep-<pid namespace>-<pid>-: a pid means something only within its namespace, and
-    containers sharing /dev/shm (hostIPC) may run builds in other namespaces."""
+def pid_namespace() -> int:
+    """This process's pid namespace: a pid means something only within it, and containers sharing
+    /dev/shm (hostIPC) may run builds in other namespaces."""
     try:
-        namespace = os.stat("/proc/self/ns/pid").st_ino
+        return os.stat("/proc/self/ns/pid").st_ino
     except OSError:
-        namespace = 0
-    return f"{AREA_PREFIX}{namespace}-{os.getpid()}-"
+        return 0
+
+
+def area_prefix(pid: int) -> str:
+    """The names of the areas a build process `pid` of this namespace makes start with this."""
+    return f"{AREA_PREFIX}{pid_namespace()}-{pid}-"
 
 
 def _remove_stale_areas() -> None:
     """Areas left by builds in this pid namespace that were killed with their whole process group
     (so Python's resource tracker, which cleans up after a lone killed process, died too)."""
-    namespace = _owner_prefix()[len(AREA_PREFIX):].split("-", 1)[0]
-    for path in SHM_DIR.glob(f"{AREA_PREFIX}{namespace}-*"):
+    for path in SHM_DIR.glob(f"{AREA_PREFIX}{pid_namespace()}-*"):
         owner = path.name[len(AREA_PREFIX):].split("-")[1]
         if owner.isdigit() and not _pid_alive(int(owner)):
             path.unlink(missing_ok=True)
@@ -209,7 +212,7 @@ def _shared_areas(count: int, size: int):
     from multiprocessing import shared_memory
 
     _remove_stale_areas()
-    name = f"{_owner_prefix()}{os.urandom(4).hex()}-"
+    name = f"{area_prefix(os.getpid())}{os.urandom(4).hex()}-"
     made = []
     try:
         for k in range(count):

@@ -14,7 +14,7 @@ from imgprep.build import FAILURES, MANIFEST, BuildOptions, build_database
 from imgprep.codec import decode_datum
 from imgprep.imageops import ImageSpec, decode_to_rgb, decode_upright, parse_resize, to_bgr_chw
 from imgprep.lists import read_list
-from imgprep.parallel import AREA_PREFIX, SHM_DIR
+from imgprep.parallel import SHM_DIR, area_prefix
 from imgprep.sample import ODDITY_OUTCOMES
 
 CAFFE = ImageSpec(parse_resize("squash:256x256"), encoded=False)
@@ -238,7 +238,7 @@ def test_resume_after_kill_9_equals_an_uninterrupted_build(larger_tree, tmp_path
         assert (out / FAILURES).read_text() == expected_failures
         assert json.loads((out / MANIFEST).read_text())["state"] == "complete"
         # the killed build's shared-memory areas (its resource tracker died with it) are swept
-        assert not list(SHM_DIR.glob(f"{AREA_PREFIX}{os.stat('/proc/self/ns/pid').st_ino}-{proc.pid}-*"))
+        assert not list(SHM_DIR.glob(f"{area_prefix(proc.pid)}*"))
 
 
 def test_a_worker_killed_mid_build_costs_nothing(larger_tree, tmp_path):

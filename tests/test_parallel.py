@@ -6,8 +6,8 @@ import time
 
 import pytest
 
-from imgprep.parallel import (AREA_PREFIX, SHM_DIR, WINDOW_PER_WORKER, Stored, chunked, ordered_map, resolve_jobs,
-                              shared_put, worker_died)
+from imgprep.parallel import (AREA_PREFIX, SHM_DIR, WINDOW_PER_WORKER, Stored, area_prefix, chunked, ordered_map,
+                              pid_namespace, resolve_jobs, shared_put, worker_died)
 
 
 def _stamp(chunk):
@@ -46,7 +46,7 @@ def _expected(items, travelled):
 
 
 def _areas_of(pid):
-    return sorted(SHM_DIR.glob(f"{AREA_PREFIX}{os.stat('/proc/self/ns/pid').st_ino}-{pid}-*"))
+    return sorted(SHM_DIR.glob(f"{area_prefix(pid)}*"))
 
 
 def _areas_of_this_process():
@@ -79,10 +79,9 @@ def test_without_room_in_shared_memory_bytes_travel_pickled():
 def test_areas_of_dead_builds_are_swept_and_live_ones_kept():
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    namespace = os.stat("/proc/self/ns/pid").st_ino
-    stale = SHM_DIR / f"{AREA_PREFIX}{namespace}-{dead.pid}-0badc0de-0"
-    live = SHM_DIR / f"{AREA_PREFIX}{namespace}-{os.getppid()}-0badc0de-0"
-    other_namespace = SHM_DIR / f"{AREA_PREFIX}{namespace + 1}-{dead.pid}-0badc0de-0"  # its pid means nothing here
+    stale = SHM_DIR / f"{area_prefix(dead.pid)}0badc0de-0"
+    live = SHM_DIR / f"{area_prefix(os.getppid())}0badc0de-0"
+    other_namespace = SHM_DIR / f"{AREA_PREFIX}{pid_namespace() + 1}-{dead.pid}-0badc0de-0"  # its pid means nothing here
     for path in (stale, live, other_namespace):
         path.write_bytes(b"x")
     try:
