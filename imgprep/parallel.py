@@ -20,11 +20,13 @@ rest are resubmitted, and only an item that kills its worker again is given up (
 
 from __future__ import annotations
 
+import functools
 import itertools
 import mmap
 import os
 import re
 from collections import deque
+from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -134,10 +136,24 @@ def died_how(error: BaseException) -> str:
     return f"its worker process died ({codes[1] if codes else type(error).__name__})"
 
 
+def _submitted(submit, chunk):
+    """submit(chunk), or a future holding the error when a worker's death broke the executor just
+    before the call (the executor refuses work then, instead of failing the task's future)."""
+    try:
+        return submit(chunk)
+    except Exception as error:
+        if not worker_died(error):
+            raise
+        failed = Future()
+        failed.set_exception(error)
+        return failed
+
+
 def _windowed(submit, chunks, window: int, crashed=None, restart=lambda: None):
     """Results of submit(chunk) in order, `window` chunks ahead. With `crashed`, a chunk whose worker
     died runs again item by item in fresh workers, and an item that kills its worker again becomes
     crashed(item, detail); `restart` replaces a broken executor."""
+    submit = functools.partial(_submitted, submit)
     pending = deque((chunk, submit(chunk)) for chunk in itertools.islice(chunks, window))
     while pending:
         chunk, future = pending.popleft()
