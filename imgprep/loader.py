@@ -209,6 +209,7 @@ def _graph(info: DatabaseInfo, train, crop, resize_shorter, norm: Normalisation,
             images = fn.color_space_conversion(images, image_type=types.BGR, output_type=types.RGB)
     if gpu and info.encoded and cpu_decoder:
         images = images.gpu()
+
     def constant(array):  # on the images' device: a CPU constant would be copied over every batch
         return types.Constant(np.asarray(array, np.float32), device="gpu" if gpu else "cpu")
 
