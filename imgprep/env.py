@@ -31,8 +31,8 @@ def pil_report(pil_version: str, simd_version: str | None, jpeg: str, python: st
     if pil_kind(pil_version, simd_version) == PILLOW_SIMD:
         return {"PIL": f"{pil_version} (pillow-simd; JPEG: {jpeg})"}
     return {
-        "PIL": f"{pil_version} (plain Pillow, NOT pillow-simd: resizing is about 4x slower, so build-lmdb "
-               f"and resize take about 1.4x the CPU time; JPEG: {jpeg})",
+        "PIL": f"{pil_version} (plain Pillow, NOT pillow-simd: resizing is about 4x slower, decoding "
+               f"and resizing together about 1.4x; JPEG: {jpeg})",
         "fix": pil_fix_command(python),
     }
 
