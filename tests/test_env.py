@@ -38,3 +38,18 @@ def test_doctor_names_the_pil_build_in_use():
     else:
         assert "plain Pillow, NOT pillow-simd" in pil_line
         assert f"fix: {pil_fix_command(sys.executable)}" in out
+
+
+def test_bench_pil_names_the_build_and_times_decode_and_resize(tmp_path):
+    import subprocess
+    from pathlib import Path
+
+    from imgprep.sample import make_sample
+
+    make_sample(tmp_path / "sample", classes=2, train_per_class=2, val_per_class=1, seed=0)
+    script = Path(__file__).parents[1] / "benchmarks" / "bench_pil.py"
+    result = subprocess.run([sys.executable, str(script), str(tmp_path / "sample"), "--passes", "1"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("PIL ") and "4 images" in result.stdout
+    assert "decode" in result.stdout and "resize to shorter 256" in result.stdout

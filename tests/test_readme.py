@@ -70,6 +70,14 @@ def test_the_path_pattern_takes_repository_paths_only():
     assert named_paths(text) == {"examples/train_resnet50.py", "benchmarks/bench_build.py", "lists.py"}
 
 
+def test_every_benchmark_table_follows_the_command_that_makes_it():
+    text = (REPO / "benchmarks" / "README.md").read_text(encoding="utf-8")
+    for section in re.split(r"^## ", text, flags=re.M)[1:]:
+        if re.search(r"^\|---", section, re.M):
+            before_table = section[:re.search(r"^\|", section, re.M).start()]
+            assert "```sh\n" in before_table, section.splitlines()[0]
+
+
 def quickstart_script() -> str:
     blocks = QUICKSTART.findall((REPO / "README.md").read_text(encoding="utf-8"))
     assert len(blocks) == 1, "README.md needs exactly one ```sh block after <!-- quickstart -->"
