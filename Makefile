@@ -8,6 +8,8 @@ STAMP := $(VENV)/.imgprep-installed
 
 venv: $(STAMP)
 
+# pillow-simd compiles from source: it needs a C compiler, the Python headers and the libjpeg-turbo and
+# zlib headers (Debian/Ubuntu: build-essential python3-dev libjpeg-dev zlib1g-dev).
 $(STAMP): pyproject.toml scripts/ensure-pillow-simd.sh
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip

@@ -1,0 +1,150 @@
+"""The README tells the truth: the files it names exist, and its quick start runs."""
+
+import csv
+import io
+import os
+import re
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from imgprep.sample import ID_TABLE_NAME, make_sample
+from imgprep.storage import Reader
+
+REPO = Path(__file__).parents[1]
+DOCS = [REPO / "README.md", REPO / "benchmarks" / "README.md"]
+REPO_DIRS = ("benchmarks", "data", "examples", "imgprep", "scripts", "tests")
+# A repository path: starts with one of the top folders and is not part of a longer path ($DATA/...,
+# /data/...).
+REPO_PATH = re.compile(rf"(?<![\w/.$-])((?:{'|'.join(REPO_DIRS)})/[\w./-]*)")
+TEST_REF = re.compile(r"\b(test_\w+\.py)(?:::(test_\w+))?")
+QUICKSTART = re.compile(r"<!-- quickstart\b[^>]*-->\s*```sh\n(.*?)```", re.S)
+
+
+def code_spans(text: str) -> list[str]:
+    """The text of every `code span` and fenced block."""
+    blocks = re.findall(r"```[^\n]*\n(.*?)```", text, re.S)
+    spans = re.findall(r"`([^`\n]+)`", re.sub(r"```.*?```", "", text, flags=re.S))
+    return blocks + spans
+
+
+def named_paths(text: str) -> set[str]:
+    found = set()
+    for code in code_spans(text):
+        found.update(m.rstrip(".") for m in REPO_PATH.findall(code))
+        found.update(f"{name}.py" for name in re.findall(r"^([a-z_]+)\.py$", code))  # a module, as in Layout
+    return found
+
+
+def test_every_repository_path_the_docs_name_exists():
+    tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True).stdout.split()
+    basenames = {Path(p).name for p in tracked}
+    missing = []
+    for doc in DOCS:
+        text = doc.read_text(encoding="utf-8")
+        paths = named_paths(text)
+        assert paths, doc  # the pattern still finds something
+        for path in sorted(paths):
+            if "/" in path:
+                exists = (REPO / path).exists()
+            else:
+                exists = path in basenames
+            if not exists:
+                missing.append(f"{doc.name}: {path}")
+        for module, test in TEST_REF.findall(text):
+            source = REPO / "tests" / module
+            if not source.exists():
+                missing.append(f"{doc.name}: tests/{module}")
+            elif test and not re.search(rf"^def {test}\(", source.read_text(encoding="utf-8"), re.M):
+                missing.append(f"{doc.name}: tests/{module}::{test}")
+    assert not missing, missing
+
+
+def test_the_path_pattern_takes_repository_paths_only():
+    text = ('`examples/train_resnet50.py x`, `"$DATA/train"`, `/data/ILSVRC2012/train`, `work/lists`,\n'
+            "```sh\npython benchmarks/bench_build.py --images 2000\n```\n`lists.py`")
+    assert named_paths(text) == {"examples/train_resnet50.py", "benchmarks/bench_build.py", "lists.py"}
+
+
+def test_every_benchmark_table_follows_the_command_that_makes_it():
+    text = (REPO / "benchmarks" / "README.md").read_text(encoding="utf-8")
+    for section in re.split(r"^## ", text, flags=re.M)[1:]:
+        if re.search(r"^\|---", section, re.M):
+            before_table = section[:re.search(r"^\|", section, re.M).start()]
+            assert "```sh\n" in before_table, section.splitlines()[0]
+
+
+def quickstart_script() -> str:
+    blocks = QUICKSTART.findall((REPO / "README.md").read_text(encoding="utf-8"))
+    assert len(blocks) == 1, "README.md needs exactly one ```sh block after <!-- quickstart -->"
+    return blocks[0]
+
+
+def add_file(archive: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    archive.addfile(info, io.BytesIO(data))
+
+
+def write_download(sample: Path, download: Path) -> None:
+    """The three ILSVRC2012 archives, in the download's layout, from an `imgprep sample` tree:
+    a train tar of per-class tars, a flat val tar, and the devkit with its ground truth and meta.mat."""
+    from scipy.io import savemat
+
+    download.mkdir()
+    with tarfile.open(download / "ILSVRC2012_img_train.tar", "w") as train:
+        for class_dir in sorted((sample / "train").iterdir()):
+            inner = io.BytesIO()
+            with tarfile.open(fileobj=inner, mode="w") as per_class:
+                for image in sorted(class_dir.iterdir()):
+                    per_class.add(image, arcname=image.name)
+            add_file(train, f"{class_dir.name}.tar", inner.getvalue())
+    with tarfile.open(download / "ILSVRC2012_img_val.tar", "w") as val:
+        for image in sorted((sample / "val").iterdir()):
+            val.add(image, arcname=image.name)
+    with open(sample / ID_TABLE_NAME, newline="") as f:
+        rows = [(int(i), w) for i, w in list(csv.reader(f))[1:]]
+    synsets = np.zeros(len(rows), dtype=[("ILSVRC2012_ID", "O"), ("WNID", "O"), ("words", "O")])
+    for n, (devkit_id, wnid) in enumerate(rows):
+        synsets[n] = (devkit_id, wnid, wnid)
+    meta = io.BytesIO()
+    savemat(meta, {"synsets": synsets})
+    with tarfile.open(download / "ILSVRC2012_devkit_t12.tar.gz", "w:gz") as devkit:
+        data = "ILSVRC2012_devkit_t12/data"
+        add_file(devkit, f"{data}/ILSVRC2012_validation_ground_truth.txt",
+                 (sample / "ILSVRC2012_validation_ground_truth.txt").read_bytes())
+        add_file(devkit, f"{data}/meta.mat", meta.getvalue())
+
+
+def test_quick_start_runs_on_a_sample_shaped_like_the_download(tmp_path):
+    pytest.importorskip("scipy")
+    pytest.importorskip("torch")
+    sample = make_sample(tmp_path / "sample", classes=4, train_per_class=16, val_per_class=3, seed=5)
+    write_download(sample.root, tmp_path / "download")
+    bin_dir = tmp_path / "bin"  # `imgprep` and `python` as a user's venv has them, running this checkout
+    bin_dir.mkdir()
+    for name, command in (("imgprep", f'exec "{sys.executable}" -m imgprep "$@"'),
+                          ("python", f'exec "{sys.executable}" "$@"')):
+        (bin_dir / name).write_text(f"#!/bin/sh\n{command}\n")
+        (bin_dir / name).chmod(0o755)
+    env = dict(os.environ, DOWNLOAD=str(tmp_path / "download"), DATA=str(tmp_path / "data"),
+               WORK=str(tmp_path / "work"), PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    script = "set -euo pipefail\n" + quickstart_script()
+    result = subprocess.run(["bash", "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, f"{result.stdout}\n{result.stderr}"
+
+    work = tmp_path / "work"
+    with Reader(work / "train_lmdb") as reader:
+        assert len(reader) == sample.train == 64
+    with Reader(work / "val_lmdb") as reader:
+        assert len(reader) == sample.val == 12
+    assert (work / "mean224.binaryproto").stat().st_size > 224 * 224 * 3 * 4
+    assert sorted(p.name for p in (tmp_path / "data" / "train").iterdir()) == sample.wnids
+    losses = [float(line.split()[-1]) for line in result.stdout.splitlines() if line.startswith("step ")]
+    assert len(losses) == 20 and all(np.isfinite(losses)), result.stdout
