@@ -7,7 +7,7 @@ from PIL import Image
 
 from conftest import IMGPREP, assert_clean_error, loky_workers, run_cli, wait_for_progress
 from imgprep.imageops import ImageSpec, parse_resize
-from imgprep.resize import FAILURES, resize_tree
+from imgprep.resize import FAILURES, resize_tree, walk_images
 from imgprep.sample import ODDITY_OUTCOMES
 
 
@@ -122,3 +122,9 @@ def test_a_corrupt_exif_warning_names_the_file(tmp_path):
     (src / "odd.JPEG").write_bytes(bytes(data))
     result = run_cli("resize", src, tmp_path / "dst", "--resize", "shorter:16", "--jobs", "1")
     assert f"{src / 'odd.JPEG'}: Corrupt EXIF data" in result.stderr, result.stderr
+
+
+def test_a_symlink_loop_in_src_is_walked_once(tmp_path):
+    src = _small_tree(tmp_path / "src")
+    (src / "a" / "loop").symlink_to(src)
+    assert walk_images(src) == (["a/x.JPEG", "b/strip.JPEG", "b/x.JPEG"], 0)
