@@ -228,3 +228,22 @@ def test_max_aspect_must_be_zero_or_at_least_one():
     for bad in (0.5, -1, float("nan")):
         with pytest.raises(ImgprepError, match="--max-aspect"):
             check_max_aspect(bad)
+
+
+def test_one_image_never_stops_a_build(tmp_path):
+    """build-lmdb --preset resnet on a 1x300 PNG (once 256x76800, which no JPEG holds: the build died
+    with `broken data stream`) and a LAB TIFF: a cropped record, and a record or a failure."""
+    from conftest import run_cli
+    from imgprep.build import read_manifest
+
+    root = tmp_path / "root"
+    root.mkdir()
+    Image.new("L", (1, 300), 50).save(root / "strip.JPEG", "PNG")
+    Image.new("LAB", (8, 8)).save(root / "lab.JPEG", "TIFF")
+    (tmp_path / "list.txt").write_text("strip.JPEG 0\nlab.JPEG 1\n")
+    result = run_cli("build-lmdb", tmp_path / "list.txt", root, tmp_path / "db", "--preset", "resnet", "--jobs", "1",
+                     "--json", check=False)
+    assert result.returncode in (0, 3) and "Traceback" not in result.stderr, result.stderr
+    assert read_manifest(tmp_path / "db")["state"] == "complete"
+    failed = (tmp_path / "db" / "imgprep-failures.tsv").read_text()
+    assert "strip.JPEG" not in failed and result.returncode == (3 if "lab.JPEG" in failed else 0)
