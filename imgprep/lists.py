@@ -194,8 +194,12 @@ def _duplicates(paths: list[str]) -> list[str]:
 
 
 def _normal(name: str) -> str:
-    normal = posixpath.normpath(name)
-    return name if normal == name else normal
+    """The path with `.`, `..` and repeated slashes resolved (the same string object when nothing
+    changes; the test before normpath skips it for almost every real path)."""
+    if "//" in name or "/." in name or name.startswith(".") or name.endswith("/"):
+        normal = posixpath.normpath(name)
+        return name if normal == name else normal
+    return name
 
 
 def write_list(path: str | os.PathLike, entries) -> int:
