@@ -32,7 +32,8 @@ def prepare_workdir(workdir: Path) -> None:
         if any(workdir.iterdir()):
             if not (workdir / MARKER).is_file():
                 raise ImgprepError(f"{workdir} is not empty and not an earlier demo's folder (no {MARKER}); "
-                                   "the demo deletes its folder first, so give it a new or empty one")
+                                   "the demo deletes its folder first, so give it a new or empty one "
+                                   "(or delete this one yourself)")
             shutil.rmtree(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / MARKER).write_text("Made by `imgprep demo`, which deletes this folder and everything in it "

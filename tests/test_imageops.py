@@ -199,6 +199,7 @@ def _odd_images():
             yield f"mutated {fmt} {n}", mutated.tobytes()
 
 
+@pytest.mark.filterwarnings("ignore::imgprep.imageops.ImageWarning")
 def test_odd_or_mangled_images_are_processed_or_fail_never_raise_anything_else():
     """A LAB TIFF (pillow-simd has no colour-management module to convert it), modes and formats
     of every kind, and a few hundred mangled files: each is an image or an ImageFailure."""
