@@ -20,7 +20,8 @@ from . import ImgprepError
 DEFAULT_MAX_PIXELS = 100_000_000
 # shorter:S keeps the aspect ratio, so a 500x33 strip would become 3879x256 (and a 1x5000 PNG
 # 256x1,280,000). Beyond this ratio the long side is center-cropped first: at shorter:256 a record
-# is at most 1024x256. ImageNet's photos are almost all within 2:1; its 500x33 strip becomes 132x33.
+# is at most 1024x256. ImageNet's photos are mostly about 4:3; outliers such as its 500x33 strip
+# keep their middle (132x33).
 DEFAULT_MAX_ASPECT = 4.0
 JPEG_MAX_SIDE = 65_500  # libjpeg's limit; beyond it the encoder fails with "broken data stream"
 EXIF_ORIENTATION = 0x0112

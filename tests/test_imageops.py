@@ -204,7 +204,7 @@ def test_odd_or_mangled_images_are_processed_or_fail_never_raise_anything_else()
     """A LAB TIFF (pillow-simd has no colour-management module to convert it), modes and formats
     of every kind, and a few hundred mangled files: each is an image or an ImageFailure."""
     reasons = set()
-    for label, data in _odd_images():
+    for _, data in _odd_images():
         for spec in (ImageSpec(parse_resize("shorter:8")), ImageSpec(parse_resize("squash:4x4"), encoded=False)):
             try:
                 process_image(data, spec)
