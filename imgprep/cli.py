@@ -6,6 +6,7 @@ Exit status: 0 success; 1 an error (message on stderr, no traceback); 2 bad usag
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -61,6 +62,11 @@ scheduler_option = click.option(
 quality_option = click.option("--quality", type=click.IntRange(1, 100), default=90, show_default=True,
                               help="JPEG quality for images that are (re-)encoded.")
 gray_option = click.option("--gray", is_flag=True, help="Store 1-channel grayscale instead of RGB.")
+max_aspect_option = click.option(
+    "--max-aspect", type=float, default=None, show_default="4", metavar="RATIO",
+    help="With --resize shorter:S, center-crop the long side of an image longer than RATIO times its "
+         "short side to RATIO times it first, so a 500x33 strip becomes a 1024x256 record rather "
+         "than 3879x256. 0: no limit (outputs over 100 million pixels still fail).")
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -127,7 +133,9 @@ def sample(out, classes, train_per_class, val_per_class, seed, oddities, grain):
 @main.command("make-lists")
 @click.argument("root", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("data/ilsvrc12"),
-              show_default=True, help="Folder for train.txt, val.txt (test.txt), synsets.txt.")
+              show_default=True,
+              help="Folder for train.txt, val.txt (test.txt), synsets.txt and synset_words.txt (Caffe's "
+                   "data/ilsvrc12). Lists already there are replaced only once every new file is written.")
 @click.option("--synsets", "synsets_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Synset list (one wnid per line; line i = label i). Default: the shipped 1000.")
 @click.option("--derive-synsets", is_flag=True,
@@ -168,16 +176,17 @@ PRESETS = {
 }
 
 
-def _image_spec(resize, encoded, quality, gray, preset=None):
-    from .imageops import ImageSpec, parse_resize
+def _image_spec(resize, encoded, quality, gray, preset=None, max_aspect=None):
+    from .imageops import ImageSpec, check_max_aspect, parse_resize
 
     chosen = dict(PRESETS.get(preset, {}))
     if resize is not None:
         chosen["resize"] = resize
     if encoded is not None:
         chosen["encoded"] = encoded
-    return ImageSpec(resize=parse_resize(chosen.get("resize", "none")),
+    spec = ImageSpec(resize=parse_resize(chosen.get("resize", "none")),
                      encoded=chosen.get("encoded", True), quality=quality, gray=gray)
+    return spec if max_aspect is None else dataclasses.replace(spec, max_aspect=check_max_aspect(max_aspect))
 
 
 @main.command()
@@ -186,10 +195,11 @@ def _image_spec(resize, encoded, quality, gray, preset=None):
 @_resize_option("shorter:256")
 @quality_option
 @gray_option
+@max_aspect_option
 @jobs_option
 @click.option("--overwrite", is_flag=True, help="Redo every output, even up-to-date ones.")
 @scheduler_option
-def resize(src, dst, resize, quality, gray, jobs, overwrite, scheduler):
+def resize(src, dst, resize, quality, gray, max_aspect, jobs, overwrite, scheduler):
     """Resize every image under SRC into DST as JPEG, keeping relative paths.
 
     Outputs newer than their source are skipped, so running the command again resumes it.
@@ -203,7 +213,8 @@ def resize(src, dst, resize, quality, gray, jobs, overwrite, scheduler):
     """
     from .resize import resize_tree
 
-    report = resize_tree(src, dst, _image_spec(resize, True, quality, gray), jobs, overwrite, scheduler)
+    report = resize_tree(src, dst, _image_spec(resize, True, quality, gray, max_aspect=max_aspect), jobs,
+                         overwrite, scheduler)
     if report.failures:
         sys.exit(EXIT_IMAGES_FAILED)
 
@@ -221,6 +232,7 @@ def resize(src, dst, resize, quality, gray, jobs, overwrite, scheduler):
               help="JPEG bytes (encoded=true) or raw BGR planar pixels. Default: encoded.")
 @quality_option
 @gray_option
+@max_aspect_option
 @click.option("--shuffle", is_flag=True, help="Write entries in a seeded random order (recommended: "
               "DALI only shuffles within a small buffer).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for --shuffle.")
@@ -241,7 +253,7 @@ def resize(src, dst, resize, quality, gray, jobs, overwrite, scheduler):
 @click.option("--shard-index", type=click.IntRange(0), default=0, show_default=True)
 @scheduler_option
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
-def build_lmdb(list_file, root, out, preset, backend, resize, encoded, quality, gray, shuffle, seed,
+def build_lmdb(list_file, root, out, preset, backend, resize, encoded, quality, gray, max_aspect, shuffle, seed,
                check_size, jobs, txn_size, resume, overwrite, max_failures, allow_outside_root,
                num_labels, num_shards, shard_index, scheduler, as_json):
     """Build a Caffe Datum database OUT (LMDB or LevelDB) from LIST and the image ROOT.
@@ -258,7 +270,7 @@ def build_lmdb(list_file, root, out, preset, backend, resize, encoded, quality, 
     """
     from .build import BuildOptions, build_database, report_to_dict
 
-    options = BuildOptions(backend=backend, spec=_image_spec(resize, encoded, quality, gray, preset),
+    options = BuildOptions(backend=backend, spec=_image_spec(resize, encoded, quality, gray, preset, max_aspect),
                            shuffle=shuffle, seed=seed, check_size=check_size, jobs=jobs,
                            txn_size=txn_size, max_failures=max_failures, num_labels=num_labels,
                            allow_outside_root=allow_outside_root, num_shards=num_shards,
@@ -382,7 +394,10 @@ def bench_loader_cmd(db, batch, threads, device, seconds, eval_policy, compare, 
 @click.argument("workdir", type=click.Path(file_okay=False, path_type=Path), default=Path("build/demo"))
 @click.option("--seconds", type=float, default=3.0, show_default=True, help="Seconds per benchmark row.")
 def demo(workdir, seconds):
-    """Run every stage on a fresh bundled sample in WORKDIR (deleted first) and summarise.
+    """Run every stage on a fresh bundled sample in WORKDIR and summarise.
+
+    WORKDIR must be new, empty, or an earlier demo's (it holds imgprep-demo.txt): that one is
+    deleted first. A folder with anything else in it is refused.
 
     \b
     Example:

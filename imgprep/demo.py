@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from . import ImgprepError
 from .bench import bench_loader, format_table
 from .build import FAILURES, BuildOptions, build_database
 from .imageops import ImageSpec, parse_resize
@@ -16,11 +17,35 @@ from .lists import make_lists
 from .mean import MeanTransform, compute_mean, write_mean
 from .sample import make_sample
 
+# Marks a folder as a demo's own, which the next demo in it may delete.
+MARKER = "imgprep-demo.txt"
+
+
+def prepare_workdir(workdir: Path) -> None:
+    """Empties `workdir` for a new demo: a new or empty folder, or an earlier demo's (it holds
+    MARKER). Any other folder might hold a user's files and is refused."""
+    if workdir.is_symlink():
+        raise ImgprepError(f"{workdir} is a symbolic link; give the demo a plain folder")
+    if workdir.exists():
+        if not workdir.is_dir():
+            raise ImgprepError(f"{workdir} is not a folder")
+        if any(workdir.iterdir()):
+            if not (workdir / MARKER).is_file():
+                raise ImgprepError(f"{workdir} is not empty and not an earlier demo's folder (no {MARKER}); "
+                                   "the demo deletes its folder first, so give it a new or empty one "
+                                   "(or delete this one yourself)")
+            shutil.rmtree(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / MARKER).write_text("Made by `imgprep demo`, which deletes this folder and everything in it "
+                                  "when it runs here again.\n")
+
 
 def run_demo(workdir, seconds: float = 3.0) -> None:
     workdir = Path(workdir)
-    if workdir.exists():
-        shutil.rmtree(workdir)
+    try:
+        prepare_workdir(workdir)
+    except OSError as e:
+        raise ImgprepError(f"cannot prepare {workdir}: {e.strerror or e}") from None
     start = time.perf_counter()
     say = lambda text: click.echo(click.style("==> ", fg="green") + text)  # noqa: E731
     say(f"sample: an ILSVRC12-shaped tree with the oddities of real ImageNet -> {workdir / 'sample'}")

@@ -18,8 +18,18 @@ from . import ImgprepError
 
 # ImageNet's largest is about 10 MP; 100 MP leaves room for real photos and refuses bombs.
 DEFAULT_MAX_PIXELS = 100_000_000
+# shorter:S keeps the aspect ratio, so a 500x33 strip would become 3879x256 (and a 1x5000 PNG
+# 256x1,280,000). Beyond this ratio the long side is center-cropped first: at shorter:256 a record
+# is at most 1024x256. ImageNet's photos are mostly about 4:3; outliers such as its 500x33 strip
+# keep their middle (132x33).
+DEFAULT_MAX_ASPECT = 4.0
+JPEG_MAX_SIDE = 65_500  # libjpeg's limit; beyond it the encoder fails with "broken data stream"
 EXIF_ORIENTATION = 0x0112
 SUBSAMPLING_420 = 2
+
+
+class ImageWarning(UserWarning):
+    """Something odd in an image that was still used (e.g. a corrupt EXIF block), naming the file."""
 
 
 class ImageFailure(Exception):
@@ -43,6 +53,16 @@ class ResizePolicy:
         if self.kind == "shorter":
             return f"shorter:{self.width}"
         return "none"
+
+    def crop_size(self, width: int, height: int, max_aspect: float) -> tuple[int, int]:
+        """The (width, height) of the centered region resized, for an upright input: all of it,
+        except that shorter:S first cuts a long side beyond `max_aspect` times the short side
+        (0: no limit)."""
+        if self.kind != "shorter" or not max_aspect:
+            return width, height
+        short = min(width, height)
+        longest = max(1, round(short * max_aspect))
+        return min(width, longest), min(height, longest)
 
     def target_size(self, width: int, height: int) -> tuple[int, int]:
         """Output (width, height) for an upright input of the given size."""
@@ -80,8 +100,15 @@ class ImageSpec:
     encoded: bool = True
     quality: int = 90
     gray: bool = False
-    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_pixels: int = DEFAULT_MAX_PIXELS  # refused above this many pixels, in the file or the output
     draft: bool = True  # decode-time DCT downscaling for JPEG sources
+    max_aspect: float = DEFAULT_MAX_ASPECT  # shorter:S only; see ResizePolicy.crop_size
+
+
+def check_max_aspect(value: float) -> float:
+    if value != 0 and not value >= 1:
+        raise ImgprepError(f"--max-aspect must be 0 (no limit) or at least 1, not {value}")
+    return float(value)
 
 
 @dataclass
@@ -167,19 +194,39 @@ def decode_upright(data: bytes, spec: ImageSpec = ImageSpec()) -> tuple[Image.Im
     img = open_image(data, spec.max_pixels)
     rotation = orientation(img)
     w, h = img.size
-    upright_w, upright_h = (h, w) if rotation in (5, 6, 7, 8) else (w, h)
-    tw, th = spec.resize.target_size(upright_w, upright_h)
+    turned = rotation in (5, 6, 7, 8)
+    upright_w, upright_h = (h, w) if turned else (w, h)
+    crop_w, crop_h = spec.resize.crop_size(upright_w, upright_h, spec.max_aspect)
+    tw, th = spec.resize.target_size(crop_w, crop_h)
+    if tw * th > spec.max_pixels:
+        raise ImageFailure("too-large", f"{upright_w}x{upright_h} resized by {spec.resize} would be {tw}x{th} = "
+                                        f"{tw * th:,} pixels, over the limit of {spec.max_pixels:,}")
+    if spec.encoded and max(tw, th) > JPEG_MAX_SIDE:
+        raise ImageFailure("too-large", f"{upright_w}x{upright_h} resized by {spec.resize} would be {tw}x{th}, "
+                                        f"beyond JPEG's limit of {JPEG_MAX_SIDE:,} pixels a side")
     if spec.draft and spec.resize.kind != "none" and img.format == "JPEG":
-        request = (th, tw) if rotation in (5, 6, 7, 8) else (tw, th)
+        # The draft keeps the whole frame at least large enough for the cropped region to cover the target.
+        full_w, full_h = -(-tw * upright_w // crop_w), -(-th * upright_h // crop_h)
+        request = (full_h, full_w) if turned else (full_w, full_h)
         img.draft("L" if spec.gray else ("RGB" if img.mode == "RGB" else None), request)
     _load(img)
     source = img
     if rotation != 1:
         img = ImageOps.exif_transpose(img)
     img = normalise_mode(img, spec.gray)
+    if (crop_w, crop_h) != (upright_w, upright_h):
+        img = img.crop(_centered_box(img.size, crop_w / upright_w, crop_h / upright_h))
     if img.size != (tw, th):
         img = img.resize((tw, th), Image.BILINEAR)
     return source, img
+
+
+def _centered_box(size: tuple[int, int], keep_w: float, keep_h: float) -> tuple[int, int, int, int]:
+    """The centered box keeping these fractions of a (possibly DCT-scaled) image's width and height."""
+    w, h = size
+    cw, ch = max(1, round(w * keep_w)), max(1, round(h * keep_h))
+    left, top = (w - cw) // 2, (h - ch) // 2
+    return left, top, left + cw, top + ch
 
 
 def encode_jpeg(img: Image.Image, quality: int) -> bytes:
@@ -219,8 +266,30 @@ def keeps_original(source: Image.Image, spec: ImageSpec) -> bool:
             and source.mode == wanted and orientation(source) == 1)
 
 
-def process_image(data: bytes, spec: ImageSpec) -> ProcessedImage:
-    """One list entry's bytes -> what goes into its Datum."""
+def process_image(data: bytes, spec: ImageSpec, name: str | None = None) -> ProcessedImage:
+    """One list entry's bytes -> what goes into its Datum.
+
+    Every error about this one image (Pillow's, an encoder's, running out of memory) becomes an
+    `ImageFailure`, so one image never stops a build. Pillow's warnings (e.g. a corrupt EXIF block)
+    are re-issued as `ImageWarning`s that start with `name`.
+    """
+    caught: list = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            return _process(data, spec)
+    except ImageFailure:
+        raise
+    except MemoryError:
+        raise ImageFailure("too-large", "out of memory while processing it") from None
+    except Exception as e:
+        raise ImageFailure("error", f"{type(e).__name__}: {e}") from None
+    finally:
+        for message in dict.fromkeys(str(w.message).strip() for w in caught):
+            warnings.warn(f"{name or 'image'}: {message}", ImageWarning, stacklevel=2)
+
+
+def _process(data: bytes, spec: ImageSpec) -> ProcessedImage:
     source, img = decode_upright(data, spec)
     channels = 1 if img.mode == "L" else 3
     width, height = img.size

@@ -26,18 +26,33 @@ LIST_ENCODING = dict(encoding="utf-8", errors="surrogateescape")
 DEVKIT_GROUND_TRUTH = "ILSVRC2012_validation_ground_truth.txt"
 DEVKIT_ID_TABLE_NAMES = ("meta.mat", "ILSVRC2012_id_to_wnid.csv")
 KAGGLE_SOLUTION = "LOC_val_solution.csv"
-WNID_RE = re.compile(r"^n\d{8}$")
+WNID_RE = re.compile(r"^n[0-9]{8}$")
+LABEL_RE = re.compile(r"[+-]?[0-9]+")  # ASCII digits only: int() would also take '３' or '٣'
+ID_RE = re.compile(r"[0-9]+")
 SHOWN = 10  # how many offending items an error message lists
 INT32_MAX = 2**31 - 1
+
+
+def read_text(path: Path, what: str, encoding: str = "utf-8-sig") -> str:
+    """A text file that must be UTF-8 (a BOM is allowed); anything else is an error naming it."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise ImgprepError(f"cannot read {what} {path}: {e.strerror}") from None
+    try:
+        return data.decode(encoding)
+    except UnicodeDecodeError as e:
+        looks = ""
+        if data[:2] in (b"\xff\xfe", b"\xfe\xff"):
+            looks = " (it starts with a UTF-16 byte-order mark)"
+        raise ImgprepError(f"{what} {path} is not UTF-8 text{looks}: byte 0x{data[e.start]:02x} at offset "
+                           f"{e.start} is invalid; save it as UTF-8 (plain ASCII is UTF-8)") from None
 
 
 def load_synsets(path: str | os.PathLike | None = None) -> list[str]:
     """The wnids, one per line; line i is label i. Defaults to the shipped ILSVRC12 list."""
     path = Path(path) if path else SYNSETS_FILE
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise ImgprepError(f"cannot read synsets file {path}: {e.strerror}") from None
+    text = read_text(path, "synsets file")
     wnids = [line.split()[0] for line in text.splitlines() if line.strip()]
     duplicates = sorted(w for w, n in Counter(wnids).items() if n > 1)
     if duplicates:
@@ -48,7 +63,7 @@ def load_synsets(path: str | os.PathLike | None = None) -> list[str]:
 def load_synset_words(path: str | os.PathLike | None = None) -> dict[str, str]:
     path = Path(path) if path else SYNSET_WORDS_FILE
     words = {}
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in read_text(path, "synset words file").splitlines():
         wnid, _, text = line.partition(" ")
         words[wnid] = text
     return words
@@ -137,7 +152,9 @@ def _check_line(line: str, num_labels: int | None, allow_outside_root: bool) -> 
     name, sep, label_text = line.rpartition(" ")
     if not sep or not name:
         return "missing label (expected 'path label', separated by a space)"
-    if not re.fullmatch(r"[+-]?\d+", label_text):
+    if "\0" in name:
+        return "path contains a NUL byte, which no file name can hold"
+    if not LABEL_RE.fullmatch(label_text):
         return f"label {label_text!r} is not an integer"
     label = int(label_text)
     if label < 0:
@@ -155,20 +172,34 @@ def _check_line(line: str, num_labels: int | None, allow_outside_root: bool) -> 
 
 
 def _duplicates(paths: list[str]) -> list[str]:
-    """Entries listed twice. Sorting references costs 8 bytes an entry; a dict would cost ~100."""
-    ordered = sorted(paths)
+    """Entries naming one file twice, also under aliases (`d/./x`, `d//x`, `d/../d/x` beside `d/x`).
+    Sorting references costs 8 bytes an entry (a dict would cost ~100); a normalised copy is kept
+    only for the rare path that differs from its normal form."""
+    keys = [_normal(name) for name in paths]
+    ordered = sorted(keys)
     repeated = {a for a, b in zip(ordered, ordered[1:]) if a == b}
     if not repeated:
         return []
     first_entry: dict[str, int] = {}
     problems = []
-    for entry, name in enumerate(paths, 1):
-        if name in repeated:
-            if name in first_entry:
-                problems.append(f"entry {entry}: duplicate of entry {first_entry[name]}: {name[:120]!r}")
+    for entry, (name, key) in enumerate(zip(paths, keys), 1):
+        if key in repeated:
+            if key in first_entry:
+                first = first_entry[key]
+                alias = "" if paths[first - 1] == name else f" ({paths[first - 1][:120]!r})"
+                problems.append(f"entry {entry}: duplicate of entry {first}{alias}: {name[:120]!r}")
             else:
-                first_entry[name] = entry
+                first_entry[key] = entry
     return problems
+
+
+def _normal(name: str) -> str:
+    """The path with `.`, `..` and repeated slashes resolved (the same string object when nothing
+    changes; the test before normpath skips it for almost every real path)."""
+    if "//" in name or "/." in name or name.startswith(".") or name.endswith("/"):
+        normal = posixpath.normpath(name)
+        return name if normal == name else normal
+    return name
 
 
 def write_list(path: str | os.PathLike, entries) -> int:
@@ -177,10 +208,25 @@ def write_list(path: str | os.PathLike, entries) -> int:
     with open(path, "w", newline="\n", **LIST_ENCODING) as f:
         for name, label in entries:
             if "\n" in name or "\r" in name:
-                raise ImgprepError(f"file name {name!r} contains a line break; a list cannot hold it")
+                raise ImgprepError(f"file name {name!r} contains a line break; a list cannot hold it "
+                                   "(rename the file)")
             f.write(f"{name} {label}\n")
             count += 1
     return count
+
+
+def replace_files(folder: Path, writers: dict) -> dict:
+    """Writes each `name: write(path) -> result` to a temporary file in `folder`, then renames them
+    all into place: an error on the way leaves every earlier file of the set as it was."""
+    temporary = {name: folder / f".{name}.tmp{os.getpid()}" for name in writers}
+    try:
+        results = {name: write(temporary[name]) for name, write in writers.items()}
+        for name, tmp in temporary.items():
+            os.replace(tmp, folder / name)
+        return results
+    finally:
+        for tmp in temporary.values():
+            tmp.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -240,27 +286,20 @@ def read_id_table(path: str | os.PathLike) -> dict[int, str]:
             raise ImgprepError(f"cannot read devkit table {path}: {e}") from None
         return {int(s.ILSVRC2012_ID): str(s.WNID) for s in np.atleast_1d(synsets)}
     table = {}
-    try:
-        with open(path, encoding="utf-8-sig") as f:
-            for lineno, row in enumerate(csv.reader(f), 1):
-                if not row or (lineno == 1 and not row[0].strip().isdigit()):
-                    continue  # blank line or header
-                if len(row) < 2 or not row[0].strip().isdigit():
-                    raise ImgprepError(f"{path} line {lineno}: expected 'ILSVRC2012_ID,wnid', got {row!r}")
-                table[int(row[0])] = row[1].strip()
-    except OSError as e:
-        raise ImgprepError(f"cannot read {path}: {e.strerror}") from None
+    for lineno, row in enumerate(csv.reader(read_text(path, "ID table").splitlines()), 1):
+        is_id = bool(row) and ID_RE.fullmatch(row[0].strip()) is not None
+        if not row or (lineno == 1 and not is_id):
+            continue  # blank line or header
+        if len(row) < 2 or not is_id:
+            raise ImgprepError(f"{path} line {lineno}: expected 'ILSVRC2012_ID,wnid', got {row!r}")
+        table[int(row[0])] = row[1].strip()
     return table
 
 
 def read_val_labels(path: str | os.PathLike, id_table: str | os.PathLike | None) -> dict[str, str]:
     """Val file stem -> wnid from Kaggle's solution CSV, the devkit ground truth, or `file wnid` lines."""
     path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8-sig").splitlines()
-    except OSError as e:
-        raise ImgprepError(f"cannot read val labels {path}: {e.strerror}") from None
-    lines = [line.strip() for line in lines]
+    lines = [line.strip() for line in read_text(path, "val labels file").splitlines()]
     body = [line for line in lines if line]
     if body and body[0].startswith("ImageId,"):
         labels = {}
@@ -269,7 +308,7 @@ def read_val_labels(path: str | os.PathLike, id_table: str | os.PathLike | None)
                 raise ImgprepError(f"{path} line {lineno}: expected 'ImageId,PredictionString'")
             labels[row[0]] = row[1].split()[0]
         return labels
-    if body and all(line.isdigit() for line in body):
+    if body and all(ID_RE.fullmatch(line) for line in body):
         if id_table is None:
             raise ImgprepError(f"{path} holds devkit ILSVRC2012_IDs; also give the ID->wnid table "
                                "with --val-id-table (the devkit's meta.mat or an ILSVRC2012_ID,wnid CSV)")
@@ -329,6 +368,7 @@ def make_lists(root: str | os.PathLike, out: str | os.PathLike, synsets_file=Non
     train_dir, val_dir, test_dir = root / "train", root / "val", root / "test"
     if not root.is_dir():
         raise ImgprepError(f"image root {root} is not a folder")
+    _refuse_package_folder(out)
     if not train_dir.is_dir() and not val_dir.is_dir():
         raise ImgprepError(f"{root} has neither train/ nor val/; expected an ILSVRC12-shaped tree "
                            "(ROOT/train/<wnid>/*.JPEG, ROOT/val/...)")
@@ -376,10 +416,17 @@ def make_lists(root: str | os.PathLike, out: str | os.PathLike, synsets_file=Non
         report.skipped_files += len(scan.skipped)
         outputs["test.txt"] = [(p, 0) for p in scan.images]
 
-    out.mkdir(parents=True, exist_ok=True)
-    for name, entries in outputs.items():
-        report.written[name] = write_list(out / name, entries)
-    _write_synset_files(out, synsets)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        writers = {name: (lambda path, e=entries: write_list(path, e)) for name, entries in outputs.items()}
+        words = load_synset_words()
+        writers["synsets.txt"] = lambda path: path.write_text("".join(f"{w}\n" for w in synsets), encoding="utf-8")
+        writers["synset_words.txt"] = lambda path: path.write_text(
+            "".join(f"{w} {words.get(w, w)}\n" for w in synsets), encoding="utf-8")
+        written = replace_files(out, writers)
+    except OSError as e:
+        raise ImgprepError(f"cannot write the lists to {out}: {e.strerror or e}") from None
+    report.written = {name: written[name] for name in outputs}
     report.seconds = progress.elapsed
     return report
 
@@ -428,12 +475,11 @@ def _val_entries(root, val_dir, label_of, synsets_source, val_labels, val_id_tab
     return [(by_stem[stem], label_of[labels[stem]]) for stem in sorted(by_stem)]
 
 
-def _write_synset_files(out: Path, synsets: list[str]) -> None:
-    """Puts synsets.txt / synset_words.txt beside the lists so their labels can be read back."""
-    target = out / "synsets.txt"
-    if target.exists() and target.resolve() == SYNSETS_FILE.resolve():
-        return
-    target.write_text("".join(f"{w}\n" for w in synsets), encoding="utf-8")
-    words = load_synset_words()
-    (out / "synset_words.txt").write_text(
-        "".join(f"{w} {words.get(w, w)}\n" for w in synsets), encoding="utf-8")
+def _refuse_package_folder(out: Path) -> None:
+    """The package's bundled synsets label every ILSVRC12 list; lists never go into them (in a
+    checkout, `data/ilsvrc12` may be a link to them)."""
+    package = Path(__file__).resolve().parent
+    real = out.resolve()
+    if real == package or package in real.parents:
+        raise ImgprepError(f"--out {out} is inside the imgprep package ({real}); make-lists never writes "
+                           "into its bundled data: choose another folder")

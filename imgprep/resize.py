@@ -2,22 +2,26 @@
 
 Relative paths are kept. An output newer than its source, made with the same options, is
 up to date and skipped, so an interrupted run is resumed by running it again. Outputs are
-written to a temporary name and renamed, so none is ever half-written.
+written to a temporary name and renamed, so none is ever half-written. Nothing is written
+through a symbolic link inside DST: an output whose folder or file is a link is a failure.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import ImgprepError
-from .build import Failure, crashed_failure, read_source
+from .build import Failure, crashed_failure
 from .imageops import ImageFailure, ImageSpec, process_image
 from .lists import is_image_name
 from .parallel import chunked, ordered_map, resolve_jobs
 from .progress import Progress
+from .sources import read_source
 
 MANIFEST = "imgprep-resize.json"
 FAILURES = "imgprep-resize-failures.tsv"
@@ -44,12 +48,19 @@ class ResizeReport:
 
 
 def walk_images(src: Path) -> tuple[list[str], int]:
-    """All image files under src as sorted '/'-separated relative paths, and the count of others."""
+    """All image files under src as sorted '/'-separated relative paths, and the count of others.
+    A folder reached twice (a symlink loop) is walked once."""
     images, others = [], 0
     stack = [""]
+    seen = set()
     while stack:
         prefix = stack.pop()
-        with os.scandir(src / prefix if prefix else src) as it:
+        folder = src / prefix if prefix else src
+        st = os.stat(folder)
+        if (st.st_dev, st.st_ino) in seen:
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        with os.scandir(folder) as it:
             for entry in it:
                 rel = f"{prefix}{entry.name}"
                 if entry.is_dir():
@@ -62,27 +73,66 @@ def walk_images(src: Path) -> tuple[list[str], int]:
     return images, others
 
 
+def output_path(dst: Path, rel: str, made: set) -> Path:
+    """Where output `rel` goes, its folders made where missing. A link (or file) on the way, or
+    a link at the output itself, is a failure: no output ever lands outside DST. `made`
+    remembers the folders already checked."""
+    folder = dst
+    for part in rel.split("/")[:-1]:
+        folder = folder / part
+        if folder in made:
+            continue
+        try:
+            os.mkdir(folder)
+        except FileExistsError:
+            pass
+        mode = os.lstat(folder).st_mode
+        if not stat.S_ISDIR(mode):
+            kind = "a symbolic link" if stat.S_ISLNK(mode) else "not a folder"
+            raise ImageFailure("unsafe-output", f"{folder} is {kind}; resize writes only into real folders")
+        made.add(folder)
+    target = folder / rel.rsplit("/", 1)[-1]
+    if os.path.islink(target):
+        raise ImageFailure("unsafe-output", f"{target} is a symbolic link; resize neither follows nor replaces it")
+    return target
+
+
+def write_output(target: Path, data: bytes) -> None:
+    """Writes `target` through a temporary file and a rename, which replaces a link at `target`
+    rather than writing through it."""
+    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+    try:
+        fd = os.open(tmp, flags, 0o644)
+    except FileExistsError:  # left by a killed run of a process with the same id
+        os.unlink(tmp)
+        fd = os.open(tmp, flags, 0o644)
+    with open(fd, "wb") as f:
+        f.write(data)
+    os.replace(tmp, target)
+
+
 def resize_chunk(chunk, src: Path, dst: Path, spec: ImageSpec):
     results = []
+    made: set = set()
     for rel in chunk:
         target = dst / rel
         try:
-            image = process_image(read_source(src, rel, allow_outside_root=False), spec)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
-            tmp.write_bytes(image.data)
-            os.replace(tmp, target)
+            image = process_image(read_source(src, rel, allow_outside_root=False), spec, name=str(src / rel))
+            write_output(output_path(dst, rel, made), image.data)
             results.append((rel, None))
         except ImageFailure as e:
             results.append((rel, Failure(0, rel, e.reason, e.detail)))
         except OSError as e:
-            raise ImgprepError(f"cannot write {target}: {e.strerror}") from None
+            raise ImgprepError(f"cannot write {target}: {e.strerror or e}") from None
     return results
 
 
 def _is_up_to_date(src: Path, dst: Path, rel: str) -> bool:
+    """A link in place of the output is never up to date: it is reported, not taken for an output."""
     try:
-        return os.stat(dst / rel).st_mtime_ns >= os.stat(src / rel).st_mtime_ns
+        output = os.stat(dst / rel, follow_symlinks=False)
+        return not stat.S_ISLNK(output.st_mode) and output.st_mtime_ns >= os.stat(src / rel).st_mtime_ns
     except FileNotFoundError:
         return False
 
@@ -94,18 +144,23 @@ def resize_tree(src, dst, spec: ImageSpec, jobs: int | None = None, overwrite: b
         raise ImgprepError(f"source {src} is not a folder")
     if dst.resolve() == src.resolve() or src.resolve() in dst.resolve().parents:
         raise ImgprepError("DST must not be SRC or lie inside it")
-    spec = ImageSpec(spec.resize, True, spec.quality, spec.gray, spec.max_pixels, spec.draft)
-    identity = {"resize": str(spec.resize), "quality": spec.quality, "gray": spec.gray}
+    spec = dataclasses.replace(spec, encoded=True)
+    identity = {"resize": str(spec.resize), "quality": spec.quality, "gray": spec.gray,
+                "max_aspect": spec.max_aspect}
     manifest_path = dst / MANIFEST
     try:
         dst.mkdir(parents=True, exist_ok=True)
         if manifest_path.exists() and not overwrite:
-            previous = json.loads(manifest_path.read_text())
+            try:
+                previous = json.loads(manifest_path.read_text())
+            except ValueError:
+                raise ImgprepError(f"{manifest_path} is not resize's JSON record; remove it or choose "
+                                   "another DST") from None
             if previous != identity:
                 raise ImgprepError(f"{dst} was made with {previous}; pass --overwrite to redo it with {identity}")
-        manifest_path.write_text(json.dumps(identity))
+        write_output(manifest_path, json.dumps(identity).encode())
     except OSError as e:
-        raise ImgprepError(f"cannot write to {dst}: {e.strerror}") from None
+        raise ImgprepError(f"cannot write to {dst}: {e.strerror or e}") from None
     images, others = walk_images(src)
     report = ResizeReport(dst, total=len(images), skipped_files=others)
     todo = images if overwrite else [r for r in images if not _is_up_to_date(src, dst, r)]
@@ -120,8 +175,11 @@ def resize_tree(src, dst, spec: ImageSpec, jobs: int | None = None, overwrite: b
             else:
                 report.written += 1
             progress.update(1, failures=int(failure is not None))
-    with open(dst / FAILURES, "w", encoding="utf-8", errors="surrogateescape") as f:
-        f.writelines(f"{x.path}\t{x.reason}\t{x.detail}\n" for x in report.failures)
+    lines = "".join(x.line().split("\t", 1)[1] for x in report.failures)  # path, reason, detail
+    try:
+        write_output(dst / FAILURES, lines.encode("utf-8", "surrogateescape"))
+    except OSError as e:
+        raise ImgprepError(f"cannot write {dst / FAILURES}: {e.strerror or e}") from None
     report.seconds = progress.elapsed
     progress.finish(report.summary())
     return report

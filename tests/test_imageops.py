@@ -7,8 +7,8 @@ import pytest
 from PIL import Image
 
 from imgprep import ImgprepError
-from imgprep.imageops import (ImageFailure, ImageSpec, bgr_chw_to_rgb_hwc, center_crop,
-                              decode_upright, parse_resize, process_image, to_bgr_chw)
+from imgprep.imageops import (ImageFailure, ImageSpec, ImageWarning, bgr_chw_to_rgb_hwc, center_crop,
+                              check_max_aspect, decode_upright, parse_resize, process_image, to_bgr_chw)
 from imgprep.sample import PHOTOS_DIR
 
 PHOTO = (PHOTOS_DIR / "chelsea.jpg").read_bytes()  # 451x300 RGB JPEG
@@ -136,3 +136,115 @@ def test_center_crop_offsets():
     assert center_crop(arr, 3).tolist() == arr[1:4, 2:5].tolist()
     with pytest.raises(ImgprepError):
         center_crop(arr, 7)
+
+
+def _strip(width, height):
+    """An image whose first, middle and last thirds (of its long side) are red, green and blue."""
+    img = Image.new("RGB", (width, height), (0, 255, 0))
+    third = max(width, height) // 3
+    img.paste((255, 0, 0), (0, 0, third, height) if width > height else (0, 0, width, third))
+    img.paste((0, 0, 255), (width - third, 0, width, height) if width > height else (0, height - third, width, height))
+    return img
+
+
+def _chw(image):
+    return np.frombuffer(image.data, np.uint8).reshape(image.channels, image.height, image.width)
+
+
+def test_extreme_aspect_ratios_are_center_cropped_to_the_cap():
+    shorter = parse_resize("shorter:256")
+    wide = process_image(save(_strip(500, 33), "PNG"), ImageSpec(shorter, encoded=False))
+    assert (wide.width, wide.height) == (1024, 256)  # the middle 132x33, not 3879x256
+    assert (_chw(wide) == np.array([0, 255, 0], np.uint8)[:, None, None]).all()  # all of it green
+    tall = process_image(save(_strip(33, 500), quality=95), ImageSpec(shorter, encoded=True))
+    assert (tall.width, tall.height) == (256, 1024)
+    thin = process_image(save(Image.new("L", (1, 5000), 7), "PNG"), ImageSpec(shorter, encoded=True))
+    assert (thin.width, thin.height) == (256, 1024)
+    # within the cap, and other policies, nothing is cut
+    within = process_image(save(_strip(400, 100), "PNG"), ImageSpec(shorter, encoded=False))
+    assert within.width == 1024 and set(_chw(within)[:, 128, 0]) == {0, 255}  # the red third is kept
+    assert process_image(save(_strip(500, 33), "PNG"), ImageSpec(parse_resize("squash:64x64"))).width == 64
+    assert process_image(save(_strip(500, 33), "PNG"), ImageSpec(max_aspect=4)).width == 500
+    uncapped = process_image(save(_strip(500, 33), "PNG"), ImageSpec(shorter, encoded=False, max_aspect=0))
+    assert (uncapped.width, uncapped.height) == (3879, 256)
+
+
+def test_an_output_over_the_pixel_limit_fails_before_resizing():
+    with pytest.raises(ImageFailure) as info:
+        process_image(save(Image.new("L", (1, 20000)), "PNG"), ImageSpec(parse_resize("shorter:256"), max_aspect=0))
+    assert info.value.reason == "too-large" and "256x5120000" in info.value.detail
+
+
+def test_an_output_beyond_jpegs_side_limit_fails_before_resizing():
+    # 256x76800 is within the pixel limit but not a JPEG: the encoder failed with "broken data stream"
+    with pytest.raises(ImageFailure) as info:
+        process_image(save(Image.new("L", (1, 300)), "PNG"), ImageSpec(parse_resize("shorter:256"), max_aspect=0))
+    assert info.value.reason == "too-large" and "65,500" in info.value.detail
+
+
+def _odd_images():
+    for mode in ("LAB", "HSV", "YCbCr", "I;16", "CMYK", "F", "1", "LA", "PA"):
+        for fmt in ("TIFF", "PNG", "JPEG", "GIF", "BMP", "WEBP"):
+            try:
+                yield f"{mode} {fmt}", save(Image.new(mode, (5, 3)), fmt)
+            except Exception:  # Pillow cannot write this pair
+                pass
+    rng = np.random.default_rng(0)
+    for fmt in ("JPEG", "PNG", "TIFF", "GIF"):
+        good = np.frombuffer(save(Image.new("RGB", (24, 16), (9, 99, 199)), fmt), np.uint8)
+        for n in range(60):
+            mutated = good.copy()
+            spots = rng.integers(0, len(good), 1 + n % 5)
+            mutated[spots] = rng.integers(0, 256, len(spots))
+            yield f"mutated {fmt} {n}", mutated.tobytes()
+
+
+@pytest.mark.filterwarnings("ignore::imgprep.imageops.ImageWarning")
+def test_odd_or_mangled_images_are_processed_or_fail_never_raise_anything_else():
+    """A LAB TIFF (pillow-simd has no colour-management module to convert it), modes and formats
+    of every kind, and a few hundred mangled files: each is an image or an ImageFailure."""
+    reasons = set()
+    for _, data in _odd_images():
+        for spec in (ImageSpec(parse_resize("shorter:8")), ImageSpec(parse_resize("squash:4x4"), encoded=False)):
+            try:
+                process_image(data, spec)
+            except ImageFailure as e:
+                reasons.add(e.reason)
+    assert reasons <= {"unreadable", "truncated", "corrupt", "error", "too-large"}, reasons
+
+
+def test_a_corrupt_exif_warning_names_the_image():
+    exif = Image.Exif()
+    exif[0x010F] = "a maker name long enough to live outside the IFD"
+    data = bytearray(save(upright_photo(), exif=exif.tobytes()))
+    at = data.find(b"Exif\x00\x00MM") + 6
+    data[at + 8:at + 10] = b"\x00\xff"  # the IFD claims 255 entries; the block holds one
+    with pytest.warns(ImageWarning, match="n01440764/x.JPEG: .*EXIF"):
+        image = process_image(bytes(data), ImageSpec(parse_resize("shorter:64")), name="n01440764/x.JPEG")
+    assert image.height == 64
+
+
+def test_max_aspect_must_be_zero_or_at_least_one():
+    assert check_max_aspect(0) == 0 and check_max_aspect(1.5) == 1.5
+    for bad in (0.5, -1, float("nan")):
+        with pytest.raises(ImgprepError, match="--max-aspect"):
+            check_max_aspect(bad)
+
+
+def test_one_image_never_stops_a_build(tmp_path):
+    """build-lmdb --preset resnet on a 1x300 PNG (once 256x76800, which no JPEG holds: the build died
+    with `broken data stream`) and a LAB TIFF: a cropped record, and a record or a failure."""
+    from conftest import run_cli
+    from imgprep.build import read_manifest
+
+    root = tmp_path / "root"
+    root.mkdir()
+    Image.new("L", (1, 300), 50).save(root / "strip.JPEG", "PNG")
+    Image.new("LAB", (8, 8)).save(root / "lab.JPEG", "TIFF")
+    (tmp_path / "list.txt").write_text("strip.JPEG 0\nlab.JPEG 1\n")
+    result = run_cli("build-lmdb", tmp_path / "list.txt", root, tmp_path / "db", "--preset", "resnet", "--jobs", "1",
+                     "--json", check=False)
+    assert result.returncode in (0, 3) and "Traceback" not in result.stderr, result.stderr
+    assert read_manifest(tmp_path / "db")["state"] == "complete"
+    failed = (tmp_path / "db" / "imgprep-failures.tsv").read_text()
+    assert "strip.JPEG" not in failed and result.returncode == (3 if "lab.JPEG" in failed else 0)

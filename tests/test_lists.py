@@ -6,8 +6,8 @@ import pytest
 
 from conftest import assert_clean_error, run_cli
 from imgprep import ImgprepError
-from imgprep.lists import (SYNSET_WORDS_FILE, load_synset_words, load_synsets, make_lists,
-                           read_list)
+from imgprep.lists import (PACKAGE_ILSVRC12, SYNSET_WORDS_FILE, load_synset_words, load_synsets,
+                           make_lists, read_list)
 from imgprep.sample import ID_TABLE_NAME, devkit_ids
 
 
@@ -169,3 +169,68 @@ def test_every_command_has_help_with_an_example():
     for command in commands:
         text = run_cli(command, "--help").stdout
         assert "Example" in text, command
+
+
+@pytest.mark.parametrize("text, message", [
+    ("d/x.JPEG 1\nd/./x.JPEG 1", "entry 2: duplicate of entry 1 ('d/x.JPEG')"),
+    ("./d/x.JPEG 1\nd//x.JPEG 2\nd/e/../x.JPEG 3", "entry 3: duplicate of entry 1"),
+    ("a.JPEG \uff10", "not an integer"),  # fullwidth zero
+    ("a.JPEG \u0663", "not an integer"),  # Arabic-Indic three
+    ("a\0b.JPEG 1", "line 1: path contains a NUL byte"),
+])
+def test_path_aliases_non_ascii_labels_and_nul_bytes_are_refused(tmp_path, text, message):
+    path = tmp_path / "list.txt"
+    path.write_text(text + "\n", encoding="utf-8")
+    with pytest.raises(ImgprepError) as info:
+        read_list(path)
+    assert message in str(info.value)
+
+
+def test_lists_never_go_into_the_package_data(tree_copy, tmp_path):
+    before = {p.name: p.read_bytes() for p in PACKAGE_ILSVRC12.iterdir()}
+    link = tmp_path / "data" / "ilsvrc12"  # as a checkout's data/ilsvrc12 link to the package data
+    link.parent.mkdir()
+    link.symlink_to(PACKAGE_ILSVRC12)
+    try:
+        for out in (link, PACKAGE_ILSVRC12):
+            result = run_cli("make-lists", tree_copy, "--out", out, "--derive-synsets", check=False)
+            assert_clean_error(result, "inside the imgprep package")
+        assert {p.name: p.read_bytes() for p in PACKAGE_ILSVRC12.iterdir()} == before
+    finally:  # keep the package whole even when this test fails
+        for p in PACKAGE_ILSVRC12.iterdir():
+            if p.name not in before:
+                p.unlink()
+            elif p.read_bytes() != before[p.name]:
+                p.write_bytes(before[p.name])
+
+
+def test_a_failed_make_lists_leaves_the_previous_lists_whole(tree_copy, tmp_path):
+    out = tmp_path / "lists"
+    run_cli("make-lists", tree_copy, "--out", out)
+    before = {name: (out / name).read_bytes() for name in os.listdir(out)}
+    shutil.copy(tree_copy / "val" / "ILSVRC2012_val_00000001.JPEG", tree_copy / "train" / "n01440764" / "a\nb.JPEG")
+    assert_clean_error(run_cli("make-lists", tree_copy, "--out", out, check=False), "line break")
+    assert {name: (out / name).read_bytes() for name in os.listdir(out)} == before
+
+
+def test_label_files_in_other_encodings_are_named_with_the_encoding_expected(sample_tree, tmp_path):
+    root = sample_tree.root
+    utf16 = tmp_path / "LOC_val_solution.csv"
+    utf16.write_text((root / "LOC_val_solution.csv").read_text(), encoding="utf-16")
+    latin1 = tmp_path / "ids.csv"
+    latin1.write_bytes((root / ID_TABLE_NAME).read_bytes().replace(b"WNID", b"WNID \xe9t\xe9"))
+    synsets = tmp_path / "synsets.txt"
+    synsets.write_bytes("".join(f"{w}\n" for w in load_synsets()).encode() + b"caf\xe9\n")
+    cases = [
+        (["--val-labels", utf16], ["val labels file", str(utf16), "not UTF-8", "UTF-16"]),
+        (["--val-labels", root / "ILSVRC2012_validation_ground_truth.txt", "--val-id-table", latin1],
+         ["ID table", str(latin1), "not UTF-8", "0xe9"]),
+        (["--synsets", synsets], ["synsets file", str(synsets), "not UTF-8"]),
+    ]
+    for args, fragments in cases:
+        result = run_cli("make-lists", root, "--out", tmp_path / "o", *args, check=False)
+        assert_clean_error(result, *fragments)
+    superscript = tmp_path / "truth.txt"
+    superscript.write_text("1\n\u00b2\n", encoding="utf-8")  # str.isdigit() is true for '²', int() fails
+    assert_clean_error(run_cli("make-lists", root, "--out", tmp_path / "o", "--val-labels", superscript,
+                               check=False), str(superscript))

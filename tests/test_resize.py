@@ -1,3 +1,4 @@
+import io
 import os
 import signal
 import subprocess
@@ -6,7 +7,7 @@ from PIL import Image
 
 from conftest import IMGPREP, assert_clean_error, loky_workers, run_cli, wait_for_progress
 from imgprep.imageops import ImageSpec, parse_resize
-from imgprep.resize import FAILURES, resize_tree
+from imgprep.resize import FAILURES, resize_tree, walk_images
 from imgprep.sample import ODDITY_OUTCOMES
 
 
@@ -58,3 +59,72 @@ def test_a_worker_killed_mid_resize_costs_nothing(larger_tree, tmp_path):
     written = {p.relative_to(tmp_path / "reference"): p.read_bytes() for p in (tmp_path / "reference").rglob("*.JPEG")}
     assert {p.relative_to(tmp_path / "out"): p.read_bytes() for p in (tmp_path / "out").rglob("*.JPEG")} == written
     assert (tmp_path / "out" / FAILURES).read_text() == (tmp_path / "reference" / FAILURES).read_text()
+
+
+def _small_tree(root):
+    """SRC with two good JPEGs in a/ and b/, and a 1x300 PNG that no JPEG can hold at shorter:256."""
+    for folder in ("a", "b"):
+        (root / folder).mkdir(parents=True)
+        Image.new("RGB", (40, 30), (200, 10, 10)).save(root / folder / "x.JPEG")
+    Image.new("L", (1, 300)).save(root / "b" / "strip.JPEG", "PNG")
+    return root
+
+
+def test_resize_never_writes_through_a_link_it_did_not_make(tmp_path):
+    src = _small_tree(tmp_path / "src")
+    dst, outside = tmp_path / "dst", tmp_path / "outside"
+    dst.mkdir()
+    outside.mkdir()
+    (dst / "a").symlink_to(outside)  # DST/a -> outside/
+    (dst / "b").mkdir()
+    (outside / "victim.JPEG").write_bytes(b"mine")
+    (dst / "b" / "x.JPEG").symlink_to(outside / "victim.JPEG")  # DST/b/x.JPEG -> outside/victim.JPEG
+    report = resize_tree(src, dst, ImageSpec(parse_resize("squash:8x8")), jobs=1, show_progress=False)
+    assert sorted(os.listdir(outside)) == ["victim.JPEG"] and (outside / "victim.JPEG").read_bytes() == b"mine"
+    assert {(f.path, f.reason) for f in report.failures} == {("a/x.JPEG", "unsafe-output"),
+                                                            ("b/x.JPEG", "unsafe-output")}
+    assert (dst / "b" / "x.JPEG").is_symlink() and report.written == 1
+
+
+def test_a_fifo_or_an_unencodable_image_is_a_reported_failure(tmp_path):
+    src = _small_tree(tmp_path / "src")
+    os.mkfifo(src / "a" / "pipe.JPEG")  # reading it would wait for a writer forever
+    result = run_cli("resize", src, tmp_path / "dst", "--resize", "shorter:256", "--max-aspect", "0",
+                     "--jobs", "1", check=False, timeout=60)
+    assert result.returncode == 3 and "Traceback" not in result.stderr, result.stderr
+    failures = sorted(line.split("\t")[:2] for line in (tmp_path / "dst" / FAILURES).read_text().splitlines())
+    assert failures == [["a/pipe.JPEG", "not-a-file"], ["b/strip.JPEG", "too-large"]]
+    assert (tmp_path / "dst" / "a" / "x.JPEG").is_file() and (tmp_path / "dst" / "b" / "x.JPEG").is_file()
+
+
+def test_max_aspect_caps_resize_outputs_and_is_part_of_its_options(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    Image.new("RGB", (500, 33), (1, 2, 3)).save(src / "wide.JPEG")
+    run_cli("resize", src, tmp_path / "dst", "--resize", "shorter:256")
+    with Image.open(tmp_path / "dst" / "wide.JPEG") as img:
+        assert img.size == (1024, 256)
+    assert_clean_error(run_cli("resize", src, tmp_path / "dst", "--resize", "shorter:256", "--max-aspect", "8",
+                               check=False), "--overwrite")
+    assert_clean_error(run_cli("resize", src, tmp_path / "d2", "--max-aspect", "0.5", check=False), "--max-aspect")
+
+
+def test_a_corrupt_exif_warning_names_the_file(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    exif = Image.Exif()
+    exif[0x010F] = "a maker name long enough to live outside the IFD"
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 30)).save(buf, "JPEG", exif=exif.tobytes())
+    data = bytearray(buf.getvalue())
+    at = data.find(b"Exif\x00\x00MM") + 6
+    data[at + 8:at + 10] = b"\x00\xff"  # the IFD claims 255 entries; the block holds one
+    (src / "odd.JPEG").write_bytes(bytes(data))
+    result = run_cli("resize", src, tmp_path / "dst", "--resize", "shorter:16", "--jobs", "1")
+    assert f"{src / 'odd.JPEG'}: Corrupt EXIF data" in result.stderr, result.stderr
+
+
+def test_a_symlink_loop_in_src_is_walked_once(tmp_path):
+    src = _small_tree(tmp_path / "src")
+    (src / "a" / "loop").symlink_to(src)
+    assert walk_images(src) == (["a/x.JPEG", "b/strip.JPEG", "b/x.JPEG"], 0)

@@ -1,0 +1,55 @@
+"""Reading source images: regular files only, and never through a path that leaves the image root.
+
+A FIFO, socket or device named like an image would block a worker forever or read endless bytes;
+such entries, like missing and unreadable files, become `ImageFailure`s for the failure report.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+from .imageops import ImageFailure
+
+
+def read_regular_file(path: str | os.PathLike) -> bytes:
+    """The bytes of a regular file (symlinks followed); anything else is an `ImageFailure`."""
+    try:
+        kind = _kind(os.stat(path).st_mode)
+        if kind:
+            raise ImageFailure("not-a-file", f"{path} is a {kind}, not a regular file")
+        # O_NONBLOCK: should the path become a FIFO after the stat, opening it still cannot block.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
+        with open(fd, "rb") as f:
+            kind = _kind(os.fstat(fd).st_mode)
+            if kind:
+                raise ImageFailure("not-a-file", f"{path} is a {kind}, not a regular file")
+            return f.read()
+    except FileNotFoundError:
+        raise ImageFailure("missing", f"no such file: {path}") from None
+    except OSError as e:
+        raise ImageFailure("unreadable", f"{path}: {e.strerror or e}") from None
+    except ValueError as e:  # a NUL byte in the name
+        raise ImageFailure("unreadable", f"{str(path)!r}: {e}") from None
+
+
+def _kind(mode: int) -> str | None:
+    if stat.S_ISREG(mode):
+        return None
+    for test, name in ((stat.S_ISDIR, "folder"), (stat.S_ISFIFO, "FIFO"), (stat.S_ISSOCK, "socket"),
+                       (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device")):
+        if test(mode):
+            return name
+    return "special file"
+
+
+def read_source(root: Path, rel: str, allow_outside_root: bool) -> bytes:
+    """An entry's file bytes; refuses paths (and symlinks) that leave ROOT unless allowed."""
+    path = root / rel
+    if not allow_outside_root:
+        real = os.path.realpath(path)
+        real_root = os.path.realpath(root)
+        if os.path.commonpath([real, real_root]) != real_root:
+            raise ImageFailure("outside-root", f"resolves to {real}, outside the image root")
+    return read_regular_file(path)
