@@ -476,8 +476,8 @@ def _val_entries(root, val_dir, label_of, synsets_source, val_labels, val_id_tab
 
 
 def _refuse_package_folder(out: Path) -> None:
-    """The package's bundled synsets label every ILSVRC12 list; lists never go into them (in a
-    checkout, `data/ilsvrc12` may be a link to them)."""
+    """The package's bundled synsets label every ILSVRC12 list; lists never go into them, also not
+    through a link."""
     package = Path(__file__).resolve().parent
     real = out.resolve()
     if real == package or package in real.parents:
