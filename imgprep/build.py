@@ -15,9 +15,6 @@ so the last key in the database says where the last committed transaction ended.
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
-import json
 import os
 import shutil
 import time
@@ -30,14 +27,13 @@ from . import ImgprepError, __version__
 from .codec import decode_datum, encode_datum
 from .imageops import ImageFailure, ImageSpec, process_image
 from .lists import ImageList, read_list
+from .manifest import (FAILURES, LOCK, MANIFEST, MANIFEST_FORMAT, _OutputLock, file_sha256,  # noqa: F401
+                       read_manifest, write_manifest)
+from .parallel import chunked, ordered_map, resolve_jobs, shared_put
 from .parallel import chunked, ordered_map, resolve_jobs, shared_put
 from .progress import Progress
 from .storage import BACKENDS, INITIAL_MAP_SIZE, Reader, detect_backend, open_writer
 
-MANIFEST = "imgprep-build.json"
-FAILURES = "imgprep-failures.tsv"
-LOCK = "imgprep.lock"
-MANIFEST_FORMAT = "imgprep-build/1"
 # Shared memory per record in flight: a raw 3x256x256 record is 196 KB; larger ones travel pickled.
 AREA_BYTES_PER_RECORD = 320 * 1024
 
@@ -178,31 +174,6 @@ def crashed_entry(item, detail: str):
     return position, rel, crashed_failure(position, rel, detail), None
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def read_manifest(out: Path) -> dict | None:
-    try:
-        return json.loads((out / MANIFEST).read_text())
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as e:
-        raise ImgprepError(f"cannot read {out / MANIFEST}: {e}") from None
-
-
-def write_manifest(out: Path, manifest: dict) -> None:
-    tmp = out / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, out / MANIFEST)
-
-
 def read_failures(out: Path) -> list[Failure]:
     failures = []
     try:
@@ -214,27 +185,6 @@ def read_failures(out: Path) -> list[Failure]:
     except FileNotFoundError:
         pass
     return failures
-
-
-class _OutputLock:
-    """An exclusive lock on the output folder, so two builds never write one database."""
-
-    def __init__(self, out: Path):
-        self.path = out / LOCK
-        self.file = None
-
-    def __enter__(self):
-        try:
-            self.file = open(self.path, "a+")
-            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ImgprepError(f"{self.path.parent} is being written by another imgprep process") from None
-        except OSError as e:
-            raise ImgprepError(f"cannot write to {self.path.parent}: {e.strerror}") from None
-        return self
-
-    def __exit__(self, *exc):
-        self.file.close()
 
 
 def _prepare_output(out: Path, identity: dict, resume: bool, overwrite: bool) -> dict | None:
