@@ -15,25 +15,31 @@ so the last key in the database says where the last committed transaction ended.
 
 from __future__ import annotations
 
+import hashlib
+import io
 import os
-import shutil
+import re
+import stat
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from . import ImgprepError, __version__
-from .codec import decode_datum, encode_datum
+from .codec import RecordError, decode_datum, encode_datum
 from .imageops import ImageFailure, ImageSpec, process_image
 from .lists import ImageList, read_list
-from .manifest import (FAILURES, LOCK, MANIFEST, MANIFEST_FORMAT, _OutputLock, file_sha256,  # noqa: F401
-                       read_manifest, write_manifest)
-from .parallel import chunked, ordered_map, resolve_jobs, shared_put
+from .manifest import (FAILURES, LOCK, MANIFEST, MANIFEST_FORMAT, OLD_FORMATS, OutputLock,  # noqa: F401
+                       clear_output, contents, file_sha256, open_own, read_manifest, refuse_links,
+                       require_complete, write_manifest)
+from .order import permutation
 from .parallel import chunked, ordered_map, resolve_jobs, shared_put
 from .progress import Progress
-from .storage import BACKENDS, INITIAL_MAP_SIZE, Reader, detect_backend, open_writer
+from .storage import BACKENDS, INITIAL_MAP_SIZE, Reader, open_writer
 
+ORDER_ALGORITHM = "imgprep.order.permutation/1"  # SplitMix64 scores, sorted (see order.py)
 # Shared memory per record in flight: a raw 3x256x256 record is 196 KB; larger ones travel pickled.
 AREA_BYTES_PER_RECORD = 320 * 1024
 
@@ -75,7 +81,20 @@ class Failure:
 
     def line(self) -> str:
         clean = self.detail.replace("\t", " ").replace("\n", " ")
-        return f"{self.position}\t{self.path}\t{self.reason}\t{clean}\n"
+        return f"{self.position}\t{escape_path(self.path)}\t{self.reason}\t{clean}\n"
+
+
+_ESCAPES = {"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"}
+_UNESCAPES = {"\\": "\\", "t": "\t", "n": "\n", "r": "\r"}
+
+
+def escape_path(path: str) -> str:
+    """A path as the failure report's column: backslash, tab, LF and CR written as \\\\, \\t, \\n, \\r."""
+    return "".join(_ESCAPES.get(c, c) for c in path)
+
+
+def unescape_path(text: str) -> str:
+    return re.sub(r"\\(.)", lambda m: _UNESCAPES.get(m[1], m[0]), text)
 
 
 @dataclass
@@ -115,16 +134,34 @@ def key_position(key: bytes) -> int:
 
 
 def list_order(count: int, shuffle: bool, seed: int) -> np.ndarray:
-    """Entry order for the database: list order, or a permutation fixed by the seed."""
+    """Entry order for the database: list order, or order.permutation(count, seed), which is the
+    same on every machine and numpy version (shards built on different nodes must agree)."""
     if shuffle:
-        return np.random.default_rng(seed).permutation(count)
+        return permutation(count, seed)
     return np.arange(count)
+
+
+def order_fingerprint(order: np.ndarray) -> str:
+    """sha256 of the whole order (positions as little-endian int64): checked by --resume and merge."""
+    return hashlib.sha256(np.ascontiguousarray(order, dtype="<i8").tobytes()).hexdigest()
+
+
+class Interrupted(ImgprepError):
+    """Ctrl-C: the CLI prints the message and exits 130, as for any interrupted command."""
+
+    exit_code = 130
+
+
+def check_shard(num_shards: int, shard_index: int) -> None:
+    if num_shards < 1:
+        raise ImgprepError(f"--num-shards must be at least 1, not {num_shards}")
+    if not 0 <= shard_index < num_shards:
+        raise ImgprepError(f"--shard-index must be in 0..{num_shards - 1}, not {shard_index}")
 
 
 def shard_range(count: int, num_shards: int, shard_index: int) -> range:
     """Positions shard `shard_index` of `num_shards` builds: contiguous, so parts append in order."""
-    if not 0 <= shard_index < num_shards:
-        raise ImgprepError(f"--shard-index must be in 0..{num_shards - 1}")
+    check_shard(num_shards, shard_index)
     return range(count * shard_index // num_shards, count * (shard_index + 1) // num_shards)
 
 
@@ -137,13 +174,30 @@ def read_source(root: Path, rel: str, allow_outside_root: bool) -> bytes:
         if os.path.commonpath([real, real_root]) != real_root:
             raise ImageFailure("outside-root", f"resolves to {real}, outside the image root")
     try:
-        return path.read_bytes()
+        _require_regular(path, os.stat(path).st_mode)
+        # O_NONBLOCK: should the path become a FIFO after the check, opening it still cannot hang
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         raise ImageFailure("missing", f"no such file: {path}") from None
-    except IsADirectoryError:
-        raise ImageFailure("unreadable", f"{path} is a folder") from None
     except OSError as e:
         raise ImageFailure("unreadable", f"{path}: {e.strerror}") from None
+    with open(fd, "rb") as f:
+        try:
+            _require_regular(path, os.fstat(fd).st_mode)
+            return f.read()
+        except OSError as e:
+            raise ImageFailure("unreadable", f"{path}: {e.strerror}") from None
+
+
+_FILE_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+               (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+
+
+def _require_regular(path, mode: int) -> None:
+    """Only regular files are opened: reading a FIFO or a device could hang the build."""
+    if not stat.S_ISREG(mode):
+        kind = next((name for test, name in _FILE_KINDS if test(mode)), "not a regular file")
+        raise ImageFailure("unreadable", f"{path} is {kind}, not a regular file")
 
 
 def process_chunk(chunk, root: Path, spec: ImageSpec, allow_outside_root: bool, area=None):
@@ -154,8 +208,10 @@ def process_chunk(chunk, root: Path, spec: ImageSpec, allow_outside_root: bool, 
     for position, rel, label in chunk:
         try:
             image = process_image(read_source(root, rel, allow_outside_root), spec)
-            value = encode_datum(image.data, label, image.channels, image.height, image.width,
-                                 image.encoded)
+            if image.encoded:  # Caffe's bytes exactly: data, label, encoded (no channels/height/width)
+                value = encode_datum(image.data, label, 0, 0, 0, True)
+            else:
+                value = encode_datum(image.data, label, image.channels, image.height, image.width, False)
             results.append((position, rel, put(value), (image.channels, image.height, image.width)))
         except ImageFailure as e:
             results.append((position, rel, Failure(position, rel, e.reason, e.detail), None))
@@ -181,63 +237,94 @@ def read_failures(out: Path) -> list[Failure]:
             for line in f:
                 parts = line.rstrip("\n").split("\t", 3)
                 if len(parts) == 4 and parts[0].isdigit():
-                    failures.append(Failure(int(parts[0]), parts[1], parts[2], parts[3]))
+                    failures.append(Failure(int(parts[0]), unescape_path(parts[1]), parts[2], parts[3]))
     except FileNotFoundError:
         pass
     return failures
 
 
 def _prepare_output(out: Path, identity: dict, resume: bool, overwrite: bool) -> dict | None:
-    """Checks what is at OUT; returns the manifest of a build to resume, or None to start fresh."""
-    manifest = read_manifest(out)
-    if overwrite and out.exists():
-        if manifest is None and any(out.iterdir()):
-            try:
-                detect_backend(out)
-            except ImgprepError:
-                raise ImgprepError(f"{out} exists and is not a database; refusing to delete it") from None
-        shutil.rmtree(out)
+    """Checks what is at OUT, holding its lock; returns the manifest of a build to resume, or None to
+    start fresh. --overwrite deletes only a database's files and imgprep's own (clear_output)."""
+    if not contents(out):
         return None
-    if not out.exists() or not any(out.iterdir()):
+    refuse_links(out)
+    manifest = read_manifest(out)
+    if overwrite:
+        clear_output(out)
         return None
     if manifest is None:
-        raise ImgprepError(f"{out} exists and was not built by imgprep; choose another OUT or --overwrite")
-    if manifest.get("state") == "complete" and not resume:
+        raise ImgprepError(f"{out} exists and was not built by imgprep; choose another OUT (--overwrite "
+                           "replaces only a database there)")
+    if manifest["state"] == "complete" and not resume:
         raise ImgprepError(f"{out} is a complete database; pass --overwrite to build it again")
     if not resume:
-        raise ImgprepError(f"{out} holds a partial build (state {manifest.get('state')!r}); "
+        raise ImgprepError(f"{out} holds a partial build (state {manifest['state']!r}); "
                            "pass --resume to continue it or --overwrite to start again")
-    old = manifest.get("identity", {})
+    if manifest["format"] in OLD_FORMATS or manifest["state"] == "partial":
+        why = ("it was made by an older imgprep, whose shuffled order and build identity differ"
+               if manifest["format"] in OLD_FORMATS else "it was merged from incomplete parts")
+        raise ImgprepError(f"cannot resume {out}: {why}; start again with --overwrite")
+    old = manifest["identity"]
     differing = sorted(k for k in set(old) | set(identity) if old.get(k) != identity.get(k))
     if differing:
         details = ", ".join(f"{k}: {old.get(k)!r} -> {identity.get(k)!r}" for k in differing)
-        raise ImgprepError(f"cannot resume {out}: options differ from the partial build ({details})")
+        raise ImgprepError(f"cannot resume {out}: the list, ROOT or options differ from the partial build "
+                           f"({details})")
     return manifest
+
+
+def _read_entries(list_path: Path, options: BuildOptions) -> tuple[ImageList, str]:
+    """The list's entries and the sha256 of exactly the bytes they were parsed from. A pipe cannot be
+    read a second time, so a resumed build could not check it was given the same list: refused."""
+    try:
+        before = os.stat(list_path)
+    except OSError as e:
+        raise ImgprepError(f"cannot read list {list_path}: {e.strerror}") from None
+    if not stat.S_ISREG(before.st_mode):
+        raise ImgprepError(f"list {list_path} is not a regular file (a pipe?); a build must be able to check "
+                           "the list again when resumed: save it to a file first (cmd > list.txt)")
+    digest = file_sha256(list_path)
+    entries = read_list(list_path, num_labels=options.num_labels, allow_outside_root=options.allow_outside_root)
+    after = os.stat(list_path)
+    if (after.st_size, after.st_mtime_ns, after.st_ino) != (before.st_size, before.st_mtime_ns, before.st_ino):
+        raise ImgprepError(f"list {list_path} changed while it was read; run the command again")
+    return entries, digest
 
 
 def build_database(list_path, root, out, options: BuildOptions = BuildOptions(),
                    resume: bool = False, overwrite: bool = False, show_progress: bool = True,
-                   image_list: ImageList | None = None) -> BuildReport:
-    """Builds (or resumes) OUT from LIST and ROOT. Raises ImgprepError on anything fatal."""
+                   image_list: ImageList | None = None, allow_empty: bool = False) -> BuildReport:
+    """Builds (or resumes) OUT from LIST and ROOT. Raises ImgprepError on anything fatal; nothing
+    at OUT is created or changed before the arguments, ROOT and the list have been checked."""
     list_path, root, out = Path(list_path), Path(root), Path(out)
     if options.backend not in BACKENDS:
         raise ImgprepError(f"unknown backend {options.backend!r}; choose one of {', '.join(BACKENDS)}")
+    check_shard(options.num_shards, options.shard_index)
     if not root.is_dir():
         raise ImgprepError(f"image root {root} is not a folder")
-    entries = image_list or read_list(list_path, num_labels=options.num_labels,
-                                      allow_outside_root=options.allow_outside_root)
-    identity = dict(options.identity(), list_sha256=file_sha256(list_path), entries=len(entries))
-    previous = _prepare_output(out, identity, resume, overwrite)
+    if image_list is not None:
+        entries, list_digest = image_list, file_sha256(list_path)
+    else:
+        entries, list_digest = _read_entries(list_path, options)
+    if not len(entries) and not allow_empty:
+        raise ImgprepError(f"list {list_path} holds no entries; pass --allow-empty to build an empty database")
+    order = list_order(len(entries), options.shuffle, options.seed)
+    identity = dict(options.identity(), list_sha256=list_digest, entries=len(entries),
+                    root=os.path.realpath(root), order=ORDER_ALGORITHM if options.shuffle else "list",
+                    order_sha256=order_fingerprint(order))
+    if out.exists() and not out.is_dir():
+        raise ImgprepError(f"{out} exists and is not a folder")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ImgprepError(f"cannot create {out}: {e.strerror}") from None
-    with _OutputLock(out):
-        return _build_locked(list_path, root, out, options, entries, identity, previous, show_progress)
+    with OutputLock(out):
+        previous = _prepare_output(out, identity, resume, overwrite)
+        return _build_locked(list_path, root, out, options, entries, order, identity, previous, show_progress)
 
 
-def _build_locked(list_path, root, out, options, entries, identity, previous, show_progress):
-    order = list_order(len(entries), options.shuffle, options.seed)
+def _build_locked(list_path, root, out, options, entries, order, identity, previous, show_progress):
     positions = shard_range(len(entries), options.num_shards, options.shard_index)
     start = positions.start
     failures: list[Failure] = []
@@ -247,20 +334,20 @@ def _build_locked(list_path, root, out, options, entries, identity, previous, sh
             last = reader.last_key()
             if last is not None:
                 start = key_position(last) + 1
-                first_shape = _record_shape(next(reader.items())[1]) if options.check_size else None
+                first_shape = record_shape(next(reader.items())[1]) if options.check_size else None
         failures = [f for f in read_failures(out) if f.position < start]
     manifest = {"format": MANIFEST_FORMAT, "state": "building", "identity": identity,
                 "list": str(list_path), "root": str(root), "imgprep": __version__,
                 "started": previous.get("started") if previous else time.time()}
     write_manifest(out, manifest)
-    with open(out / FAILURES, "w", encoding="utf-8", errors="surrogateescape") as f:
+    with open_own(out / FAILURES) as f:
         f.writelines(x.line() for x in failures)
 
     report = BuildReport(out, total=len(positions), resumed_from=start - positions.start)
     report.records = start - positions.start - len(failures)
     progress = Progress("build-lmdb", len(positions), enabled=show_progress, done=report.resumed_from,
                         failures=len(failures))
-    failure_log = open(out / FAILURES, "a", encoding="utf-8", errors="surrogateescape")
+    failure_log = open_own(out / FAILURES, append=True)
     writer = open_writer(out, options.backend, options.map_size)
     pending: list[tuple[bytes, bytes]] = []
     pending_failures: list[Failure] = []
@@ -309,7 +396,7 @@ def _build_locked(list_path, root, out, options, entries, identity, previous, sh
                     commit()
         commit()
     except KeyboardInterrupt:
-        raise ImgprepError(f"interrupted; {out} keeps every committed record. Run the same command "
+        raise Interrupted(f"interrupted; {out} keeps every committed record. Run the same command "
                            "with --resume to continue.") from None
     finally:
         failure_log.close()
@@ -326,8 +413,19 @@ def _build_locked(list_path, root, out, options, entries, identity, previous, sh
     return report
 
 
-def _record_shape(value: bytes) -> tuple[int, int, int]:
-    datum = decode_datum(value)
+def record_shape(value: bytes) -> tuple[int, int, int]:
+    """(channels, height, width) of a record; an encoded record (which, as Caffe's, need not carry
+    them) is decoded for them."""
+    return datum_shape(decode_datum(value))
+
+
+def datum_shape(datum) -> tuple[int, int, int]:
+    if datum.encoded:  # imgprep stores encoded images upright, so the header's size is the image's
+        try:
+            with Image.open(io.BytesIO(datum.data)) as image:
+                return len(image.getbands()), image.height, image.width
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
+            raise RecordError(f"encoded image does not open: {e}") from None
     return datum.channels, datum.height, datum.width
 
 
