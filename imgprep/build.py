@@ -249,10 +249,10 @@ def _prepare_output(out: Path, identity: dict, resume: bool, overwrite: bool) ->
     if not contents(out):
         return None
     refuse_links(out)
-    manifest = read_manifest(out)
     if overwrite:
         clear_output(out)
         return None
+    manifest = read_manifest(out)
     if manifest is None:
         raise ImgprepError(f"{out} exists and was not built by imgprep; choose another OUT (--overwrite "
                            "replaces only a database there)")

@@ -140,8 +140,6 @@ class OutputLock:
         os.close(self.fd)
 
 
-_OutputLock = OutputLock
-
 
 def database_kind(path: Path) -> str | None:
     """'lmdb' or 'leveldb' when `path` holds such a database (checked by its structure: LMDB's

@@ -48,10 +48,10 @@ def _replaceable(out: Path, overwrite: bool) -> None:
     if not contents(out):
         return
     refuse_links(out)
-    manifest = read_manifest(out)
-    unfinished_merge = manifest is not None and "merged_from" in manifest and manifest["state"] == "building"
-    if not (overwrite or unfinished_merge):
-        raise ImgprepError(f"{out} exists; pass --overwrite to replace it")
+    if not overwrite:
+        manifest = read_manifest(out)
+        if manifest is None or "merged_from" not in manifest or manifest["state"] != "building":
+            raise ImgprepError(f"{out} exists; pass --overwrite to replace it")
     clear_output(out)
 
 

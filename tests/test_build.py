@@ -18,6 +18,7 @@ from imgprep.lists import read_list
 from imgprep.order import permutation
 from imgprep.parallel import SHM_DIR, area_prefix
 from imgprep.sample import ODDITY_OUTCOMES
+from imgprep.storage import open_writer
 
 CAFFE = ImageSpec(parse_resize("squash:256x256"), encoded=False)
 RESNET = ImageSpec(parse_resize("shorter:256"), encoded=True)
@@ -277,3 +278,21 @@ def test_ctrl_c_stops_cleanly_and_says_how_to_resume(larger_tree, tmp_path):
     resumed = _start_build(larger_tree, out, "--jobs", "1", "--resume")
     resumed.communicate()
     assert resumed.returncode == 3 and json.loads((out / MANIFEST).read_text())["state"] == "complete"
+
+
+def test_resuming_a_check_size_build_of_encoded_records_reads_the_first_records_size(sample_tree, tmp_path):
+    """Encoded records carry no channels/height/width (as Caffe's): their size comes from the image."""
+    out = tmp_path / "db"
+    args = ("--resize", "squash:32x32", "--encoded", "--check-size", "--jobs", "1", "--txn-size", "5")
+    assert cli_build(sample_tree, out, *args, check=False).returncode == 3
+    reference = db_records(out)
+    writer = open_writer(out, "lmdb")  # as a kill -9 leaves it: the last transactions lost
+    with writer.env.begin(write=True) as txn:
+        for key, _ in reference[len(reference) // 2:]:
+            txn.delete(key)
+    writer.close()
+    manifest = json.loads((out / MANIFEST).read_text())
+    (out / MANIFEST).write_text(json.dumps(dict(manifest, state="building")))
+    resumed = cli_build(sample_tree, out, *args, "--resume", check=False)
+    assert resumed.returncode == 3 and "resumed at entry" in resumed.stderr, resumed.stderr
+    assert db_records(out) == reference
