@@ -1,16 +1,18 @@
 """`build-lmdb`: a list plus an image root -> Caffe Datum records in LMDB or LevelDB.
 
 Images are processed in parallel (local processes or Dask, see parallel.py) in chunks; one
-streaming writer puts the records in list order, one transaction per `txn_size` records. Bookkeeping lives in sidecar files in the
-database folder, which neither LMDB nor LevelDB reads:
+streaming writer puts the records in list order, one transaction per `txn_size` records.
+Bookkeeping lives in sidecar files in the database folder, which neither LMDB nor LevelDB reads:
 
-- `imgprep-build.json`: the build parameters and state (`building` until the very end, then
-  `complete`). A folder whose manifest is not `complete` is a partial build.
-- `imgprep-failures.tsv`: `position<TAB>path<TAB>reason<TAB>detail` for every list entry
-  that did not become a record.
+- `imgprep-build.json`: the build's identity (options, resolved ROOT, sha256 of the list, the
+  order's algorithm and sha256) and its state (`building` until the very end, then `complete`).
+  A folder whose manifest is not `complete` is a partial build.
+- `imgprep-failures.tsv`: `position<TAB>path<TAB>reason<TAB>detail` for every list entry that
+  did not become a record (backslash, tab, LF and CR in the path written as \\\\, \\t, \\n, \\r).
 
-Resuming needs no other state: keys start with the entry's position in the (shuffled) list,
-so the last key in the database says where the last committed transaction ended.
+manifest.py reads, validates and writes them, holds OUT's lock and decides what imgprep may
+delete there. Resuming needs no other state: keys start with the entry's position in the
+(shuffled) list, so the last key in the database says where the last committed transaction ended.
 """
 
 from __future__ import annotations

@@ -197,7 +197,8 @@ def clear_output(out: Path) -> list[str]:
     if kind is None and not manifest_present:
         raise ImgprepError(f"{out} holds neither a database nor an imgprep build; refusing to delete "
                            "anything in it. Choose another OUT")
-    for path in [*(out / n for n in OWN_FILES if os.path.lexists(out / n)), *_database_files(out, kind)]:
+    # the manifest goes last: stopped half-way, the folder is still recognisably imgprep's
+    for path in [*_database_files(out, kind), *(out / n for n in reversed(OWN_FILES) if os.path.lexists(out / n))]:
         path.unlink()
     return contents(out)
 
