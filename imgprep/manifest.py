@@ -233,10 +233,12 @@ def refuse_overlaps(inputs: list[Path], outputs: list[Path], what: str) -> None:
     for path in inputs:
         real = os.path.realpath(path)
         if real in seen:
-            raise ImgprepError(f"{path} is given twice (as {seen[real]} too); each {what} counts once")
+            also = "" if str(seen[real]) == str(path) else f" (as {seen[real]} and {path})"
+            raise ImgprepError(f"the {what} {path} is given twice{also}; each {what} counts once")
         seen[real] = path
     for out in outputs:
         real_out = os.path.realpath(out)
         for real, path in seen.items():
             if os.path.commonpath([real_out, real]) in (real, real_out):
-                raise ImgprepError(f"{out} would overwrite the {what} {path}; write it outside every {what}")
+                raise ImgprepError(f"output {out} is, holds or lies inside the {what} {path}, which writing it "
+                                   f"would destroy; write it outside every {what}")

@@ -145,9 +145,9 @@ def test_compute_mean_counts_each_database_once_and_never_writes_into_one(dbs, t
     shutil.copytree(dbs["raw"], db)
     before = db_records(db)
     assert_clean_error(run_cli("compute-mean", db, db, tmp_path / "m.binaryproto", check=False), "given twice")
-    assert_clean_error(run_cli("compute-mean", db, db / "data.mdb", check=False), "would overwrite the database")
+    assert_clean_error(run_cli("compute-mean", db, db / "data.mdb", check=False), "lies inside the database")
     assert_clean_error(run_cli("compute-mean", db, tmp_path / "m.binaryproto", "--values-out", db / "v.json",
-                               check=False), "would overwrite the database")
+                               check=False), "lies inside the database")
     assert db_records(db) == before and not (tmp_path / "m.binaryproto").exists()
 
 

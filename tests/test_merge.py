@@ -63,8 +63,8 @@ def test_merge_refuses_a_repeated_part_or_an_output_inside_a_part_before_touchin
         build(sample_tree, part, "lmdb", num_shards=3, shard_index=i)
     before = [db_records(p) for p in parts]
     assert_clean_error(run_cli("merge", *parts, parts[2], tmp_path / "m", "--overwrite", check=False), "given twice")
-    assert_clean_error(run_cli("merge", *parts, parts[2], "--overwrite", check=False), "would overwrite the part")
-    assert_clean_error(run_cli("merge", *parts, parts[1] / "sub", check=False), "would overwrite the part")
+    assert_clean_error(run_cli("merge", *parts, parts[2], "--overwrite", check=False), "lies inside the part")
+    assert_clean_error(run_cli("merge", *parts, parts[1] / "sub", check=False), "lies inside the part")
     assert [db_records(p) for p in parts] == before and not (tmp_path / "m").exists()
 
 
