@@ -1,43 +1,48 @@
 """`build-lmdb`: a list plus an image root -> Caffe Datum records in LMDB or LevelDB.
 
 Images are processed in parallel (local processes or Dask, see parallel.py) in chunks; one
-streaming writer puts the records in list order, one transaction per `txn_size` records. Bookkeeping lives in sidecar files in the
-database folder, which neither LMDB nor LevelDB reads:
+streaming writer puts the records in list order, one transaction per `txn_size` records.
+Bookkeeping lives in sidecar files in the database folder, which neither LMDB nor LevelDB reads:
 
-- `imgprep-build.json`: the build parameters and state (`building` until the very end, then
-  `complete`). A folder whose manifest is not `complete` is a partial build.
-- `imgprep-failures.tsv`: `position<TAB>path<TAB>reason<TAB>detail` for every list entry
-  that did not become a record.
+- `imgprep-build.json`: the build's identity (options, resolved ROOT, sha256 of the list, the
+  order's algorithm and sha256) and its state (`building` until the very end, then `complete`).
+  A folder whose manifest is not `complete` is a partial build.
+- `imgprep-failures.tsv`: `position<TAB>path<TAB>reason<TAB>detail` for every list entry that
+  did not become a record (backslash, tab, LF and CR in the path written as \\\\, \\t, \\n, \\r).
 
-Resuming needs no other state: keys start with the entry's position in the (shuffled) list,
-so the last key in the database says where the last committed transaction ended.
+manifest.py reads, validates and writes them, holds OUT's lock and decides what imgprep may
+delete there. Resuming needs no other state: keys start with the entry's position in the
+(shuffled) list, so the last key in the database says where the last committed transaction ended.
 """
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
-import json
+import io
 import os
-import shutil
+import re
+import stat
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from . import ImgprepError, __version__
-from .codec import decode_datum, encode_datum
+from .codec import RecordError, decode_datum, encode_datum
 from .imageops import ImageFailure, ImageSpec, process_image
 from .lists import ImageList, read_list
+from .manifest import (FAILURES, LOCK, MANIFEST, MANIFEST_FORMAT, OLD_FORMATS, OutputLock,  # noqa: F401
+                       clear_output, contents, file_sha256, open_own, read_manifest, refuse_links,
+                       require_complete, write_manifest)
+from .order import permutation
 from .parallel import chunked, ordered_map, resolve_jobs, shared_put
 from .progress import Progress
-from .storage import BACKENDS, INITIAL_MAP_SIZE, Reader, detect_backend, open_writer
+from .sources import read_source  # noqa: F401  (importable from here too)
+from .storage import BACKENDS, INITIAL_MAP_SIZE, Reader, open_writer
 
-MANIFEST = "imgprep-build.json"
-FAILURES = "imgprep-failures.tsv"
-LOCK = "imgprep.lock"
-MANIFEST_FORMAT = "imgprep-build/1"
+ORDER_ALGORITHM = "imgprep.order.permutation/1"  # SplitMix64 scores, sorted (see order.py)
 # Shared memory per record in flight: a raw 3x256x256 record is 196 KB; larger ones travel pickled.
 AREA_BYTES_PER_RECORD = 320 * 1024
 
@@ -65,6 +70,7 @@ class BuildOptions:
         spec = self.spec
         return {"backend": self.backend, "resize": str(spec.resize), "encoded": spec.encoded,
                 "quality": spec.quality, "gray": spec.gray, "max_pixels": spec.max_pixels,
+                "max_aspect": spec.max_aspect,
                 "draft": spec.draft, "shuffle": self.shuffle, "seed": self.seed,
                 "check_size": self.check_size, "allow_outside_root": self.allow_outside_root,
                 "num_shards": self.num_shards, "shard_index": self.shard_index}
@@ -79,7 +85,20 @@ class Failure:
 
     def line(self) -> str:
         clean = self.detail.replace("\t", " ").replace("\n", " ")
-        return f"{self.position}\t{self.path}\t{self.reason}\t{clean}\n"
+        return f"{self.position}\t{escape_path(self.path)}\t{self.reason}\t{clean}\n"
+
+
+_ESCAPES = {"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"}
+_UNESCAPES = {"\\": "\\", "t": "\t", "n": "\n", "r": "\r"}
+
+
+def escape_path(path: str) -> str:
+    """A path as the failure report's column: backslash, tab, LF and CR written as \\\\, \\t, \\n, \\r."""
+    return "".join(_ESCAPES.get(c, c) for c in path)
+
+
+def unescape_path(text: str) -> str:
+    return re.sub(r"\\(.)", lambda m: _UNESCAPES.get(m[1], m[0]), text)
 
 
 @dataclass
@@ -119,35 +138,35 @@ def key_position(key: bytes) -> int:
 
 
 def list_order(count: int, shuffle: bool, seed: int) -> np.ndarray:
-    """Entry order for the database: list order, or a permutation fixed by the seed."""
+    """Entry order for the database: list order, or order.permutation(count, seed), which is the
+    same on every machine and numpy version (shards built on different nodes must agree)."""
     if shuffle:
-        return np.random.default_rng(seed).permutation(count)
+        return permutation(count, seed)
     return np.arange(count)
+
+
+def order_fingerprint(order: np.ndarray) -> str:
+    """sha256 of the whole order (positions as little-endian int64): checked by --resume and merge."""
+    return hashlib.sha256(np.ascontiguousarray(order, dtype="<i8").tobytes()).hexdigest()
+
+
+class Interrupted(ImgprepError):
+    """Ctrl-C: the CLI prints the message and exits 130, as for any interrupted command."""
+
+    exit_code = 130
+
+
+def check_shard(num_shards: int, shard_index: int) -> None:
+    if num_shards < 1:
+        raise ImgprepError(f"--num-shards must be at least 1, not {num_shards}")
+    if not 0 <= shard_index < num_shards:
+        raise ImgprepError(f"--shard-index must be in 0..{num_shards - 1}, not {shard_index}")
 
 
 def shard_range(count: int, num_shards: int, shard_index: int) -> range:
     """Positions shard `shard_index` of `num_shards` builds: contiguous, so parts append in order."""
-    if not 0 <= shard_index < num_shards:
-        raise ImgprepError(f"--shard-index must be in 0..{num_shards - 1}")
+    check_shard(num_shards, shard_index)
     return range(count * shard_index // num_shards, count * (shard_index + 1) // num_shards)
-
-
-def read_source(root: Path, rel: str, allow_outside_root: bool) -> bytes:
-    """An entry's file bytes; refuses paths (and symlinks) that leave ROOT unless allowed."""
-    path = root / rel
-    if not allow_outside_root:
-        real = os.path.realpath(path)
-        real_root = os.path.realpath(root)
-        if os.path.commonpath([real, real_root]) != real_root:
-            raise ImageFailure("outside-root", f"resolves to {real}, outside the image root")
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        raise ImageFailure("missing", f"no such file: {path}") from None
-    except IsADirectoryError:
-        raise ImageFailure("unreadable", f"{path} is a folder") from None
-    except OSError as e:
-        raise ImageFailure("unreadable", f"{path}: {e.strerror}") from None
 
 
 def process_chunk(chunk, root: Path, spec: ImageSpec, allow_outside_root: bool, area=None):
@@ -157,14 +176,14 @@ def process_chunk(chunk, root: Path, spec: ImageSpec, allow_outside_root: bool, 
     put = shared_put(area)
     for position, rel, label in chunk:
         try:
-            image = process_image(read_source(root, rel, allow_outside_root), spec)
-            value = encode_datum(image.data, label, image.channels, image.height, image.width,
-                                 image.encoded)
+            image = process_image(read_source(root, rel, allow_outside_root), spec, name=str(root / rel))
+            if image.encoded:  # Caffe's bytes exactly: data, label, encoded (no channels/height/width)
+                value = encode_datum(image.data, label, 0, 0, 0, True)
+            else:
+                value = encode_datum(image.data, label, image.channels, image.height, image.width, False)
             results.append((position, rel, put(value), (image.channels, image.height, image.width)))
-        except ImageFailure as e:
+        except ImageFailure as e:  # process_image turns every error about one image into one
             results.append((position, rel, Failure(position, rel, e.reason, e.detail), None))
-        except MemoryError:
-            results.append((position, rel, Failure(position, rel, "too-large", "out of memory"), None))
     return results
 
 
@@ -178,31 +197,6 @@ def crashed_entry(item, detail: str):
     return position, rel, crashed_failure(position, rel, detail), None
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def read_manifest(out: Path) -> dict | None:
-    try:
-        return json.loads((out / MANIFEST).read_text())
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as e:
-        raise ImgprepError(f"cannot read {out / MANIFEST}: {e}") from None
-
-
-def write_manifest(out: Path, manifest: dict) -> None:
-    tmp = out / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, out / MANIFEST)
-
-
 def read_failures(out: Path) -> list[Failure]:
     failures = []
     try:
@@ -210,84 +204,94 @@ def read_failures(out: Path) -> list[Failure]:
             for line in f:
                 parts = line.rstrip("\n").split("\t", 3)
                 if len(parts) == 4 and parts[0].isdigit():
-                    failures.append(Failure(int(parts[0]), parts[1], parts[2], parts[3]))
+                    failures.append(Failure(int(parts[0]), unescape_path(parts[1]), parts[2], parts[3]))
     except FileNotFoundError:
         pass
     return failures
 
 
-class _OutputLock:
-    """An exclusive lock on the output folder, so two builds never write one database."""
-
-    def __init__(self, out: Path):
-        self.path = out / LOCK
-        self.file = None
-
-    def __enter__(self):
-        try:
-            self.file = open(self.path, "a+")
-            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ImgprepError(f"{self.path.parent} is being written by another imgprep process") from None
-        except OSError as e:
-            raise ImgprepError(f"cannot write to {self.path.parent}: {e.strerror}") from None
-        return self
-
-    def __exit__(self, *exc):
-        self.file.close()
-
-
 def _prepare_output(out: Path, identity: dict, resume: bool, overwrite: bool) -> dict | None:
-    """Checks what is at OUT; returns the manifest of a build to resume, or None to start fresh."""
+    """Checks what is at OUT, holding its lock; returns the manifest of a build to resume, or None to
+    start fresh. --overwrite deletes only a database's files and imgprep's own (clear_output)."""
+    if not contents(out):
+        return None
+    refuse_links(out)
+    if overwrite:
+        clear_output(out)
+        return None
     manifest = read_manifest(out)
-    if overwrite and out.exists():
-        if manifest is None and any(out.iterdir()):
-            try:
-                detect_backend(out)
-            except ImgprepError:
-                raise ImgprepError(f"{out} exists and is not a database; refusing to delete it") from None
-        shutil.rmtree(out)
-        return None
-    if not out.exists() or not any(out.iterdir()):
-        return None
     if manifest is None:
-        raise ImgprepError(f"{out} exists and was not built by imgprep; choose another OUT or --overwrite")
-    if manifest.get("state") == "complete" and not resume:
+        raise ImgprepError(f"{out} exists and was not built by imgprep; choose another OUT (--overwrite "
+                           "replaces only a database there)")
+    if manifest["state"] == "complete" and not resume:
         raise ImgprepError(f"{out} is a complete database; pass --overwrite to build it again")
     if not resume:
-        raise ImgprepError(f"{out} holds a partial build (state {manifest.get('state')!r}); "
+        raise ImgprepError(f"{out} holds a partial build (state {manifest['state']!r}); "
                            "pass --resume to continue it or --overwrite to start again")
-    old = manifest.get("identity", {})
+    if manifest["format"] in OLD_FORMATS or manifest["state"] == "partial":
+        why = ("it was made by an older imgprep, whose shuffled order and build identity differ"
+               if manifest["format"] in OLD_FORMATS else "it was merged from incomplete parts")
+        raise ImgprepError(f"cannot resume {out}: {why}; start again with --overwrite")
+    old = manifest["identity"]
     differing = sorted(k for k in set(old) | set(identity) if old.get(k) != identity.get(k))
     if differing:
         details = ", ".join(f"{k}: {old.get(k)!r} -> {identity.get(k)!r}" for k in differing)
-        raise ImgprepError(f"cannot resume {out}: options differ from the partial build ({details})")
+        raise ImgprepError(f"cannot resume {out}: the list, ROOT or options differ from the partial build "
+                           f"({details})")
     return manifest
+
+
+def _read_entries(list_path: Path, options: BuildOptions) -> tuple[ImageList, str]:
+    """The list's entries and the sha256 of exactly the bytes they were parsed from. A pipe cannot be
+    read a second time, so a resumed build could not check it was given the same list: refused."""
+    try:
+        before = os.stat(list_path)
+    except OSError as e:
+        raise ImgprepError(f"cannot read list {list_path}: {e.strerror}") from None
+    if not stat.S_ISREG(before.st_mode):
+        raise ImgprepError(f"list {list_path} is not a regular file (a pipe?); a build must be able to check "
+                           "the list again when resumed: save it to a file first (cmd > list.txt)")
+    digest = file_sha256(list_path)
+    entries = read_list(list_path, num_labels=options.num_labels, allow_outside_root=options.allow_outside_root)
+    after = os.stat(list_path)
+    if (after.st_size, after.st_mtime_ns, after.st_ino) != (before.st_size, before.st_mtime_ns, before.st_ino):
+        raise ImgprepError(f"list {list_path} changed while it was read; run the command again")
+    return entries, digest
 
 
 def build_database(list_path, root, out, options: BuildOptions = BuildOptions(),
                    resume: bool = False, overwrite: bool = False, show_progress: bool = True,
-                   image_list: ImageList | None = None) -> BuildReport:
-    """Builds (or resumes) OUT from LIST and ROOT. Raises ImgprepError on anything fatal."""
+                   image_list: ImageList | None = None, allow_empty: bool = False) -> BuildReport:
+    """Builds (or resumes) OUT from LIST and ROOT. Raises ImgprepError on anything fatal; nothing
+    at OUT is created or changed before the arguments, ROOT and the list have been checked."""
     list_path, root, out = Path(list_path), Path(root), Path(out)
     if options.backend not in BACKENDS:
         raise ImgprepError(f"unknown backend {options.backend!r}; choose one of {', '.join(BACKENDS)}")
+    check_shard(options.num_shards, options.shard_index)
     if not root.is_dir():
         raise ImgprepError(f"image root {root} is not a folder")
-    entries = image_list or read_list(list_path, num_labels=options.num_labels,
-                                      allow_outside_root=options.allow_outside_root)
-    identity = dict(options.identity(), list_sha256=file_sha256(list_path), entries=len(entries))
-    previous = _prepare_output(out, identity, resume, overwrite)
+    if image_list is not None:
+        entries, list_digest = image_list, file_sha256(list_path)
+    else:
+        entries, list_digest = _read_entries(list_path, options)
+    if not len(entries) and not allow_empty:
+        raise ImgprepError(f"list {list_path} holds no entries; pass --allow-empty to build an empty database")
+    order = list_order(len(entries), options.shuffle, options.seed)
+    identity = dict(options.identity(), list_sha256=list_digest, entries=len(entries),
+                    root=os.path.realpath(root), order=ORDER_ALGORITHM if options.shuffle else "list",
+                    order_sha256=order_fingerprint(order))
+    if out.exists() and not out.is_dir():
+        raise ImgprepError(f"{out} exists and is not a folder")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ImgprepError(f"cannot create {out}: {e.strerror}") from None
-    with _OutputLock(out):
-        return _build_locked(list_path, root, out, options, entries, identity, previous, show_progress)
+    with OutputLock(out):
+        previous = _prepare_output(out, identity, resume, overwrite)
+        return _build_locked(list_path, root, out, options, entries, order, identity, previous, show_progress)
 
 
-def _build_locked(list_path, root, out, options, entries, identity, previous, show_progress):
-    order = list_order(len(entries), options.shuffle, options.seed)
+def _build_locked(list_path, root, out, options, entries, order, identity, previous, show_progress):
     positions = shard_range(len(entries), options.num_shards, options.shard_index)
     start = positions.start
     failures: list[Failure] = []
@@ -297,20 +301,20 @@ def _build_locked(list_path, root, out, options, entries, identity, previous, sh
             last = reader.last_key()
             if last is not None:
                 start = key_position(last) + 1
-                first_shape = _record_shape(next(reader.items())[1]) if options.check_size else None
+                first_shape = record_shape(next(reader.items())[1]) if options.check_size else None
         failures = [f for f in read_failures(out) if f.position < start]
     manifest = {"format": MANIFEST_FORMAT, "state": "building", "identity": identity,
                 "list": str(list_path), "root": str(root), "imgprep": __version__,
                 "started": previous.get("started") if previous else time.time()}
     write_manifest(out, manifest)
-    with open(out / FAILURES, "w", encoding="utf-8", errors="surrogateescape") as f:
+    with open_own(out / FAILURES) as f:
         f.writelines(x.line() for x in failures)
 
     report = BuildReport(out, total=len(positions), resumed_from=start - positions.start)
     report.records = start - positions.start - len(failures)
     progress = Progress("build-lmdb", len(positions), enabled=show_progress, done=report.resumed_from,
                         failures=len(failures))
-    failure_log = open(out / FAILURES, "a", encoding="utf-8", errors="surrogateescape")
+    failure_log = open_own(out / FAILURES, append=True)
     writer = open_writer(out, options.backend, options.map_size)
     pending: list[tuple[bytes, bytes]] = []
     pending_failures: list[Failure] = []
@@ -359,7 +363,7 @@ def _build_locked(list_path, root, out, options, entries, identity, previous, sh
                     commit()
         commit()
     except KeyboardInterrupt:
-        raise ImgprepError(f"interrupted; {out} keeps every committed record. Run the same command "
+        raise Interrupted(f"interrupted; {out} keeps every committed record. Run the same command "
                            "with --resume to continue.") from None
     finally:
         failure_log.close()
@@ -376,8 +380,19 @@ def _build_locked(list_path, root, out, options, entries, identity, previous, sh
     return report
 
 
-def _record_shape(value: bytes) -> tuple[int, int, int]:
-    datum = decode_datum(value)
+def record_shape(value: bytes) -> tuple[int, int, int]:
+    """(channels, height, width) of a record; an encoded record (which, as Caffe's, need not carry
+    them) is decoded for them."""
+    return datum_shape(decode_datum(value))
+
+
+def datum_shape(datum) -> tuple[int, int, int]:
+    if datum.encoded:  # imgprep stores encoded images upright, so the header's size is the image's
+        try:
+            with Image.open(io.BytesIO(datum.data)) as image:
+                return len(image.getbands()), image.height, image.width
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
+            raise RecordError(f"encoded image does not open: {e}") from None
     return datum.channels, datum.height, datum.width
 
 

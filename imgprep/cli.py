@@ -25,9 +25,9 @@ class Group(click.Group):
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
-        except ImgprepError as e:
+        except ImgprepError as e:  # exit_code 130: a stage that caught Ctrl-C to say how to continue
             click.echo(f"Error: {e}", err=True)
-            ctx.exit(1)
+            ctx.exit(getattr(e, "exit_code", 1))
         except OSError as e:  # the stages translate the errors they expect; this is the net below them
             where = f" ({e.filename})" if e.filename else ""
             click.echo(f"Error: {e.strerror or e}{where}", err=True)
@@ -61,6 +61,10 @@ scheduler_option = click.option(
          "Workers must see ROOT at the same path. Needs the dask extra.")
 quality_option = click.option("--quality", type=click.IntRange(1, 100), default=90, show_default=True,
                               help="JPEG quality for images that are (re-)encoded.")
+allow_partial_option = click.option(
+    "--allow-partial", is_flag=True,
+    help="Accept an incomplete imgprep build (stopped, or still being written) and use the records it "
+         "holds. Refused otherwise: finish the build with build-lmdb --resume.")
 gray_option = click.option("--gray", is_flag=True, help="Store 1-channel grayscale instead of RGB.")
 max_aspect_option = click.option(
     "--max-aspect", type=float, default=None, show_default="4", metavar="RATIO",
@@ -241,7 +245,11 @@ def resize(src, dst, resize, quality, gray, max_aspect, jobs, overwrite, schedul
 @click.option("--txn-size", type=click.IntRange(1), default=1000, show_default=True,
               help="Records per write transaction (Caffe commits every 1000).")
 @click.option("--resume", is_flag=True, help="Continue a partial build (after Ctrl-C, a crash, kill -9).")
-@click.option("--overwrite", is_flag=True, help="Delete an existing database at OUT first.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace a database at OUT: deletes only the database's files and imgprep's own "
+                   "(imgprep-build.json, imgprep-failures.tsv); other files in OUT stay.")
+@click.option("--allow-empty", is_flag=True, help="Build an empty database from a LIST without entries "
+              "(refused otherwise, as a likely mistake).")
 @click.option("--max-failures", type=click.IntRange(0), default=None,
               help="Give up once more than this many images failed. Default: never.")
 @click.option("--allow-outside-root", is_flag=True,
@@ -254,13 +262,15 @@ def resize(src, dst, resize, quality, gray, max_aspect, jobs, overwrite, schedul
 @scheduler_option
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 def build_lmdb(list_file, root, out, preset, backend, resize, encoded, quality, gray, max_aspect, shuffle, seed,
-               check_size, jobs, txn_size, resume, overwrite, max_failures, allow_outside_root,
+               check_size, jobs, txn_size, resume, overwrite, allow_empty, max_failures, allow_outside_root,
                num_labels, num_shards, shard_index, scheduler, as_json):
     """Build a Caffe Datum database OUT (LMDB or LevelDB) from LIST and the image ROOT.
 
     Keys are '%08d_path' (Caffe's convert_imageset format); every LIST entry becomes a record or
     a line of OUT/imgprep-failures.tsv. Exit status 3 means the database is complete but some
-    images failed.
+    images failed; 130 means interrupted (Ctrl-C): continue with --resume. LIST must be a
+    regular file (not a pipe): --resume checks it is the same list. ROOT, the list's content and
+    the options make up the build's identity; --resume refuses to continue with any of them changed.
 
     \b
     Examples:
@@ -275,7 +285,8 @@ def build_lmdb(list_file, root, out, preset, backend, resize, encoded, quality, 
                            txn_size=txn_size, max_failures=max_failures, num_labels=num_labels,
                            allow_outside_root=allow_outside_root, num_shards=num_shards,
                            shard_index=shard_index, scheduler=scheduler)
-    report = build_database(list_file, root, out, options, resume=resume, overwrite=overwrite)
+    report = build_database(list_file, root, out, options, resume=resume, overwrite=overwrite,
+                            allow_empty=allow_empty)
     if as_json:
         click.echo(json.dumps(report_to_dict(report)))
     if report.failures:
@@ -294,11 +305,13 @@ def build_lmdb(list_file, root, out, preset, backend, resize, encoded, quality, 
               help="Also write the per-channel means (BGR and RGB): JSON if the name ends in .json, else text.")
 @jobs_option
 @scheduler_option
-def compute_mean_cmd(dbs, out, crop, resize, values_out, jobs, scheduler):
+@allow_partial_option
+def compute_mean_cmd(dbs, out, crop, resize, values_out, jobs, scheduler, allow_partial):
     """Write the exact mean image of database DB as a Caffe .binaryproto OUT.
 
     Several DBs (e.g. the parts of a sharded build) give the mean of all their records: the
-    integer sums of the parts are added, so the result equals the merged database's mean.
+    integer sums of the parts are added, so the result equals the merged database's mean. A DB
+    named twice, or OUT / --values-out inside a DB, is refused before any work.
 
     The file is what Caffe's compute_image_mean writes (num=1, C, H, W, float32 BGR planar), but
     summed in integers: exact at any N, where Caffe's float32 sum drifts past ~65k images.
@@ -312,10 +325,11 @@ def compute_mean_cmd(dbs, out, crop, resize, values_out, jobs, scheduler):
       imgprep compute-mean part0 part1 part2 part3 mean.binaryproto
     """
     from .imageops import parse_resize
-    from .mean import MeanTransform, combine, compute_mean, write_mean
+    from .mean import MeanTransform, check_arguments, combine, compute_mean, write_mean
 
+    check_arguments(dbs, out, values_out)
     transform = MeanTransform(parse_resize(resize), crop)
-    result = combine([compute_mean(db, transform, jobs, scheduler) for db in dbs])
+    result = combine([compute_mean(db, transform, jobs, scheduler, allow_partial=allow_partial) for db in dbs])
     write_mean(result, out, values_out)
     values = result.values()
     click.echo("mean (BGR): " + " ".join(f"{v:.3f}" for v in values["bgr"]))
@@ -327,12 +341,14 @@ def compute_mean_cmd(dbs, out, crop, resize, values_out, jobs, scheduler):
 @click.option("--list", "list_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Check that every entry of this list is in DB under its key with its label.")
 @click.option("--verify", is_flag=True, help="Decode every record (encoded images too).")
-def inspect_cmd(db, list_file, verify):
+@allow_partial_option
+def inspect_cmd(db, list_file, verify, allow_partial):
     """Describe database DB and, with --list / --verify, prove nothing was lost or corrupted.
 
     Prints the backend, record count, raw/encoded, size and label histograms, first keys and the
     imgprep build state. Exit status 1 if any record does not decode or, with --list, if any
-    entry is missing, extra, mislabeled or under the wrong key.
+    entry is missing, extra, mislabeled or under the wrong key. Entries the build could not use
+    (listed in DB/imgprep-failures.tsv) are counted apart and are not an error.
 
     \b
     Examples:
@@ -341,7 +357,7 @@ def inspect_cmd(db, list_file, verify):
     """
     from .inspection import inspect_db
 
-    result = inspect_db(db, list_file, verify)
+    result = inspect_db(db, list_file, verify, allow_partial=allow_partial)
     for line in result.lines():
         click.echo(line)
     if not result.ok:
@@ -412,13 +428,17 @@ def demo(workdir, seconds):
 @click.argument("parts", metavar="PART...", nargs=-1, required=True,
                 type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.argument("out", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--overwrite", is_flag=True, help="Replace an existing database at OUT.")
-def merge(parts, out, overwrite):
+@click.option("--overwrite", is_flag=True,
+              help="Replace a database at OUT: deletes only the database's files and imgprep's own.")
+@allow_partial_option
+def merge(parts, out, overwrite, allow_partial):
     """Merge the parts of a sharded build into one database OUT.
 
     Each part is `build-lmdb ... --num-shards K --shard-index i` (any scheduler: Dask, a Slurm
     array, a shell loop). The result equals, record for record, a single build of the same list
-    with the same options; the failure reports are concatenated.
+    with the same options; the failure reports are concatenated. A part named twice, or OUT
+    inside a part, is refused before anything is written. A merge that stopped (Ctrl-C) is redone
+    by running the same command again. With --allow-partial the result's state is 'partial'.
 
     \b
     Example:
@@ -428,4 +448,4 @@ def merge(parts, out, overwrite):
     """
     from .merge import merge_parts
 
-    merge_parts(parts, out, overwrite)
+    merge_parts(parts, out, overwrite, allow_partial=allow_partial)

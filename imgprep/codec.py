@@ -130,11 +130,13 @@ class Datum:
 
 def encode_datum(data: bytes, label: int, channels: int, height: int, width: int,
                  encoded: bool) -> bytes:
-    """Serialises a Datum as Caffe does: fields 1-5 and 7, label and encoded always present."""
+    """Serialises a Datum as Caffe does: fields 1-5 and 7 in order, label and encoded always present.
+    channels/height/width of 0 are left unset, as convert_imageset --encoded leaves them (its
+    encoded records hold only data, label and encoded)."""
+    shape = b"".join(_key(number, VARINT) + _varint(value)
+                     for number, value in ((1, channels), (2, height), (3, width)) if value)
     return b"".join((
-        _key(1, VARINT), _varint(channels),
-        _key(2, VARINT), _varint(height),
-        _key(3, VARINT), _varint(width),
+        shape,
         _key(4, LENGTH), _varint(len(data)), data,
         _key(5, VARINT), _varint(label),
         _key(7, VARINT), b"\x01" if encoded else b"\x00",

@@ -7,10 +7,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import ImgprepError
-from .build import FAILURES, entry_key, list_order, read_failures, read_manifest
+import numpy as np
+
+from .build import FAILURES, datum_shape, entry_key, list_order, read_failures
 from .codec import RecordError, decode_datum
 from .imageops import ImageFailure, decode_upright
 from .lists import read_list
+from .manifest import read_manifest, record_count, require_complete
 from .progress import Progress
 from .storage import Reader
 
@@ -29,6 +32,7 @@ class Inspection:
     manifest: dict | None = None
     bad_records: list = field(default_factory=list)  # (key, reason)
     missing: list = field(default_factory=list)  # (path, why)
+    reported: list = field(default_factory=list)  # (path, reason): failed at build, in the failure report
     extra: list = field(default_factory=list)
     mislabeled: list = field(default_factory=list)  # (key, stored, listed)
     misplaced: list = field(default_factory=list)  # (key, expected key)
@@ -56,6 +60,8 @@ class Inspection:
                        f"shuffle {ident.get('shuffle')} seed {ident.get('seed')}")
             if m.get("state") != "complete":
                 out.append("WARNING: this build is not complete (partial or still being written)")
+            if self.reported:
+                out.append(f"failed at build, listed in {FAILURES} (not a database defect): {len(self.reported):,}")
         else:
             out.append("no imgprep manifest (not built by imgprep, or built elsewhere)")
         for title, items in (("undecodable records", self.bad_records), ("missing", self.missing),
@@ -67,12 +73,15 @@ class Inspection:
         return out
 
 
-def inspect_db(path, list_path=None, verify: bool = False, show_progress: bool = True) -> Inspection:
+def inspect_db(path, list_path=None, verify: bool = False, show_progress: bool = True,
+               allow_partial: bool = False) -> Inspection:
     path = Path(path)
     result = Inspection(path, manifest=read_manifest(path))
+    require_complete(path, result.manifest, allow_partial)
     with Reader(path) as reader:
         result.backend = reader.backend
-        progress = Progress("inspect", len(reader), unit="rec", enabled=show_progress and verify)
+        total = record_count(reader, result.manifest) if verify else None
+        progress = Progress("inspect", total, unit="rec", enabled=show_progress and verify)
         stored_labels = {}
         for key, value in reader.items():
             if len(result.first_keys) < 3:
@@ -96,7 +105,11 @@ def inspect_db(path, list_path=None, verify: bool = False, show_progress: bool =
                 except ImageFailure as e:
                     result.bad_records.append((key, e.reason + ": " + e.detail))
             else:
-                result.sizes[f"{datum.width}x{datum.height}x{datum.channels}"] += 1
+                try:
+                    c, h, w = datum_shape(datum)
+                    result.sizes[f"{w}x{h}x{c}"] += 1
+                except RecordError as e:
+                    result.bad_records.append((key, str(e)))
             progress.update()
     if list_path is not None:
         _compare_with_list(result, Path(list_path), stored_labels)
@@ -106,8 +119,12 @@ def inspect_db(path, list_path=None, verify: bool = False, show_progress: bool =
 def _compare_with_list(result: Inspection, list_path: Path, stored_labels: dict) -> None:
     entries = read_list(list_path, allow_outside_root=True)
     identity = (result.manifest or {}).get("identity", {})
-    order = list_order(len(entries), identity.get("shuffle", False), identity.get("seed", 0))
-    failed = {f.path: f.reason for f in read_failures(result.path)}
+    shuffle, seed = identity.get("shuffle", False), identity.get("seed", 0)
+    if shuffle and "order_sha256" not in identity:  # built before the order was imgprep's own
+        order = np.random.default_rng(seed).permutation(len(entries))
+    else:
+        order = list_order(len(entries), shuffle, seed)
+    failed = {(f.position, f.path): f.reason for f in read_failures(result.path)}
     by_path = {key.split(b"_", 1)[1]: key for key in stored_labels if b"_" in key}
     expected_keys = set()
     for position, index in enumerate(order):
@@ -121,9 +138,10 @@ def _compare_with_list(result: Inspection, list_path: Path, stored_labels: dict)
         found = by_path.get(rel.encode("utf-8", "surrogateescape"))
         if found is not None:
             result.misplaced.append((found.decode("utf-8", "surrogateescape"), key.decode(errors="replace")))
+        elif (position, rel) in failed:
+            result.reported.append((rel, failed[position, rel]))
         else:
-            why = f"in {FAILURES}: {failed[rel]}" if rel in failed else "not in the database"
-            result.missing.append((rel, why))
+            result.missing.append((rel, "not in the database"))
     misplaced = {m[0].encode("utf-8", "surrogateescape") for m in result.misplaced}
     result.extra = [k.decode(errors="replace") for k in stored_labels
                     if k not in expected_keys and k not in misplaced]

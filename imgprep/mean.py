@@ -19,9 +19,11 @@ import numpy as np
 from PIL import Image
 
 from . import ImgprepError
+from .build import datum_shape
 from .codec import RecordError, decode_blob, decode_datum, encode_blob
 from .imageops import (ImageFailure, ImageSpec, ResizePolicy, bgr_chw_to_rgb_hwc, center_crop,
                        decode_upright, to_bgr_chw)
+from .manifest import read_manifest, record_count, refuse_overlaps, require_complete
 from .parallel import ordered_map, resolve_jobs
 from .progress import Progress
 from .storage import Reader, detect_backend
@@ -41,7 +43,8 @@ class MeanTransform:
         datum = decode_datum(value)
         if datum.encoded:
             try:
-                img = decode_upright(datum.data, ImageSpec(self.resize, gray=datum.channels == 1))[1]
+                gray = (datum.channels or datum_shape(datum)[0]) == 1  # Caffe's encoded records omit channels
+                img = decode_upright(datum.data, ImageSpec(self.resize, gray=gray))[1]
             except ImageFailure as e:
                 raise RecordError(f"encoded image does not decode: {e}") from None
             chw = to_bgr_chw(img)
@@ -130,11 +133,14 @@ def _tasks(reader: Reader):
 
 
 def compute_mean(db, transform: MeanTransform = MeanTransform(), jobs: int | None = None,
-                 scheduler: str | None = None, show_progress: bool = True) -> MeanResult:
+                 scheduler: str | None = None, show_progress: bool = True,
+                 allow_partial: bool = False) -> MeanResult:
     db = Path(db)
     detect_backend(db)
+    manifest = read_manifest(db)
+    require_complete(db, manifest, allow_partial)
     with Reader(db) as reader:
-        total = len(reader)
+        total = record_count(reader, manifest)
         if total == 0:
             raise ImgprepError(f"{db} holds no records")
         first_key, first_value = next(reader.items())
@@ -170,6 +176,11 @@ def compute_mean(db, transform: MeanTransform = MeanTransform(), jobs: int | Non
     progress.finish(f"compute-mean: {count:,} records of {shape[2]}x{shape[1]}x{shape[0]} in "
                     f"{progress.elapsed:.1f}s ({progress.rate:,.0f} img/s); channel means (BGR) {bgr}")
     return result
+
+
+def check_arguments(dbs, out, values_out=None) -> None:
+    """Before any work: each database counts once, and no output lands inside a database."""
+    refuse_overlaps([Path(db) for db in dbs], [Path(p) for p in (out, values_out) if p], "database")
 
 
 def combine(results: list[MeanResult]) -> MeanResult:

@@ -4,33 +4,37 @@ an ordered append."""
 
 from __future__ import annotations
 
-import shutil
 import time
 from pathlib import Path
 
 from . import ImgprepError
-from .build import FAILURES, MANIFEST_FORMAT, read_manifest, write_manifest
+from .manifest import (FAILURES, MANIFEST_FORMAT, OutputLock, clear_output, contents, open_own, read_manifest,
+                       refuse_links, refuse_overlaps, require_complete, write_manifest)
 from .progress import Progress
 from .storage import Reader, open_writer
 
 BATCH = 1000
 
 
-def _check_parts(parts: list[Path]) -> list[tuple[int, Path, dict]]:
+def _check_parts(parts: list[Path], allow_partial: bool) -> list[tuple[int, Path, dict]]:
     described = []
     for part in parts:
         manifest = read_manifest(part)
         if manifest is None:
             raise ImgprepError(f"{part} has no {MANIFEST_FORMAT} manifest; only imgprep builds can be merged")
-        if manifest.get("state") != "complete":
-            raise ImgprepError(f"{part} is not complete (state {manifest.get('state')!r}); finish it with --resume")
+        require_complete(part, manifest, allow_partial)
         described.append((manifest["identity"]["shard_index"], part, manifest))
     described.sort(key=lambda t: t[0])
     first = described[0][2]["identity"]
     for _, part, manifest in described[1:]:
-        differing = sorted(k for k in first if k != "shard_index" and manifest["identity"].get(k) != first[k])
+        # ROOT may lie at another path on each node; the list, order and options may not differ
+        differing = sorted(k for k in set(first) | set(manifest["identity"]) if k not in ("shard_index", "root")
+                           and manifest["identity"].get(k) != first.get(k))
         if differing:
             raise ImgprepError(f"{part} was built with other options than {described[0][1]}: {', '.join(differing)}")
+    if "order_sha256" not in first:
+        raise ImgprepError(f"{described[0][1]} was built by an older imgprep, whose shuffled order is not "
+                           "recorded; build the parts again")
     indexes = [i for i, _, _ in described]
     if indexes != list(range(first["num_shards"])):
         raise ImgprepError(f"expected parts 0..{first['num_shards'] - 1} of a {first['num_shards']}-way build, "
@@ -38,18 +42,37 @@ def _check_parts(parts: list[Path]) -> list[tuple[int, Path, dict]]:
     return described
 
 
-def merge_parts(parts, out, overwrite: bool = False, show_progress: bool = True) -> dict:
+def _replaceable(out: Path, overwrite: bool) -> None:
+    """An earlier merge into OUT that did not finish is redone without --overwrite; anything else at
+    OUT needs --overwrite, which deletes only a database's and imgprep's files (manifest.clear_output)."""
+    if not contents(out):
+        return
+    refuse_links(out)
+    if not overwrite:
+        manifest = read_manifest(out)
+        if manifest is None or "merged_from" not in manifest or manifest["state"] != "building":
+            raise ImgprepError(f"{out} exists; pass --overwrite to replace it")
+    clear_output(out)
+
+
+def merge_parts(parts, out, overwrite: bool = False, show_progress: bool = True, allow_partial: bool = False) -> dict:
     parts = [Path(p) for p in parts]
     out = Path(out)
-    described = _check_parts(parts)
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise ImgprepError(f"{out} exists; pass --overwrite to replace it")
-        if read_manifest(out) is None:
-            raise ImgprepError(f"{out} exists and was not built by imgprep; refusing to delete it")
-        shutil.rmtree(out)
-    identity = dict(described[0][2]["identity"], num_shards=1, shard_index=0)
+    refuse_overlaps(parts, [out], "part")
+    described = _check_parts(parts, allow_partial)
+    first = described[0][2]["identity"]
+    roots = sorted({m["identity"].get("root") for _, _, m in described}, key=str)
+    identity = dict(first, num_shards=1, shard_index=0, root=roots[0] if len(roots) == 1 else roots)
+    complete = all(m["state"] == "complete" for _, _, m in described)
+    if out.exists() and not out.is_dir():
+        raise ImgprepError(f"{out} exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)
+    with OutputLock(out):
+        _replaceable(out, overwrite)
+        return _merge_locked(described, out, identity, complete, show_progress)
+
+
+def _merge_locked(described, out: Path, identity: dict, complete: bool, show_progress: bool) -> dict:
     manifest = {"format": MANIFEST_FORMAT, "state": "building", "identity": identity,
                 "merged_from": [str(p) for _, p, _ in described], "started": time.time()}
     write_manifest(out, manifest)
@@ -75,9 +98,13 @@ def merge_parts(parts, out, overwrite: bool = False, show_progress: bool = True)
                 reasons[reason] = reasons.get(reason, 0) + n
     finally:
         writer.close()
-    (out / FAILURES).write_text("".join(failures), encoding="utf-8", errors="surrogateescape")
-    manifest.update(state="complete", finished=time.time(), records=progress.done,
+    with open_own(out / FAILURES) as f:
+        f.write("".join(failures))
+    # merged from incomplete parts (--allow-partial): usable, but never 'complete'
+    manifest.update(state="complete" if complete else "partial", finished=time.time(), records=progress.done,
                     failures=sum(reasons.values()), failure_reasons=reasons)
     write_manifest(out, manifest)
-    progress.finish(f"merge: {progress.done:,} records from {len(parts)} parts in {progress.elapsed:.1f}s -> {out}")
+    parts = len(described)
+    state = "" if complete else " (from incomplete parts: state 'partial')"
+    progress.finish(f"merge: {progress.done:,} records from {parts} parts in {progress.elapsed:.1f}s -> {out}{state}")
     return manifest

@@ -206,17 +206,53 @@ def area_prefix(pid: int) -> str:
 
 def _remove_stale_areas() -> None:
     """Areas left by builds in this pid namespace that were killed with their whole process group
-    (so Python's resource tracker, which cleans up after a lone killed process, died too)."""
+    (so Python's resource tracker, which cleans up after a lone killed process, died too), and the
+    semaphores loky made for them (`sem.loky-<pid>-<random>`)."""
     for path in SHM_DIR.glob(f"{AREA_PREFIX}{pid_namespace()}-*"):
         owner = path.name[len(AREA_PREFIX):].split("-")[1]
         if owner.isdigit() and not _pid_alive(int(owner)):
             path.unlink(missing_ok=True)
+    _remove_stale_semaphores()
+
+
+def _remove_stale_semaphores() -> None:
+    """loky's semaphore names carry no pid namespace, so one is removed only when it is this user's,
+    its creator's pid is dead here, and no process visible here has it mapped (sem_open maps it)."""
+    uid = os.getuid()
+    stale = []
+    for path in SHM_DIR.glob("sem.loky-*"):
+        owner = path.name.split("-")[1]
+        try:
+            mine = path.stat().st_uid == uid
+        except OSError:
+            continue
+        if mine and owner.isdigit() and not _pid_alive(int(owner)):
+            stale.append(path)
+    if not stale:
+        return
+    in_use = _mapped_shm_names()
+    for path in stale:
+        if path.name not in in_use:
+            path.unlink(missing_ok=True)
+
+
+def _mapped_shm_names() -> set[str]:
+    names = set()
+    for maps in Path("/proc").glob("[0-9]*/maps"):
+        try:
+            text = maps.read_text()
+        except OSError:  # gone, or another user's
+            continue
+        names.update(m[1] for m in re.finditer(r"/dev/shm/(sem\.loky-\S+)", text))
+    return names
 
 
 @contextmanager
 def _shared_areas(count: int, size: int):
     """`count` areas of `size` bytes as [(SharedArea, buffer)], or [] where /dev/shm is missing or
     lacks twice the room (a full tmpfs would kill the workers with SIGBUS)."""
+    if size:
+        _remove_stale_areas()  # first: what killed builds left takes room
     try:
         stat = os.statvfs(SHM_DIR)
         room = stat.f_bavail * stat.f_frsize >= 2 * count * size
@@ -227,7 +263,6 @@ def _shared_areas(count: int, size: int):
         return
     from multiprocessing import shared_memory
 
-    _remove_stale_areas()
     name = f"{area_prefix(os.getpid())}{os.urandom(4).hex()}-"
     made = []
     try:

@@ -1,3 +1,4 @@
+import hashlib
 import json
 import os
 import random
@@ -14,8 +15,10 @@ from imgprep.build import FAILURES, MANIFEST, BuildOptions, build_database
 from imgprep.codec import decode_datum
 from imgprep.imageops import ImageSpec, decode_to_rgb, decode_upright, parse_resize, to_bgr_chw
 from imgprep.lists import read_list
+from imgprep.order import permutation
 from imgprep.parallel import SHM_DIR, area_prefix
 from imgprep.sample import ODDITY_OUTCOMES
+from imgprep.storage import open_writer
 
 CAFFE = ImageSpec(parse_resize("squash:256x256"), encoded=False)
 RESNET = ImageSpec(parse_resize("shorter:256"), encoded=True)
@@ -73,12 +76,14 @@ def test_raw_records_are_caffe_datums_with_bgr_planar_pixels(sample_tree, built)
         assert reference.data == expected.tobytes()
 
 
-def test_encoded_records_decode_to_the_shorter_256_image(sample_tree, built):
+def test_encoded_records_are_caffes_bytes_and_decode_to_the_shorter_256_image(sample_tree, built):
     for key, value in db_records(built["resnet", "lmdb"][1]):
         datum = decode_datum(value)
         assert datum.encoded and datum.data[:2] == b"\xff\xd8"
+        # convert_imageset --encoded writes data, label and encoded only
+        assert value == Datum(data=datum.data, label=datum.label, encoded=True).SerializeToString()
         image = decode_to_rgb(datum.data)
-        assert min(image.shape[:2]) == 256 and image.shape[:2] == (datum.height, datum.width)
+        assert min(image.shape[:2]) == 256
         path = key.decode().split("_", 1)[1]
         reference = np.asarray(decode_upright((sample_tree.root / "train" / path).read_bytes(), RESNET)[1])
         assert np.abs(image.astype(np.int16) - reference).mean() < 4  # JPEG q90 tolerance
@@ -131,7 +136,10 @@ def test_shuffle_is_seeded_and_keys_follow_the_shuffled_order(sample_tree, tmp_p
     assert [k.split(b"_", 1)[1] for k, _ in ra] != [k.split(b"_", 1)[1] for k, _ in rc]
     entries = read_list(sample_tree.lists / "train.txt")
     labels = {p: l for p, l in zip(entries.paths, entries.labels.tolist())}
-    order = np.random.default_rng(1).permutation(len(entries))
+    order = permutation(len(entries), 1)  # imgprep's documented order, not numpy's
+    identity = json.loads((tmp_path / "a" / MANIFEST).read_text())["identity"]
+    assert identity["order"] == "imgprep.order.permutation/1"
+    assert identity["order_sha256"] == hashlib.sha256(order.astype("<i8").tobytes()).hexdigest()
     for key, value in ra:
         position, path = key.decode().split("_", 1)
         assert entries.paths[order[int(position)]] == path
@@ -175,7 +183,8 @@ def test_existing_databases_are_protected(sample_tree, tmp_path):
                        "options differ", "squash:8x8")
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "precious.txt").write_text("x")
-    assert_clean_error(cli_build(sample_tree, tmp_path / "other", "--overwrite", check=False), "not a database")
+    assert_clean_error(cli_build(sample_tree, tmp_path / "other", "--overwrite", check=False),
+                       "neither a database nor an imgprep build")
     assert (tmp_path / "other" / "precious.txt").exists()
 
 
@@ -237,8 +246,10 @@ def test_resume_after_kill_9_equals_an_uninterrupted_build(larger_tree, tmp_path
         assert db_records(out) == expected
         assert (out / FAILURES).read_text() == expected_failures
         assert json.loads((out / MANIFEST).read_text())["state"] == "complete"
-        # the killed build's shared-memory areas (its resource tracker died with it) are swept
+        # the killed build's shared-memory areas and loky's semaphores (its resource tracker died with
+        # it) are swept
         assert not list(SHM_DIR.glob(f"{area_prefix(proc.pid)}*"))
+        assert not list(SHM_DIR.glob(f"sem.loky-{proc.pid}-*"))
 
 
 def test_a_worker_killed_mid_build_costs_nothing(larger_tree, tmp_path):
@@ -263,7 +274,25 @@ def test_ctrl_c_stops_cleanly_and_says_how_to_resume(larger_tree, tmp_path):
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate()
     err = err.decode()
-    assert proc.returncode == 1 and "Traceback" not in err and "--resume" in err, err
+    assert proc.returncode == 130 and "Traceback" not in err and "--resume" in err, err
     resumed = _start_build(larger_tree, out, "--jobs", "1", "--resume")
     resumed.communicate()
     assert resumed.returncode == 3 and json.loads((out / MANIFEST).read_text())["state"] == "complete"
+
+
+def test_resuming_a_check_size_build_of_encoded_records_reads_the_first_records_size(sample_tree, tmp_path):
+    """Encoded records carry no channels/height/width (as Caffe's): their size comes from the image."""
+    out = tmp_path / "db"
+    args = ("--resize", "squash:32x32", "--encoded", "--check-size", "--jobs", "1", "--txn-size", "5")
+    assert cli_build(sample_tree, out, *args, check=False).returncode == 3
+    reference = db_records(out)
+    writer = open_writer(out, "lmdb")  # as a kill -9 leaves it: the last transactions lost
+    with writer.env.begin(write=True) as txn:
+        for key, _ in reference[len(reference) // 2:]:
+            txn.delete(key)
+    writer.close()
+    manifest = json.loads((out / MANIFEST).read_text())
+    (out / MANIFEST).write_text(json.dumps(dict(manifest, state="building")))
+    resumed = cli_build(sample_tree, out, *args, "--resume", check=False)
+    assert resumed.returncode == 3 and "resumed at entry" in resumed.stderr, resumed.stderr
+    assert db_records(out) == reference

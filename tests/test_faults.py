@@ -90,13 +90,19 @@ def test_second_writer_is_refused_and_readers_see_a_partial_build(larger_tree, r
         second = subprocess.run(build_cmd(larger_tree, out, "--backend", backend, "--resume"), capture_output=True,
                                 text=True)
         assert_clean_error(second, "being written by another imgprep process")
-        if backend == "lmdb":  # LMDB readers work beside the writer; they warn that it is partial
-            seen = run_cli("inspect", out, "--verify", check=False)
+        overwrite = subprocess.run(build_cmd(larger_tree, out, "--backend", backend, "--overwrite"),
+                                   capture_output=True, text=True)
+        assert_clean_error(overwrite, "being written by another imgprep process")
+        if backend == "lmdb":  # LMDB readers work beside the writer; a partial build needs --allow-partial
+            assert_clean_error(run_cli("inspect", out, check=False), "incomplete build", "--resume",
+                               "--allow-partial")
+            seen = run_cli("inspect", out, "--verify", "--allow-partial", check=False)
             assert seen.returncode == 0 and "not complete" in seen.stdout
             with pytest.raises(ImgprepError, match="incomplete build"):
                 Loader(out, device="cpu")
         else:  # LevelDB is one process at a time: a clear refusal
-            assert_clean_error(run_cli("inspect", out, check=False), "another process has the database open")
+            assert_clean_error(run_cli("inspect", out, "--allow-partial", check=False),
+                               "another process has the database open")
     finally:
         proc.send_signal(signal.SIGCONT)
         proc.stderr.read()

@@ -1,9 +1,12 @@
+import json
+import shutil
+
 import numpy as np
 import pytest
 
-from conftest import assert_clean_error, run_cli
+from conftest import assert_clean_error, db_records, run_cli
 from imgprep import ImgprepError
-from imgprep.build import BuildOptions, build_database
+from imgprep.build import MANIFEST, BuildOptions, build_database
 from imgprep.codec import encode_datum
 from imgprep.imageops import ImageSpec, center_crop, decode_upright, parse_resize, to_bgr_chw
 from imgprep.mean import MeanTransform, compute_mean, load_mean, write_mean
@@ -135,3 +138,32 @@ def test_cli_writes_values(dbs, tmp_path):
     import json
     values = json.loads((tmp_path / "v.json").read_text())
     assert values["rgb"] == values["bgr"][::-1] and values["count"] > 100
+
+
+def test_compute_mean_counts_each_database_once_and_never_writes_into_one(dbs, tmp_path):
+    db = tmp_path / "db"
+    shutil.copytree(dbs["raw"], db)
+    before = db_records(db)
+    assert_clean_error(run_cli("compute-mean", db, db, tmp_path / "m.binaryproto", check=False), "given twice")
+    assert_clean_error(run_cli("compute-mean", db, db / "data.mdb", check=False), "lies inside the database")
+    assert_clean_error(run_cli("compute-mean", db, tmp_path / "m.binaryproto", "--values-out", db / "v.json",
+                               check=False), "lies inside the database")
+    assert db_records(db) == before and not (tmp_path / "m.binaryproto").exists()
+
+
+def test_compute_mean_refuses_an_incomplete_build_unless_allowed(dbs, tmp_path):
+    db = tmp_path / "db"
+    shutil.copytree(dbs["raw_leveldb"], db)
+    manifest = json.loads((db / MANIFEST).read_text())
+    (db / MANIFEST).write_text(json.dumps(dict(manifest, state="building")))
+    assert_clean_error(run_cli("compute-mean", db, tmp_path / "m.binaryproto", check=False),
+                       "incomplete build", "--resume", "--allow-partial")
+    result = run_cli("compute-mean", db, tmp_path / "m.binaryproto", "--allow-partial")
+    assert "mean (BGR)" in result.stdout
+
+
+def test_gray_encoded_records_without_channels_give_a_one_channel_mean(sample_tree, tmp_path):
+    options = BuildOptions(jobs=1, spec=ImageSpec(parse_resize("squash:16x16"), encoded=True, gray=True))
+    build_database(sample_tree.lists / "val.txt", sample_tree.root / "val", tmp_path / "db", options,
+                   show_progress=False)
+    assert compute_mean(tmp_path / "db", show_progress=False).mean.shape == (1, 16, 16)

@@ -51,4 +51,30 @@ def test_merge_refuses_incomplete_or_mismatched_parts(sample_tree, tmp_path):
     manifest = json.loads((parts[1] / MANIFEST).read_text())
     manifest["state"] = "building"
     (parts[1] / MANIFEST).write_text(json.dumps(manifest))
-    assert_clean_error(run_cli("merge", *parts, tmp_path / "m", check=False), "not complete", "--resume")
+    assert_clean_error(run_cli("merge", *parts, tmp_path / "m", check=False), "incomplete build", "--resume",
+                       "--allow-partial")
+    partial = run_cli("merge", *parts, tmp_path / "m", "--allow-partial", check=False)
+    assert partial.returncode == 0 and json.loads((tmp_path / "m" / MANIFEST).read_text())["state"] == "partial"
+
+
+def test_merge_refuses_a_repeated_part_or_an_output_inside_a_part_before_touching_anything(sample_tree, tmp_path):
+    parts = [tmp_path / f"part{i}" for i in range(3)]
+    for i, part in enumerate(parts):
+        build(sample_tree, part, "lmdb", num_shards=3, shard_index=i)
+    before = [db_records(p) for p in parts]
+    assert_clean_error(run_cli("merge", *parts, parts[2], tmp_path / "m", "--overwrite", check=False), "given twice")
+    assert_clean_error(run_cli("merge", *parts, parts[2], "--overwrite", check=False), "lies inside the part")
+    assert_clean_error(run_cli("merge", *parts, parts[1] / "sub", check=False), "lies inside the part")
+    assert [db_records(p) for p in parts] == before and not (tmp_path / "m").exists()
+
+
+def test_a_merge_that_stopped_is_redone_by_the_same_command(sample_tree, tmp_path):
+    parts = [tmp_path / f"part{i}" for i in range(2)]
+    for i, part in enumerate(parts):
+        build(sample_tree, part, "lmdb", num_shards=2, shard_index=i)
+    run_cli("merge", *parts, tmp_path / "m")
+    manifest = json.loads((tmp_path / "m" / MANIFEST).read_text())
+    (tmp_path / "m" / MANIFEST).write_text(json.dumps(dict(manifest, state="building")))  # as Ctrl-C leaves it
+    run_cli("merge", *parts, tmp_path / "m")
+    assert json.loads((tmp_path / "m" / MANIFEST).read_text())["state"] == "complete"
+    assert_clean_error(run_cli("merge", *parts, tmp_path / "m", check=False), "--overwrite")

@@ -82,13 +82,17 @@ def test_areas_of_dead_builds_are_swept_and_live_ones_kept():
     stale = SHM_DIR / f"{area_prefix(dead.pid)}0badc0de-0"
     live = SHM_DIR / f"{area_prefix(os.getppid())}0badc0de-0"
     other_namespace = SHM_DIR / f"{AREA_PREFIX}{pid_namespace() + 1}-{dead.pid}-0badc0de-0"  # its pid means nothing here
-    for path in (stale, live, other_namespace):
+    stale_semaphore = SHM_DIR / f"sem.loky-{dead.pid}-0badc0de"  # loky's, left by a kill -9
+    live_semaphore = SHM_DIR / f"sem.loky-{os.getppid()}-0badc0de"
+    made = (stale, live, other_namespace, stale_semaphore, live_semaphore)
+    for path in made:
         path.write_bytes(b"x")
     try:
         list(ordered_map(_records, ([i] for i in range(4)), 2, area_bytes=100_000))
         assert not stale.exists() and live.exists() and other_namespace.exists()
+        assert not stale_semaphore.exists() and live_semaphore.exists()
     finally:
-        for path in (stale, live, other_namespace):
+        for path in made:
             path.unlink(missing_ok=True)
 
 

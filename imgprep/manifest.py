@@ -1,0 +1,244 @@
+"""An output folder's bookkeeping: the build manifest (`imgprep-build.json`: identity and state),
+the failure report's name, the folder's writer lock, and what in the folder imgprep may delete.
+
+imgprep writes and deletes only inside OUT, and only what it made: its own sidecar files and the
+files of an LMDB or LevelDB database, recognised by their structure (not just by their names). It
+never writes through a symbolic link it did not make, and it takes OUT's lock before it deletes or
+writes anything there.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+
+from . import ImgprepError
+
+MANIFEST = "imgprep-build.json"
+FAILURES = "imgprep-failures.tsv"
+LOCK = "imgprep.lock"
+MANIFEST_FORMAT = "imgprep-build/2"
+OLD_FORMATS = ("imgprep-build/1",)  # readable; not resumable (other order, identity without ROOT)
+STATES = ("building", "failed", "complete", "partial")
+OWN_FILES = (MANIFEST, MANIFEST + ".tmp", FAILURES)
+
+LMDB_FILES = ("data.mdb", "lock.mdb")
+LMDB_MAGIC = (0xBEEFC0DE).to_bytes(4, "little")  # MDB_meta's mm_magic, after the 16-byte page header
+LEVELDB_FILE = re.compile(r"CURRENT|LOCK|LOG|LOG\.old|MANIFEST-\d+|\d+\.(log|ldb|sst|dbtmp)")
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _invalid(out: Path, why: str) -> ImgprepError:
+    return ImgprepError(f"{out / MANIFEST} is not a valid imgprep manifest ({why}); it was not written by "
+                        "imgprep or was edited")
+
+
+def check_manifest(out: Path, manifest) -> dict:
+    """The manifest itself when it has the shape imgprep writes, else a clear error."""
+    if not isinstance(manifest, dict):
+        raise _invalid(out, f"a JSON {type(manifest).__name__}, not an object")
+    if manifest.get("format") not in (MANIFEST_FORMAT, *OLD_FORMATS):
+        raise _invalid(out, f"format {manifest.get('format')!r}")
+    if manifest.get("state") not in STATES:
+        raise _invalid(out, f"state {manifest.get('state')!r}")
+    identity = manifest.get("identity")
+    if not isinstance(identity, dict):
+        raise _invalid(out, "no identity")
+    if identity.get("backend") not in ("lmdb", "leveldb"):
+        raise _invalid(out, f"backend {identity.get('backend')!r}")
+    shards, index = identity.get("num_shards"), identity.get("shard_index")
+    if not (isinstance(shards, int) and isinstance(index, int) and 0 <= index < shards):
+        raise _invalid(out, f"shard {index!r} of {shards!r}")
+    for key in ("records", "failures"):
+        if key in manifest and not (isinstance(manifest[key], int) and manifest[key] >= 0):
+            raise _invalid(out, f"{key} {manifest[key]!r}")
+    if not isinstance(manifest.get("failure_reasons", {}), dict):
+        raise _invalid(out, "failure_reasons is not an object")
+    return manifest
+
+
+def read_manifest(out: Path) -> dict | None:
+    """OUT's manifest (validated), or None where there is none."""
+    out = Path(out)
+    try:
+        text = (out / MANIFEST).read_text()
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        raise ImgprepError(f"cannot read {out / MANIFEST}: {e}") from None
+    try:
+        manifest = json.loads(text)
+    except ValueError as e:
+        raise _invalid(out, f"not JSON: {e}") from None
+    return check_manifest(out, manifest)
+
+
+def open_own(path: Path, append: bool = False):
+    """Opens a file imgprep makes in OUT for writing (text, bytes kept as written), never through a
+    symbolic link someone else put there."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | (os.O_APPEND if append else os.O_TRUNC)
+    try:
+        fd = os.open(path, flags, 0o666)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise ImgprepError(f"{path} is a symbolic link; imgprep writes only files it made there. "
+                               "Remove the link, then run the command again") from None
+        raise ImgprepError(f"cannot write {path}: {e.strerror}") from None
+    return open(fd, "a" if append else "w", encoding="utf-8", errors="surrogateescape")
+
+
+def write_manifest(out: Path, manifest: dict) -> None:
+    tmp = out / (MANIFEST + ".tmp")
+    try:
+        os.unlink(tmp)  # imgprep's own name: a link or leftover there is replaced, never written through
+    except FileNotFoundError:
+        pass
+    with open_own(tmp) as f:
+        f.write(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, out / MANIFEST)
+
+
+class OutputLock:
+    """An exclusive lock on the output folder, so two writers never share one folder. It is taken
+    before anything in the folder is deleted or written."""
+
+    def __init__(self, out: Path):
+        self.path = Path(out) / LOCK
+        self.fd = None
+
+    def __enter__(self):
+        try:
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self.fd)
+            raise ImgprepError(f"{self.path.parent} is being written by another imgprep process") from None
+        except OSError as e:
+            if self.fd is not None:
+                os.close(self.fd)
+            if e.errno == errno.ELOOP:
+                raise ImgprepError(f"{self.path} is a symbolic link; imgprep writes only files it made there. "
+                                   "Remove the link, then run the command again") from None
+            raise ImgprepError(f"cannot write to {self.path.parent}: {e.strerror}") from None
+        return self
+
+    def __exit__(self, *exc):
+        os.close(self.fd)
+
+
+
+def database_kind(path: Path) -> str | None:
+    """'lmdb' or 'leveldb' when `path` holds such a database (checked by its structure: LMDB's
+    meta-page magic, LevelDB's CURRENT naming an existing MANIFEST file), else None."""
+    path = Path(path)
+    try:
+        with open(path / "data.mdb", "rb") as f:
+            if f.read(20)[16:20] == LMDB_MAGIC:
+                return "lmdb"
+    except OSError:
+        pass
+    try:
+        current = (path / "CURRENT").read_text(errors="replace")
+    except OSError:
+        return None
+    name = current.rstrip("\n")
+    if re.fullmatch(r"MANIFEST-\d+", name) and (path / name).is_file() and current.endswith("\n"):
+        return "leveldb"
+    return None
+
+
+def _database_files(path: Path, kind: str | None) -> list[Path]:
+    if kind == "lmdb":
+        return [path / n for n in LMDB_FILES if os.path.lexists(path / n)]
+    if kind == "leveldb":
+        return [p for p in path.iterdir() if LEVELDB_FILE.fullmatch(p.name)]
+    return []
+
+
+def contents(out: Path) -> list[str]:
+    """What OUT holds besides imgprep's lock (a folder holding only the lock is empty to imgprep)."""
+    try:
+        return sorted(n for n in os.listdir(out) if n != LOCK)
+    except FileNotFoundError:
+        return []
+
+
+def refuse_links(out: Path) -> None:
+    """imgprep never writes through a symbolic link it did not make: refuse one under a name it writes."""
+    kind = database_kind(out)
+    names = [*OWN_FILES, *LMDB_FILES, "CURRENT"] + [p.name for p in _database_files(out, kind)]
+    for name in names:
+        if os.path.islink(out / name):
+            raise ImgprepError(f"{out / name} is a symbolic link; imgprep writes only files it made there. "
+                               "Remove the link, then run the command again")
+
+
+def clear_output(out: Path) -> list[str]:
+    """Deletes imgprep's sidecar files and the database's files in OUT (call it holding OUT's lock);
+    anything else stays. Returns the names of what stayed. Refuses a folder holding neither a
+    database nor an imgprep build."""
+    out = Path(out)
+    kind = database_kind(out)
+    manifest_present = os.path.lexists(out / MANIFEST)
+    if kind is None and not manifest_present:
+        raise ImgprepError(f"{out} holds neither a database nor an imgprep build; refusing to delete "
+                           "anything in it. Choose another OUT")
+    # the manifest goes last: stopped half-way, the folder is still recognisably imgprep's
+    for path in [*_database_files(out, kind), *(out / n for n in reversed(OWN_FILES) if os.path.lexists(out / n))]:
+        path.unlink()
+    return contents(out)
+
+
+def require_complete(path, manifest: dict | None, allow_partial: bool) -> None:
+    """The one check `compute-mean`, `inspect`, `merge` and the loader make: an imgprep build that is
+    not complete is refused, unless the caller explicitly allows a partial one. A database without
+    an imgprep manifest (built by Caffe, say) cannot be judged and is accepted."""
+    if manifest is None or manifest["state"] == "complete" or allow_partial:
+        return
+    if manifest["state"] == "partial":
+        hint = "it was merged from incomplete parts: finish the parts with --resume and merge again"
+    else:
+        hint = "finish it by running the same build-lmdb command with --resume"
+    raise ImgprepError(f"{path} is an incomplete build (state {manifest['state']!r}); {hint}, "
+                       "or pass --allow-partial to use the records it holds")
+
+
+def record_count(reader, manifest: dict | None) -> int:
+    """How many records `reader`'s database holds: LMDB knows it; a LevelDB must be walked (a raw
+    ImageNet LevelDB is ~240 GB), so a complete build's manifest is trusted instead."""
+    if reader.backend == "leveldb" and manifest is not None and manifest["state"] == "complete" \
+            and isinstance(manifest.get("records"), int):
+        return manifest["records"]
+    return len(reader)
+
+
+def refuse_overlaps(inputs: list[Path], outputs: list[Path], what: str) -> None:
+    """Refuses an input named twice and an output that is, or lies inside, an input database (writing
+    it would destroy the input) or that holds an input."""
+    seen = {}
+    for path in inputs:
+        real = os.path.realpath(path)
+        if real in seen:
+            also = "" if str(seen[real]) == str(path) else f" (as {seen[real]} and {path})"
+            raise ImgprepError(f"the {what} {path} is given twice{also}; each {what} counts once")
+        seen[real] = path
+    for out in outputs:
+        real_out = os.path.realpath(out)
+        for real, path in seen.items():
+            if os.path.commonpath([real_out, real]) in (real, real_out):
+                raise ImgprepError(f"output {out} is, holds or lies inside the {what} {path}, which writing it "
+                                   f"would destroy; write it outside every {what}")
