@@ -112,15 +112,16 @@ def apply_policy(image: np.ndarray, policy: Policy, chosen: Draw) -> np.ndarray:
                                f"or the {crop}x{crop} crop")
         pixels = image.astype(np.float32) - mean
     top, left = crop_offsets(image.shape[0], image.shape[1], policy, chosen)
-    out = pixels[top:top + crop, left:left + crop].astype(np.float32)
+    window = pixels[top:top + crop, left:left + crop]
     if policy.train and chosen.mirror:
-        out = out[:, ::-1]
+        window = window[:, ::-1]
+    out = np.ascontiguousarray(window.transpose(2, 0, 1), dtype=np.float32)  # one pass: CHW float32
     if norm.mean_image is not None and not policy.subtract_at_source:
-        out = out - _mean_rgb(norm.mean_image)  # caffe-pro: at the output position
+        out -= norm.mean_image[::-1]  # caffe-pro: a crop-sized mean at the output position (BGR -> RGB)
     elif norm.mean_image is None:
-        out = out - np.asarray(norm.mean, np.float32)
-    out = out / np.asarray(norm.std, np.float32)
-    return np.ascontiguousarray(out.transpose(2, 0, 1))
+        out -= np.asarray(norm.mean, np.float32)[:, None, None]
+    out /= np.asarray(norm.std, np.float32)[:, None, None]
+    return out
 
 
 def _mean_rgb(mean_chw_bgr: np.ndarray) -> np.ndarray:
