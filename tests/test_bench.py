@@ -56,7 +56,7 @@ def test_a_peer_that_cannot_run_says_why_and_shows_no_rate(sample_tree, val_db, 
     for name in (n for n in rows if n.startswith("torchvision")):
         assert rows[name]["images_per_s"] is None and "Pillow cannot read" in rows[name]["note"], rows[name]
     table = format_table([BenchRow(**row) for row in rows.values()])
-    assert "| - | - | - | cannot run: Pillow cannot read" in table and "| 0 |" not in table
+    assert "| - | - | - | cannot run: a DataLoader worker failed: Pillow cannot read" in table and "| 0 |" not in table
 
 
 def test_caffe_dataset_row_on_leveldb_with_several_workers_says_why(sample_tree, tmp_path):
