@@ -61,8 +61,11 @@ class Draw:
 
 
 def draw(seed: int, epoch: int, index: int) -> Draw:
-    """The augmentation of record `index` in `epoch`, a pure function of its arguments (SplitMix64's
-    mix, as imgprep.order: the same on every machine, process and numpy version)."""
+    """The augmentation of record `index` in `epoch`: a pure function of its arguments, the same on
+    every machine, process and numpy version. With `mix` and `stream` as imgprep.order defines them
+    (stream = mix(mix(seed) + epoch)), r_k = mix(mix(stream ^ index) + k) for k = 0, 1, 2; the crop's
+    vertical and horizontal fractions are (r_0 >> 11) / 2**53 and (r_1 >> 11) / 2**53, and the image
+    is mirrored when r_2's top bit is set."""
     stream = mix(mix(mix(np.array([seed & (2**64 - 1)], np.uint64)) + np.uint64(epoch)) ^ np.uint64(index))
     r = mix(stream + np.arange(3, dtype=np.uint64))
     unit = (r >> np.uint64(11)).astype(np.float64) * 2.0**-53
@@ -161,8 +164,8 @@ class CaffeDataset(torch.utils.data.Dataset):
     in shared memory, so workers see it, persistent ones included.
 
     Each process opens its own database handle on first use (DataLoader workers after the fork).
-    LevelDB allows one process at a time: with it use num_workers=0 or 1 (more give a clear error),
-    or build an LMDB. A build that is not complete (`imgprep-build.json` state other than complete)
+    LevelDB allows one process at a time: with it use num_workers=0 or 1 (more give a clear error;
+    after reading items in this process, `close()` before a 1-worker DataLoader), or build an LMDB. A build that is not complete (`imgprep-build.json` state other than complete)
     is refused unless `allow_partial=True`.
     """
 
@@ -192,6 +195,10 @@ class CaffeDataset(torch.utils.data.Dataset):
             self.channels = info.channels if info else (decode_datum(first).channels or 3)
         except RecordError as e:
             raise ImgprepError(f"{self.path} does not hold Caffe Datum records ({e})") from None
+        norm = self.policy.norm
+        if norm.mean_image is None and {len(norm.mean), len(norm.std)} - {1, self.channels}:
+            raise ImgprepError(f"normalize gives {len(norm.mean)} means and {len(norm.std)} standard deviations "
+                               f"for {self.channels}-channel records")
         self._check_mean(info)
         self._reader = None
         self._reader_pid = None

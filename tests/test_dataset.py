@@ -263,8 +263,26 @@ def test_clear_errors(dbs, tmp_path):
         CaffeDataset(dbs["encoded"], normalize=write_mean(tmp_path / "m.binaryproto", 256, 0)[0])
     with pytest.raises(ImgprepError, match="mean file is 100x100"):
         CaffeDataset(dbs["raw"], normalize=write_mean(tmp_path / "m.binaryproto", 100, 0)[0])
+    with pytest.raises(ImgprepError, match="2 means and 2 standard deviations for 3-channel"):
+        CaffeDataset(dbs["raw"], normalize=((1, 2), (1, 2)))
     writer = open_writer(tmp_path / "junk", "lmdb")
     writer.put_batch([(b"a", b"\x0f not a datum")])
     writer.close()
     with pytest.raises(ImgprepError, match="does not hold Caffe Datum"):
         CaffeDataset(tmp_path / "junk")
+
+
+def test_draw_follows_its_documented_formula():
+    from imgprep.dataset import draw
+
+    def mix(x):
+        z = (x + 0x9E3779B97F4A7C15) % 2**64
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) % 2**64
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) % 2**64
+        return z ^ (z >> 31)
+
+    for seed, epoch, index in ((0, 0, 0), (5, 2, 7), (2**40, 89, 1_281_166)):
+        stream = mix((mix(seed) + epoch) % 2**64)
+        r = [mix((mix(stream ^ index) + k) % 2**64) for k in range(3)]
+        chosen = draw(seed, epoch, index)
+        assert (chosen.y, chosen.x, chosen.mirror) == ((r[0] >> 11) / 2**53, (r[1] >> 11) / 2**53, bool(r[2] >> 63))
