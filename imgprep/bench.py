@@ -145,10 +145,12 @@ def explain_failure(error: BaseException) -> str:
     text = str(error).strip()
     if "encountered:" in text:
         operator = re.search(r"operator `(?:nvidia\.dali\.fn\.)?([\w.]+)`", text)
-        cause = re.split(r"C\+\+ context:|Current pipeline object is no longer valid", text.split("encountered:", 1)[1])[0]
+        cause = text.split("encountered:", 1)[1]
+        cause = re.split(r"C\+\+ context:|Current pipeline object is no longer valid", cause)[0]
         cause = re.sub(r'Assert on "[^"]*" failed: ', "", " ".join(cause.split())).rstrip(". ")
         hint = next((h for k, h in _DALI_HINTS.items() if k in cause), None)
-        return f"DALI's {operator.group(1) if operator else 'pipeline'} stopped: {cause}" + (f" ({hint})" if hint else "")
+        where = f"DALI's {operator.group(1)}" if operator else "DALI's pipeline"
+        return f"{where} stopped: {cause}" + (f" ({hint})" if hint else "")
     if text.startswith("Caught ") and "Original Traceback" in text:
         return "a DataLoader worker failed: " + text.splitlines()[-1].removeprefix("imgprep.ImgprepError: ")
     lines = [line for line in text.splitlines() if line.strip()]
@@ -206,8 +208,9 @@ def bench_loader(db, batch: int = 256, threads: int | None = None, device: str =
                              f"{cpu_threads or threads} CPU decode threads beside {threads}"))
     info = database_info(db)
     if info.encoded and info.backend == "lmdb":
-        _measure_peer(rows, "same LMDB, read + decode only", lambda: decode_only_pipeline(Path(db), batch, threads, gpu).run,
-                      batch, seconds, warmup, note="the decode ceiling")
+        _measure_peer(rows, "same LMDB, read + decode only",
+                      lambda: decode_only_pipeline(Path(db), batch, threads, gpu).run, batch, seconds, warmup,
+                      note="the decode ceiling")
     workers = torch_workers if torch_workers is not None else threads
     _measure_peer(rows, f"imgprep CaffeDataset, same DB, DataLoader with {workers} workers",
                   lambda: dataset_step(Path(db), batch, workers, train), batch, seconds, 1)

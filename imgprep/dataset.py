@@ -92,14 +92,14 @@ def record_image(datum: Datum, channels: int, resize_shorter: int | None) -> np.
     return image[:, :, None] if image.ndim == 2 else image
 
 
-def crop_offsets(height: int, width: int, policy: Policy, chosen: Draw) -> tuple[int, int]:
-    """(top, left) of the policy's crop in a height x width image."""
-    crop = policy.crop
+def training_window(image: np.ndarray, crop: int, chosen: Draw) -> np.ndarray:
+    """The drawn crop x crop window of an (H, W, ...) array, mirrored when drawn so."""
+    height, width = image.shape[:2]
     if height < crop or width < crop:
         raise ImgprepError(f"image {width}x{height} is smaller than the {crop}x{crop} crop")
-    if not policy.train:
-        return (height - crop + 1) // 2, (width - crop + 1) // 2  # as imageops.center_crop
-    return int(chosen.y * (height - crop + 1)), int(chosen.x * (width - crop + 1))
+    top, left = int(chosen.y * (height - crop + 1)), int(chosen.x * (width - crop + 1))
+    window = image[top:top + crop, left:left + crop]
+    return window[:, ::-1] if chosen.mirror else window
 
 
 def apply_policy(image: np.ndarray, policy: Policy, chosen: Draw) -> np.ndarray:
@@ -114,10 +114,7 @@ def apply_policy(image: np.ndarray, policy: Policy, chosen: Draw) -> np.ndarray:
                                f"{image.shape[1]}x{image.shape[0]}; Caffe needs the mean to match the records "
                                f"or the {crop}x{crop} crop")
         pixels = image.astype(np.float32) - mean
-    top, left = crop_offsets(image.shape[0], image.shape[1], policy, chosen)
-    window = pixels[top:top + crop, left:left + crop]
-    if policy.train and chosen.mirror:
-        window = window[:, ::-1]
+    window = training_window(pixels, crop, chosen) if policy.train else center_crop(pixels, crop)
     out = np.ascontiguousarray(window.transpose(2, 0, 1), dtype=np.float32)  # one pass: CHW float32
     if norm.mean_image is not None and not policy.subtract_at_source:
         out -= norm.mean_image[::-1]  # caffe-pro: a crop-sized mean at the output position (BGR -> RGB)
@@ -165,8 +162,9 @@ class CaffeDataset(torch.utils.data.Dataset):
 
     Each process opens its own database handle on first use (DataLoader workers after the fork).
     LevelDB allows one process at a time: with it use num_workers=0 or 1 (more give a clear error;
-    after reading items in this process, `close()` before a 1-worker DataLoader), or build an LMDB. A build that is not complete (`imgprep-build.json` state other than complete)
-    is refused unless `allow_partial=True`.
+    after reading items in this process, `close()` before a 1-worker DataLoader), or build an LMDB.
+    A build that is not complete (`imgprep-build.json` state other than complete) is refused unless
+    `allow_partial=True`.
     """
 
     def __init__(self, db, train: bool = True, crop: int = 224, resize_shorter: int = 256,
