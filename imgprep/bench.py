@@ -227,22 +227,21 @@ def _compare_originals(rows, root: Path, list_file, batch, threads, workers, gpu
         raise ImgprepError(f"--compare {root} is not a folder of original images")
     policy = "training" if train else "eval"
     samples = image_files(root, list_file)
-    variants = [False, True] if train else [False]
-    names = [f"DALI file reader, original JPEGs ({policy})"]
-    for resized_crop in variants:
-        real = torchvision_transform(train, resized_crop, IMAGENET_MEAN_RGB, IMAGENET_STD_RGB) is not None
-        names.append(("torchvision DataLoader" if real else "torchvision-style DataLoader (Pillow, no torchvision)")
-                     + f", original JPEGs, {workers} workers" + (", RandomResizedCrop" if resized_crop else ""))
+    peers = []  # (row name, transform) of each torchvision variant: torchvision's own where it imports
+    for resized_crop in ([False, True] if train else [False]):
+        transform = torchvision_transform(train, resized_crop, IMAGENET_MEAN_RGB, IMAGENET_STD_RGB)
+        name = "torchvision DataLoader" if transform else "torchvision-style DataLoader (Pillow, no torchvision)"
+        peers.append((name + f", original JPEGs, {workers} workers" + (", RandomResizedCrop" if resized_crop else ""),
+                      transform or PillowTransform(train, resized_crop, IMAGENET_MEAN_RGB, IMAGENET_STD_RGB)))
+    dali = f"DALI file reader, original JPEGs ({policy})"
     if not samples:
         where = "the list's entries" if list_file else "class subfolders (ROOT/<class>/<image>)"
-        for name in names:
+        for name in [dali] + [name for name, _ in peers]:
             rows.append(BenchRow(name, None, None, 0, f"cannot run: no images in {root}'s {where}"))
         return
-    _measure_peer(rows, names[0], lambda: file_reader_pipeline(root, list_file, batch, threads, gpu, train).run,
+    _measure_peer(rows, dali, lambda: file_reader_pipeline(root, list_file, batch, threads, gpu, train).run,
                   batch, seconds, warmup)
-    for name, resized_crop in zip(names[1:], variants):
-        transform = (torchvision_transform(train, resized_crop, IMAGENET_MEAN_RGB, IMAGENET_STD_RGB)
-                     or PillowTransform(train, resized_crop, IMAGENET_MEAN_RGB, IMAGENET_STD_RGB))
+    for name, transform in peers:
         _measure_peer(rows, name, lambda: folder_step(samples, batch, workers, train, transform), batch, seconds, 1)
 
 
