@@ -71,3 +71,33 @@ def test_caffe_dataset_row_on_leveldb_with_several_workers_says_why(sample_tree,
 
 def test_bench_loader_on_a_non_database_is_a_clear_error(tmp_path):
     assert_clean_error(run_cli("bench-loader", tmp_path, check=False), "neither an LMDB")
+
+
+def test_the_torchvision_style_transforms_are_torchvisions():
+    import random
+
+    import numpy as np
+    from PIL import Image
+
+    from imgprep.folder_peer import PillowTransform, center_box, random_box, random_resized_box, resize_shorter
+
+    assert resize_shorter(Image.new("RGB", (500, 375)), 256).size == (341, 256)  # int(256 * 500 / 375)
+    assert resize_shorter(Image.new("RGB", (333, 500)), 256).size == (256, 384)
+    assert center_box(341, 256, 224) == (58, 16, 282, 240)  # round((341 - 224) / 2) = 58
+    rng = random.Random(0)
+    for _ in range(200):
+        left, top, right, bottom = random_box(341, 256, 224, rng)
+        assert 0 <= left <= 117 and 0 <= top <= 32 and (right - left, bottom - top) == (224, 224)
+        left, top, right, bottom = random_resized_box(500, 375, rng)
+        w, h = right - left, bottom - top
+        assert 0 <= left and right <= 500 and 0 <= top and bottom <= 375
+        assert 0.08 * 500 * 375 * 0.95 <= w * h <= 500 * 375 and 3 / 4 * 0.95 <= w / h <= 4 / 3 * 1.05
+    assert random_resized_box(2000, 100, rng) == (933, 0, 1066, 100)  # nothing fits: the center crop, 133 = round(100 * 4 / 3)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (375, 500, 3), dtype=np.uint8))
+    mean, std = (120.0, 110.0, 100.0), (60.0, 50.0, 40.0)
+    expected = np.asarray(resize_shorter(image, 256).crop((58, 16, 282, 240)), np.float32) / 255
+    expected = (expected - np.array(mean, np.float32) / 255) / (np.array(std, np.float32) / 255)
+    np.testing.assert_allclose(PillowTransform(False, False, mean, std)(image).numpy(),
+                               expected.transpose(2, 0, 1), atol=1e-5)
+    for resized_crop in (False, True):
+        assert PillowTransform(True, resized_crop, mean, std)(image).shape == (3, 224, 224)
