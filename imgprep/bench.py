@@ -3,7 +3,9 @@ measured in the same run on the same images."""
 
 from __future__ import annotations
 
+import gc
 import os
+import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -15,8 +17,8 @@ from .loader import IMAGENET_MEAN_RGB, IMAGENET_STD_RGB, Loader, database_info
 @dataclass
 class BenchRow:
     source: str
-    images_per_s: float
-    ms_per_batch: float
+    images_per_s: float | None  # None: the source could not run; `note` says why
+    ms_per_batch: float | None
     batches: int
     note: str = ""
 
@@ -77,58 +79,99 @@ def decode_only_pipeline(db: Path, batch: int, threads: int, gpu: bool):
     return p
 
 
-def torchvision_step(root: Path, list_file: Path | None, batch: int, workers: int, train: bool):
-    """A torchvision DataLoader (ImageFolder, or the list's files) with the same policy, or None
-    if torchvision is absent."""
-    try:
-        import torch
-        from torchvision import datasets, transforms
-    except Exception:  # torchvision missing or not importable beside this torch
-        return None
-    crop = transforms.RandomCrop(224) if train else transforms.CenterCrop(224)
-    steps = [transforms.Resize(256), crop] + ([transforms.RandomHorizontalFlip()] if train else [])
-    steps += [transforms.ToTensor(), transforms.Normalize([m / 255 for m in IMAGENET_MEAN_RGB],
-                                                          [s / 255 for s in IMAGENET_STD_RGB])]
-    transform = transforms.Compose(steps)
-    if list_file is None:
-        dataset = datasets.ImageFolder(str(root), transform)
-    else:
-        from .lists import read_list
+def _cycling(loader, on_epoch=None):
+    """step(): the DataLoader's next batch, starting its next epoch when one ends (on a GPU machine
+    the batch is copied to the GPU, as a trainer would)."""
+    import torch
 
-        entries = read_list(list_file)
-        samples = [(str(root / p), int(l)) for p, l in zip(entries.paths, entries.labels)]
-        dataset = datasets.DatasetFolder.__new__(datasets.DatasetFolder)
-        dataset.loader, dataset.transform, dataset.target_transform = datasets.folder.default_loader, transform, None
-        dataset.samples = samples
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch, shuffle=train, num_workers=workers,
-                                         pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0,
-                                         drop_last=True)
+    if len(loader) == 0:
+        raise ImgprepError("fewer images than one batch; use a smaller --batch")
+    epoch = 0
     iterator = iter(loader)
 
-    def step():
+    def close():  # the workers stop with their iterator, before the next peer forks its own
         nonlocal iterator
+        iterator = None
+        gc.collect()
+
+    def step():
+        nonlocal iterator, epoch
         try:
             images, _ = next(iterator)
         except StopIteration:
+            epoch += 1
+            if on_epoch:
+                on_epoch(epoch)
             iterator = iter(loader)
             images, _ = next(iterator)
         if torch.cuda.is_available():
             images.cuda(non_blocking=True)
+    step.close = close
     return step
 
 
-def _measure_peer(rows, name, make_step, batch, seconds, warmup):
-    """A peer that cannot run on these images (e.g. DALI's file reader on a zero-byte file) gives a
-    row that says so instead of ending the benchmark."""
+def _data_loader(dataset, batch: int, workers: int, train: bool):
+    import torch
+
+    return torch.utils.data.DataLoader(dataset, batch_size=batch, shuffle=train, num_workers=workers,
+                                       pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0,
+                                       drop_last=True)
+
+
+def dataset_step(db: Path, batch: int, workers: int, train: bool):
+    """imgprep's CaffeDataset (Pillow decoding, the loader's policy) through a DataLoader."""
+    from .dataset import LEVELDB_WORKERS, CaffeDataset
+
+    dataset = CaffeDataset(db, train=train)
+    if dataset.backend == "leveldb" and workers > 1:
+        raise ImgprepError(LEVELDB_WORKERS.replace("num_workers=0 or 1", "--torch-workers 0 or 1"))
+    return _cycling(_data_loader(dataset, batch, workers, train), dataset.set_epoch)
+
+
+def folder_step(samples, batch: int, workers: int, train: bool, transform):
+    """The original files through a DataLoader whose workers decode with Pillow and apply `transform`."""
+    from .folder_peer import ImageFiles
+
+    return _cycling(_data_loader(ImageFiles(samples, transform), batch, workers, train))
+
+
+_DALI_HINTS = {"File mapping failed": "DALI's file reader cannot read an empty file",
+               "No files found": "no images in the folder's class subfolders"}
+
+
+def explain_failure(error: BaseException) -> str:
+    """A peer's exception in words a user understands: DALI's cause without its C++ context and
+    'pipeline no longer valid' epilogue, a DataLoader worker's error without the traceback."""
+    text = str(error).strip()
+    if "encountered:" in text:
+        operator = re.search(r"operator `(?:nvidia\.dali\.fn\.)?([\w.]+)`", text)
+        cause = text.split("encountered:", 1)[1]
+        cause = re.split(r"C\+\+ context:|Current pipeline object is no longer valid", cause)[0]
+        cause = re.sub(r'Assert on "[^"]*" failed: ', "", " ".join(cause.split())).rstrip(". ")
+        hint = next((h for k, h in _DALI_HINTS.items() if k in cause), None)
+        where = f"DALI's {operator.group(1)}" if operator else "DALI's pipeline"
+        return f"{where} stopped: {cause}" + (f" ({hint})" if hint else "")
+    if text.startswith("Caught ") and "Original Traceback" in text:
+        return "a DataLoader worker failed: " + text.splitlines()[-1].removeprefix("imgprep.ImgprepError: ")
+    lines = [line for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else type(error).__name__
+
+
+def _measure_peer(rows, name, make_step, batch, seconds, warmup, note=""):
+    """A peer that cannot run (DALI's file reader on a zero-byte file, LevelDB with several workers,
+    no torch) gives a row that says why, with no rate, instead of ending the benchmark."""
+    step = None
     try:
         step = make_step()
-        if step is None:
-            rows.append(BenchRow(name, 0.0, 0.0, 0, "torchvision not installed"))
-            return
         rate, ms, n = time_batches(step, batch, seconds, warmup)
-        rows.append(BenchRow(name, rate, ms, n))
-    except (RuntimeError, OSError) as e:
-        rows.append(BenchRow(name, 0.0, 0.0, 0, "failed: " + str(e).strip().splitlines()[-1][:120]))
+    except ImportError as e:
+        rows.append(BenchRow(name, None, None, 0, f"cannot run: {e.name or 'a module'} is not installed"))
+    except Exception as e:  # a peer's own failure, whatever its kind, is reported in its row
+        rows.append(BenchRow(name, None, None, 0, "cannot run: " + explain_failure(e)[:300]))
+    else:
+        rows.append(BenchRow(name, rate, ms, n, note))
+    finally:
+        getattr(step, "close", gc.collect)()
 
 
 def _time_loader(loader, batch, seconds, warmup) -> tuple[float, float, int]:
@@ -165,26 +208,52 @@ def bench_loader(db, batch: int = 256, threads: int | None = None, device: str =
                              f"{cpu_threads or threads} CPU decode threads beside {threads}"))
     info = database_info(db)
     if info.encoded and info.backend == "lmdb":
-        rate, ms, n = time_batches(decode_only_pipeline(Path(db), batch, threads, gpu).run, batch, seconds, warmup)
-        rows.append(BenchRow("same LMDB, read + decode only", rate, ms, n, "the decode ceiling"))
+        _measure_peer(rows, "same LMDB, read + decode only",
+                      lambda: decode_only_pipeline(Path(db), batch, threads, gpu).run, batch, seconds, warmup,
+                      note="the decode ceiling")
+    workers = torch_workers if torch_workers is not None else threads
+    _measure_peer(rows, f"imgprep CaffeDataset, same DB, DataLoader with {workers} workers",
+                  lambda: dataset_step(Path(db), batch, workers, train), batch, seconds, 1)
     if compare is not None:
-        compare = Path(compare)
-        if not compare.is_dir():
-            raise ImgprepError(f"--compare {compare} is not a folder of original images")
-        _measure_peer(rows, f"DALI file reader, original JPEGs ({policy})",
-                      lambda: file_reader_pipeline(compare, compare_list, batch, threads, gpu, train).run,
-                      batch, seconds, warmup)
-        workers = torch_workers if torch_workers is not None else threads
-        _measure_peer(rows, f"torchvision DataLoader, original JPEGs, {workers} workers",
-                      lambda: torchvision_step(compare, compare_list, batch, workers, train), batch, seconds, 1)
+        _compare_originals(rows, Path(compare), compare_list, batch, threads, workers, gpu, train, seconds, warmup)
     return rows
 
 
+def _compare_originals(rows, root: Path, list_file, batch, threads, workers, gpu, train, seconds, warmup):
+    """DALI's file reader and a torchvision DataLoader on the original images, same policy."""
+    from .folder_peer import PillowTransform, image_files, torchvision_transform
+
+    if not root.is_dir():
+        raise ImgprepError(f"--compare {root} is not a folder of original images")
+    policy = "training" if train else "eval"
+    samples = image_files(root, list_file)
+    peers = []  # (row name, transform) of each torchvision variant: torchvision's own where it imports
+    for resized_crop in ([False, True] if train else [False]):
+        transform = torchvision_transform(train, resized_crop, IMAGENET_MEAN_RGB, IMAGENET_STD_RGB)
+        name = "torchvision DataLoader" if transform else "torchvision-style DataLoader (Pillow, no torchvision)"
+        peers.append((name + f", original JPEGs, {workers} workers" + (", RandomResizedCrop" if resized_crop else ""),
+                      transform or PillowTransform(train, resized_crop, IMAGENET_MEAN_RGB, IMAGENET_STD_RGB)))
+    dali = f"DALI file reader, original JPEGs ({policy})"
+    if not samples:
+        where = "the list's entries" if list_file else "class subfolders (ROOT/<class>/<image>)"
+        for name in [dali] + [name for name, _ in peers]:
+            rows.append(BenchRow(name, None, None, 0, f"cannot run: no images in {root}'s {where}"))
+        return
+    _measure_peer(rows, dali, lambda: file_reader_pipeline(root, list_file, batch, threads, gpu, train).run,
+                  batch, seconds, warmup)
+    for name, transform in peers:
+        _measure_peer(rows, name, lambda: folder_step(samples, batch, workers, train, transform), batch, seconds, 1)
+
+
 def format_table(rows: list[BenchRow]) -> str:
-    base = rows[0].images_per_s or 1.0
+    """Markdown rows; a source that could not run shows '-' and its reason, never a rate of 0."""
+    base = rows[0].images_per_s
     lines = ["| source | img/s | ms/batch | imgprep is x faster | note |", "|---|---:|---:|---:|---|"]
     for row in rows:
-        ratio = f"{base / row.images_per_s:.2f}" if row.images_per_s else "-"
+        if row.images_per_s is None:
+            lines.append(f"| {row.source} | - | - | - | {row.note} |")
+            continue
+        ratio = f"{base / row.images_per_s:.2f}" if base else "-"
         lines.append(f"| {row.source} | {row.images_per_s:,.0f} | {row.ms_per_batch:.1f} | {ratio} | {row.note} |")
     return "\n".join(lines)
 

@@ -372,13 +372,16 @@ def inspect_cmd(db, list_file, verify, allow_partial):
 @click.option("--seconds", type=float, default=10.0, show_default=True, help="Measured time per row, after warm-up.")
 @click.option("--eval", "eval_policy", is_flag=True, help="Measure the evaluation policy (center crop) instead.")
 @click.option("--compare", type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="Folder of the original images: also measure DALI's file reader on it and a torchvision "
-                   "ImageFolder DataLoader (when torchvision is installed), in the same run.")
+              help="Folder of the original images (ROOT/<class>/<image>, as torchvision's ImageFolder reads it): "
+                   "also measure, in the same run, DALI's file reader on them and a PyTorch DataLoader whose "
+                   "workers decode them with Pillow and apply torchvision's transforms (Resize 256 + RandomCrop "
+                   "224 + flip, and RandomResizedCrop 224 + flip; torchvision's own where it imports).")
 @click.option("--compare-list", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="With --compare: a 'path label' list of the images under that folder to use (default: "
                    "every image, ImageFolder-style).")
 @click.option("--torch-workers", type=click.IntRange(0), default=None, show_default="--threads",
-              help="DataLoader workers for the torchvision row.")
+              help="DataLoader worker processes for the PyTorch rows (imgprep's CaffeDataset on DB, and the "
+                   "torchvision rows). A LevelDB DB allows one process: use 0 or 1 with it.")
 @click.option("--cpu-share", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True,
               help="Also measure the loader with this share of the records decoded on CPU threads beside the "
                    "GPU decoder (e.g. 0.35 on a 16-core H100 machine).")
@@ -389,9 +392,10 @@ def bench_loader_cmd(db, batch, threads, device, seconds, eval_policy, compare, 
     """Measure the DALI loader on DB: images/s and ms per batch for the training policy.
 
     Rows: the imgprep loader (shorter 256, random crop 224 + mirror, normalise; NCHW, fp16 on a
-    GPU and fp32 on the CPU); the same LMDB read and decoded only (the ceiling); with --compare,
-    DALI's file reader on the original JPEGs and a torchvision DataLoader with the same
-    augmentation.
+    GPU and fp32 on the CPU); the same LMDB read and decoded only (the ceiling); imgprep's
+    CaffeDataset (the same policy in Pillow) through a PyTorch DataLoader with --torch-workers
+    workers; with --compare, DALI's file reader on the original JPEGs and torchvision-style
+    DataLoaders on them. A source that cannot run shows '-' and the reason instead of a rate.
 
     \b
     Examples:

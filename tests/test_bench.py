@@ -1,28 +1,104 @@
 import json
 
+import pytest
+
 from conftest import assert_clean_error, run_cli
+from imgprep.bench import BenchRow, format_table
 from imgprep.build import BuildOptions, build_database
 from imgprep.imageops import ImageSpec, parse_resize
 
 
-def test_bench_loader_runs_on_cpu_with_its_peers(sample_tree, tmp_path):
+@pytest.fixture(scope="module")
+def val_db(sample_tree, tmp_path_factory):
+    db = tmp_path_factory.mktemp("benchdb") / "db"
     options = BuildOptions(jobs=2, shuffle=True, spec=ImageSpec(parse_resize("shorter:256"), encoded=True))
-    build_database(sample_tree.lists / "val.txt", sample_tree.root / "val", tmp_path / "db", options,
-                   show_progress=False)
-    result = run_cli("bench-loader", tmp_path / "db", "--batch", "8", "--seconds", "0.5", "--threads", "2",
+    build_database(sample_tree.lists / "val.txt", sample_tree.root / "val", db, options, show_progress=False)
+    return db
+
+
+def test_bench_loader_runs_on_cpu_with_its_peers(sample_tree, val_db):
+    result = run_cli("bench-loader", val_db, "--batch", "8", "--seconds", "0.5", "--threads", "2",
                      "--compare", sample_tree.root / "val", "--compare-list", sample_tree.lists / "val.txt",
-                     "--torch-workers", "0", "--json")
-    rows = json.loads(result.stdout)
-    names = [row["source"] for row in rows]
-    assert names[0] == "imgprep loader (training policy, cpu)" and rows[0]["images_per_s"] > 0
-    assert "same LMDB, read + decode only" in names
-    assert any(name.startswith("DALI file reader") and row["images_per_s"] > 0 for name, row in zip(names, rows))
-    assert any(name.startswith("torchvision") for name in names)  # measured, or noted as not installed
-    table = run_cli("bench-loader", tmp_path / "db", "--batch", "8", "--seconds", "0.3", "--eval",
-                    "--cpu-share", "0.4").stdout
+                     "--torch-workers", "2", "--json")
+    rows = {row["source"]: row for row in json.loads(result.stdout)}
+    names = list(rows)
+    assert names[0] == "imgprep loader (training policy, cpu)" and rows[names[0]]["images_per_s"] > 0
+    assert rows["same LMDB, read + decode only"]["images_per_s"] > 0
+    assert rows["imgprep CaffeDataset, same DB, DataLoader with 2 workers"]["images_per_s"] > 0
+    assert any(name.startswith("DALI file reader") and rows[name]["images_per_s"] > 0 for name in names)
+    torch_rows = [name for name in names if name.startswith("torchvision")]
+    assert len(torch_rows) == 2 and "RandomResizedCrop" in torch_rows[1]
+    assert all(rows[name]["images_per_s"] > 0 for name in torch_rows), rows  # with or without torchvision
+    table = run_cli("bench-loader", val_db, "--batch", "8", "--seconds", "0.3", "--eval",
+                    "--cpu-share", "0.4", "--torch-workers", "0").stdout
     assert "| imgprep loader (eval policy, cpu) |" in table
     assert "| imgprep loader, 40% of records decoded on CPU threads |" in table
+    assert "| imgprep CaffeDataset, same DB, DataLoader with 0 workers |" in table
+
+
+def peer_rows(*args):
+    rows = json.loads(run_cli("bench-loader", *args, "--batch", "8", "--seconds", "0.2", "--threads", "2",
+                              "--json").stdout)
+    return {row["source"]: row for row in rows}
+
+
+def test_a_peer_that_cannot_run_says_why_and_shows_no_rate(sample_tree, val_db, tmp_path):
+    (tmp_path / "empty" / "n01440764").mkdir(parents=True)
+    rows = peer_rows(val_db, "--compare", tmp_path / "empty", "--torch-workers", "0")
+    failed = [row for row in rows.values() if row["images_per_s"] is None]
+    assert len(failed) == 3
+    assert all(f"cannot run: no images in {tmp_path / 'empty'}'s class subfolders" in row["note"] for row in failed)
+    # the sample's train folder holds a zero-byte file, a truncated one, random bytes
+    rows = peer_rows(val_db, "--compare", sample_tree.root / "train", "--torch-workers", "1")
+    dali = next(row for name, row in rows.items() if name.startswith("DALI file reader"))
+    assert dali["images_per_s"] is None and "DALI's readers.file stopped: File mapping failed" in dali["note"]
+    assert "empty file" in dali["note"] and "no longer valid" not in dali["note"]
+    for name in (n for n in rows if n.startswith("torchvision")):
+        assert rows[name]["images_per_s"] is None and "Pillow cannot read" in rows[name]["note"], rows[name]
+    table = format_table([BenchRow(**row) for row in rows.values()])
+    assert "| - | - | - | cannot run: a DataLoader worker failed: Pillow cannot read" in table and "| 0 |" not in table
+
+
+def test_caffe_dataset_row_on_leveldb_with_several_workers_says_why(sample_tree, tmp_path):
+    options = BuildOptions(backend="leveldb", jobs=2, spec=ImageSpec(parse_resize("shorter:256"), encoded=True))
+    build_database(sample_tree.lists / "val.txt", sample_tree.root / "val", tmp_path / "db", options,
+                   show_progress=False)
+    rows = peer_rows(tmp_path / "db", "--torch-workers", "2")
+    row = rows["imgprep CaffeDataset, same DB, DataLoader with 2 workers"]
+    assert row["images_per_s"] is None and "LevelDB allows one process at a time" in row["note"]
+    assert "--torch-workers 0 or 1" in row["note"]
 
 
 def test_bench_loader_on_a_non_database_is_a_clear_error(tmp_path):
     assert_clean_error(run_cli("bench-loader", tmp_path, check=False), "neither an LMDB")
+
+
+def test_the_torchvision_style_transforms_are_torchvisions():
+    import random
+
+    import numpy as np
+    from PIL import Image
+
+    from imgprep.folder_peer import PillowTransform, center_box, random_box, random_resized_box, resize_shorter
+
+    assert resize_shorter(Image.new("RGB", (500, 375)), 256).size == (341, 256)  # int(256 * 500 / 375)
+    assert resize_shorter(Image.new("RGB", (333, 500)), 256).size == (256, 384)
+    assert center_box(341, 256, 224) == (58, 16, 282, 240)  # round((341 - 224) / 2) = 58
+    rng = random.Random(0)
+    for _ in range(200):
+        left, top, right, bottom = random_box(341, 256, 224, rng)
+        assert 0 <= left <= 117 and 0 <= top <= 32 and (right - left, bottom - top) == (224, 224)
+        left, top, right, bottom = random_resized_box(500, 375, rng)
+        w, h = right - left, bottom - top
+        assert 0 <= left and right <= 500 and 0 <= top and bottom <= 375
+        assert 0.08 * 500 * 375 * 0.95 <= w * h <= 500 * 375 and 3 / 4 * 0.95 <= w / h <= 4 / 3 * 1.05
+    # nothing fits in 10 tries: the center crop of the widest allowed ratio, round(100 * 4 / 3) = 133 wide
+    assert random_resized_box(2000, 100, rng) == (933, 0, 1066, 100)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (375, 500, 3), dtype=np.uint8))
+    mean, std = (120.0, 110.0, 100.0), (60.0, 50.0, 40.0)
+    expected = np.asarray(resize_shorter(image, 256).crop((58, 16, 282, 240)), np.float32) / 255
+    expected = (expected - np.array(mean, np.float32) / 255) / (np.array(std, np.float32) / 255)
+    np.testing.assert_allclose(PillowTransform(False, False, mean, std)(image).numpy(),
+                               expected.transpose(2, 0, 1), atol=1e-5)
+    for resized_crop in (False, True):
+        assert PillowTransform(True, resized_crop, mean, std)(image).shape == (3, 224, 224)

@@ -1,0 +1,268 @@
+"""A plain PyTorch data source: a map-style `torch.utils.data.Dataset` over imgprep's and Caffe's
+LMDB/LevelDB databases, for trainers without DALI (or without a GPU that DALI supports).
+
+It applies the DALI loader's policy with Pillow(-SIMD) and numpy: training = shorter side to 256
+(skipped when a record already has it), a random 224x224 crop, a random horizontal mirror
+(p = 0.5); evaluation = shorter side to 256 and the center 224x224 crop. Then a normalisation as
+`Loader` takes it ("imagenet", "none", (mean_rgb, std_rgb) in 0..255, or a `.binaryproto` mean:
+a stored-size mean is subtracted at the source pixel before crop and mirror, as stock Caffe does;
+a crop-sized mean at the output position, as caffe-pro does). Items are (CHW float32 RGB tensor,
+int label); torch's default collate makes the labels int64.
+
+The transforms are pure functions of (record, policy, draw) below; `CaffeDataset` adds the I/O.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from . import ImgprepError
+from .build import read_manifest
+from .codec import Datum, RecordError, decode_datum
+from .imageops import ImageFailure, ImageSpec, ResizePolicy, bgr_chw_to_rgb_hwc, center_crop, decode_upright
+from .loader import Normalisation, database_info
+from .order import mix
+from .storage import Reader, detect_backend
+
+LEVELDB_WORKERS = ("LevelDB allows one process at a time, and each DataLoader worker is a process: use "
+                   "num_workers=0 or 1, or build the database with `imgprep build-lmdb --backend lmdb` "
+                   "(any number of processes can read an LMDB)")
+
+
+@dataclass(frozen=True)
+class Policy:
+    """What happens to each record, as the DALI loader does it."""
+
+    train: bool = True
+    crop: int = 224
+    resize_shorter: int = 256
+    norm: Normalisation = field(default_factory=Normalisation)
+
+    @property
+    def subtract_at_source(self) -> bool:
+        """A stored-size mean (stock Caffe) is subtracted before the crop, so records are not resized."""
+        mean = self.norm.mean_image
+        return mean is not None and mean.shape[1:] != (self.crop, self.crop)
+
+
+@dataclass(frozen=True)
+class Draw:
+    """One sample's augmentation: crop offsets as fractions in [0, 1) of the free room, and mirror."""
+
+    y: float
+    x: float
+    mirror: bool
+
+
+def draw(seed: int, epoch: int, index: int) -> Draw:
+    """The augmentation of record `index` in `epoch`: a pure function of its arguments, the same on
+    every machine, process and numpy version. With `mix` and `stream` as imgprep.order defines them
+    (stream = mix(mix(seed) + epoch)), r_k = mix(mix(stream ^ index) + k) for k = 0, 1, 2; the crop's
+    vertical and horizontal fractions are (r_0 >> 11) / 2**53 and (r_1 >> 11) / 2**53, and the image
+    is mirrored when r_2's top bit is set."""
+    stream = mix(mix(mix(np.array([seed & (2**64 - 1)], np.uint64)) + np.uint64(epoch)) ^ np.uint64(index))
+    r = mix(stream + np.arange(3, dtype=np.uint64))
+    unit = (r >> np.uint64(11)).astype(np.float64) * 2.0**-53
+    return Draw(float(unit[0]), float(unit[1]), bool(r[2] >> np.uint64(63)))
+
+
+def record_image(datum: Datum, channels: int, resize_shorter: int | None) -> np.ndarray:
+    """A record -> upright (H, W, C) uint8 RGB (C = 1 for gray databases), its shorter side
+    resized to `resize_shorter` (Pillow bilinear, DCT-scaled decoding as build-lmdb) unless it has it
+    already. Raw records are planar BGR; encoded ones are decoded whatever their channels field says."""
+    gray = channels == 1
+    policy = ResizePolicy("shorter", resize_shorter, resize_shorter) if resize_shorter else ResizePolicy("none")
+    if datum.encoded:
+        try:
+            image = np.asarray(decode_upright(datum.data, ImageSpec(policy, gray=gray))[1])
+        except ImageFailure as e:
+            raise RecordError(f"the encoded image does not decode ({e})") from None
+    else:
+        image = bgr_chw_to_rgb_hwc(datum.pixels())
+        height, width = image.shape[:2]
+        size = policy.target_size(width, height)
+        if size != (width, height):
+            image = np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR))
+    return image[:, :, None] if image.ndim == 2 else image
+
+
+def training_window(image: np.ndarray, crop: int, chosen: Draw) -> np.ndarray:
+    """The drawn crop x crop window of an (H, W, ...) array, mirrored when drawn so."""
+    height, width = image.shape[:2]
+    if height < crop or width < crop:
+        raise ImgprepError(f"image {width}x{height} is smaller than the {crop}x{crop} crop")
+    top, left = int(chosen.y * (height - crop + 1)), int(chosen.x * (width - crop + 1))
+    window = image[top:top + crop, left:left + crop]
+    return window[:, ::-1] if chosen.mirror else window
+
+
+def apply_policy(image: np.ndarray, policy: Policy, chosen: Draw) -> np.ndarray:
+    """(H, W, C) uint8 RGB at the policy's size (stored size with a stored-size mean) -> the
+    (C, crop, crop) float32 output: crop, mirror (training), normalise."""
+    norm, crop = policy.norm, policy.crop
+    pixels = image
+    if policy.subtract_at_source:
+        mean = _mean_rgb(norm.mean_image)
+        if mean.shape != image.shape:
+            raise ImgprepError(f"mean file is {mean.shape[1]}x{mean.shape[0]} but this record is "
+                               f"{image.shape[1]}x{image.shape[0]}; Caffe needs the mean to match the records "
+                               f"or the {crop}x{crop} crop")
+        pixels = image.astype(np.float32) - mean
+    window = training_window(pixels, crop, chosen) if policy.train else center_crop(pixels, crop)
+    out = np.ascontiguousarray(window.transpose(2, 0, 1), dtype=np.float32)  # one pass: CHW float32
+    if norm.mean_image is not None and not policy.subtract_at_source:
+        out -= norm.mean_image[::-1]  # caffe-pro: a crop-sized mean at the output position (BGR -> RGB)
+    elif norm.mean_image is None:
+        out -= np.asarray(norm.mean, np.float32)[:, None, None]
+    out /= np.asarray(norm.std, np.float32)[:, None, None]
+    return out
+
+
+def _mean_rgb(mean_chw_bgr: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(mean_chw_bgr[::-1].transpose(1, 2, 0), dtype=np.float32)
+
+
+class _KeyIndex:
+    """The database's keys in key order, as one bytes object and offsets: a forked DataLoader worker
+    shares these pages, where a list of a million bytes objects would be copied by refcount writes."""
+
+    def __init__(self, keys):
+        keys = list(keys)
+        self.blob = b"".join(keys)
+        self.offsets = np.cumsum([0] + [len(k) for k in keys], dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, index: int) -> bytes:
+        return self.blob[self.offsets[index]:self.offsets[index + 1]]
+
+
+class CaffeDataset(torch.utils.data.Dataset):
+    """Map-style Dataset over an LMDB or LevelDB of Caffe Datum records (imgprep's or Caffe's):
+    item i is the record at position i in key order, as (CHW float32 RGB tensor, int label).
+
+        dataset = CaffeDataset("train_lmdb", train=True)
+        sampler = DistributedSampler(dataset)          # or shuffle=True without one
+        loader = DataLoader(dataset, batch_size=256, sampler=sampler, num_workers=8)
+        for epoch in range(90):
+            sampler.set_epoch(epoch)
+            dataset.set_epoch(epoch)
+            for images, labels in loader: ...
+
+    Augmentation is reproducible: the crop and mirror of record i depend only on (seed, epoch, i)
+    (`draw`), not on the worker or the order. Call `set_epoch(e)` before each epoch; the epoch lives
+    in shared memory, so workers see it, persistent ones included.
+
+    Each process opens its own database handle on first use (DataLoader workers after the fork).
+    LevelDB allows one process at a time: with it use num_workers=0 or 1 (more give a clear error;
+    after reading items in this process, `close()` before a 1-worker DataLoader), or build an LMDB.
+    A build that is not complete (`imgprep-build.json` state other than complete) is refused unless
+    `allow_partial=True`.
+    """
+
+    def __init__(self, db, train: bool = True, crop: int = 224, resize_shorter: int = 256,
+                 normalize="imagenet", seed: int = 0, allow_partial: bool = False):
+        self.path = Path(db)
+        self.backend = detect_backend(self.path)
+        self.policy = Policy(train, crop, resize_shorter, Normalisation.parse(normalize))
+        self.seed = seed
+        self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
+        manifest = read_manifest(self.path) or {}
+        if manifest and manifest.get("state") != "complete":
+            if not allow_partial:
+                raise ImgprepError(
+                    f"{self.path} is an incomplete build (state {manifest.get('state')!r}): finish it by running "
+                    "the same build-lmdb command again with --resume, or pass allow_partial=True to read the "
+                    "records it holds now")
+            info = None
+        else:
+            info = database_info(self.path)
+        with Reader(self.path, self.backend) as reader:
+            self.keys = _KeyIndex(reader.keys())
+            first = reader.get(self.keys[0]) if len(self.keys) else None
+        if first is None:
+            raise ImgprepError(f"{self.path} holds no records")
+        try:
+            self.channels = info.channels if info else (decode_datum(first).channels or 3)
+        except RecordError as e:
+            raise ImgprepError(f"{self.path} does not hold Caffe Datum records ({e})") from None
+        norm = self.policy.norm
+        if norm.mean_image is None and {len(norm.mean), len(norm.std)} - {1, self.channels}:
+            raise ImgprepError(f"normalize gives {len(norm.mean)} means and {len(norm.std)} standard deviations "
+                               f"for {self.channels}-channel records")
+        self._check_mean(info)
+        self._reader = None
+        self._reader_pid = None
+
+    def _check_mean(self, info) -> None:
+        mean = self.policy.norm.mean_image
+        if mean is None:
+            return
+        if mean.shape[0] != self.channels:
+            raise ImgprepError(f"mean file has {mean.shape[0]} channels; the database has {self.channels}")
+        crop = self.policy.crop
+        if self.policy.subtract_at_source and info is not None and info.stored_size != mean.shape[1:]:
+            _, h, w = mean.shape
+            if info.stored_size is None:
+                raise ImgprepError(f"mean file is {w}x{h}: a stored-size mean (stock Caffe) needs records of one "
+                                   f"size, and {self.path}'s differ; use a {crop}x{crop} mean "
+                                   f"(compute-mean --crop {crop})")
+            sh, sw = info.stored_size
+            raise ImgprepError(f"mean file is {w}x{h} but the records are {sw}x{sh} and the crop is "
+                               f"{crop}x{crop}; Caffe needs the mean to match one of them")
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch[0])
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch whose augmentation the next items get (shared with the DataLoader's workers)."""
+        self._epoch[0] = epoch
+
+    def _open_here(self) -> Reader:
+        """This process's handle: opened on first use, again in each forked worker."""
+        pid = os.getpid()
+        if self._reader is None or self._reader_pid != pid:
+            worker = torch.utils.data.get_worker_info()
+            if self.backend == "leveldb" and worker is not None and worker.num_workers > 1:
+                raise ImgprepError(f"{self.path}: {LEVELDB_WORKERS}")
+            self._reader = Reader(self.path, self.backend)  # the parent's handle stays the parent's
+            self._reader_pid = pid
+        return self._reader
+
+    def __getitem__(self, index: int):
+        if not 0 <= index < len(self.keys):
+            raise IndexError(f"record {index} of {len(self.keys)}")
+        key = self.keys[index]
+        value = self._open_here().get(key)
+        if value is None:
+            raise ImgprepError(f"record {key[:60]!r} is no longer in {self.path}")
+        try:
+            datum = decode_datum(value)
+            resize = None if self.policy.subtract_at_source else self.policy.resize_shorter
+            image = record_image(datum, self.channels, resize)
+            chw = apply_policy(image, self.policy, draw(self.seed, self.epoch, index))
+        except (RecordError, ImgprepError) as e:
+            raise ImgprepError(f"record {key[:60]!r} of {self.path}: {e}") from None
+        return torch.from_numpy(chw), datum.label
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_reader"] = state["_reader_pid"] = None  # a spawned worker opens its own
+        return state
+
+    def close(self) -> None:
+        """Releases this process's handle (LevelDB allows one process at a time)."""
+        if self._reader is not None and self._reader_pid == os.getpid():
+            self._reader.close()
+        self._reader = self._reader_pid = None

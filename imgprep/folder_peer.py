@@ -1,0 +1,147 @@
+"""bench-loader's torchvision peer: the original image files through a `torch.utils.data.DataLoader`
+whose workers decode with Pillow and apply torchvision's ImageNet transforms.
+
+Real torchvision supplies the transforms where it imports. Where it does not (PyPI's torchvision
+does not import beside every torch build), the same transforms run here in Pillow and torch, as
+torchvision defines them for PIL images: Resize(256) (shorter side to 256, the longer to
+int(256 * long / short), bilinear with Pillow's antialiasing), RandomCrop(224) / CenterCrop(224),
+RandomHorizontalFlip(), or RandomResizedCrop(224) (scale 0.08-1, ratio 3/4-4/3, 10 tries, then
+the center crop), then ToTensor() and Normalize(mean, std).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from . import ImgprepError
+
+# torchvision.datasets.folder.IMG_EXTENSIONS
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+def image_files(root: Path, list_file: Path | None = None) -> list[tuple[str, int]]:
+    """(path, label) of the images a torchvision ImageFolder finds under root (class folders,
+    sorted), or of a 'path label' list's entries under root."""
+    if list_file is not None:
+        from .lists import read_list
+
+        entries = read_list(list_file)
+        return [(str(root / p), int(label)) for p, label in zip(entries.paths, entries.labels)]
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir())
+    return [(str(path), label) for label, name in enumerate(classes)
+            for path in sorted((root / name).rglob("*"))
+            if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()]
+
+
+def resize_shorter(img: Image.Image, size: int) -> Image.Image:
+    """torchvision's Resize(size) on a PIL image."""
+    w, h = img.size
+    short, long = min(w, h), max(w, h)
+    if short == size:
+        return img
+    new_short, new_long = size, int(size * long / short)
+    return img.resize((new_short, new_long) if w <= h else (new_long, new_short), Image.BILINEAR)
+
+
+def center_box(w: int, h: int, size: int) -> tuple[int, int, int, int]:
+    """torchvision's CenterCrop(size) window as Pillow's (left, top, right, bottom)."""
+    top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
+    return left, top, left + size, top + size
+
+
+def random_box(w: int, h: int, size: int, rng: random.Random) -> tuple[int, int, int, int]:
+    """torchvision's RandomCrop(size) window."""
+    top, left = rng.randint(0, h - size), rng.randint(0, w - size)
+    return left, top, left + size, top + size
+
+
+def random_resized_box(w: int, h: int, rng: random.Random, scale=(0.08, 1.0),
+                       ratio=(3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+    """torchvision's RandomResizedCrop window (before the resize to the output size)."""
+    area = w * h
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        cw, ch = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
+        if 0 < cw <= w and 0 < ch <= h:
+            top, left = rng.randint(0, h - ch), rng.randint(0, w - cw)
+            return left, top, left + cw, top + ch
+    in_ratio = w / h
+    if in_ratio < min(ratio):
+        cw, ch = w, int(round(w / min(ratio)))
+    elif in_ratio > max(ratio):
+        cw, ch = int(round(h * max(ratio))), h
+    else:
+        cw, ch = w, h
+    top, left = (h - ch) // 2, (w - cw) // 2
+    return left, top, left + cw, top + ch
+
+
+class PillowTransform:
+    """torchvision's ImageNet transforms without torchvision: PIL image -> normalised CHW float32 tensor.
+    Randomness comes from Python's `random`, which DataLoader seeds in each worker (as torch's RNG)."""
+
+    def __init__(self, train: bool, resized_crop: bool, mean_rgb, std_rgb, size: int = 224, shorter: int = 256):
+        self.train, self.resized_crop, self.size, self.shorter = train, resized_crop, size, shorter
+        self.mean = np.asarray(mean_rgb, np.float32) / 255
+        self.std = np.asarray(std_rgb, np.float32) / 255
+
+    def __call__(self, img: Image.Image):
+        import torch
+
+        if self.train and self.resized_crop:
+            img = img.crop(random_resized_box(*img.size, random)).resize((self.size, self.size), Image.BILINEAR)
+        elif self.train:
+            img = resize_shorter(img, self.shorter)
+            img = img.crop(random_box(*img.size, self.size, random))
+        else:
+            img = resize_shorter(img, self.shorter)
+            img = img.crop(center_box(*img.size, self.size))
+        if self.train and random.random() < 0.5:
+            img = img.transpose(Image.FLIP_LEFT_RIGHT)
+        tensor = torch.from_numpy(np.array(img)).permute(2, 0, 1).float().div_(255)
+        mean, std = torch.from_numpy(self.mean)[:, None, None], torch.from_numpy(self.std)[:, None, None]
+        return tensor.sub_(mean).div_(std)
+
+
+def torchvision_transform(train: bool, resized_crop: bool, mean_rgb, std_rgb):
+    """torchvision's own Compose of the same transforms, or None where torchvision does not import."""
+    try:
+        from torchvision import transforms
+    except Exception:  # absent, or built for another torch
+        return None
+    if train and resized_crop:
+        steps = [transforms.RandomResizedCrop(224)]
+    else:
+        steps = [transforms.Resize(256), transforms.RandomCrop(224) if train else transforms.CenterCrop(224)]
+    if train:
+        steps.append(transforms.RandomHorizontalFlip())
+    return transforms.Compose(steps + [transforms.ToTensor(),
+                                       transforms.Normalize([m / 255 for m in mean_rgb], [s / 255 for s in std_rgb])])
+
+
+class ImageFiles:
+    """Map-style dataset of (path, label): torchvision's default loader (Pillow, RGB), then `transform`."""
+
+    def __init__(self, samples: list[tuple[str, int]], transform):
+        if not samples:
+            raise ImgprepError("no images to read")
+        self.samples, self.transform = samples, transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        path, label = self.samples[index]
+        try:
+            with open(path, "rb") as f:
+                img = Image.open(f).convert("RGB")
+        except (OSError, ValueError) as e:  # what torchvision's loader would raise, with the file named
+            raise ImgprepError(f"Pillow cannot read {path}: {e}") from None
+        return self.transform(img), label
