@@ -168,6 +168,59 @@ def decode_datum(buf) -> Datum:
     return datum
 
 
+def datum_payload(buf) -> tuple[memoryview, int, bool, tuple[int, int, int]]:
+    """(data, label, encoded, (channels, height, width)) of a Datum, `data` a view into `buf`
+    (no copy): the loader's per-record fast path. Raises RecordError where decode_datum would,
+    and also for a record without `data` (float_data only), which no image pipeline can use."""
+    view = memoryview(buf)
+    pos, end = 0, len(view)
+    ints = [0, 0, 0, 0, 0, 0]
+    data, encoded = None, False
+    while pos < end:
+        tag = view[pos]
+        if tag < 0x80:
+            pos += 1
+        else:
+            tag, pos = _read_varint(view, pos)
+        number, wire = tag >> 3, tag & 7
+        if number == 0:
+            raise RecordError("field number 0")
+        if wire == VARINT:
+            if pos < end and view[pos] < 0x80:
+                value, pos = view[pos], pos + 1
+            else:
+                value, pos = _read_varint(view, pos)
+            if number in (1, 2, 3, 5):
+                ints[number] = value
+            elif number == 7:
+                encoded = bool(value)
+            elif number in (4, 6):
+                _expect(number, wire, (LENGTH,), "Datum")
+        elif wire == LENGTH:
+            size, pos = _read_varint(view, pos)
+            if pos + size > end:
+                raise RecordError(f"field {number} claims {size} bytes, {end - pos} left")
+            if number == 4:
+                data = view[pos:pos + size]
+            elif number in (1, 2, 3, 5, 7):
+                _expect(number, wire, (VARINT,), "Datum")
+            pos += size
+        elif wire in (FIXED32, FIXED64):
+            if number <= 7:
+                _expect(number, wire, (FIXED32,) if number == 6 else (), "Datum")
+            pos += 4 if wire == FIXED32 else 8
+            if pos > end:
+                raise RecordError(f"field {number}: truncated fixed{32 if wire == FIXED32 else 64}")
+        else:
+            raise RecordError(f"field {number}: unsupported wire type {wire}")
+    if data is None:
+        raise RecordError("not an image Datum: no data (field 4)")
+    shape = (_int32(ints[1]), _int32(ints[2]), _int32(ints[3]))
+    if not encoded and (shape[0] * shape[1] * shape[2] == 0 or len(data) != shape[0] * shape[1] * shape[2]):
+        raise RecordError(f"raw record holds {len(data)} bytes for {shape[0]}x{shape[1]}x{shape[2]}")
+    return data, _int32(ints[5]), encoded, shape
+
+
 # --- BlobProto -----------------------------------------------------------------------------------
 
 def encode_blob(array: np.ndarray) -> bytes:
