@@ -8,6 +8,7 @@ valid encoding (packed or unpacked repeated fields, unknown fields skipped) and 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -168,57 +169,46 @@ def decode_datum(buf) -> Datum:
     return datum
 
 
+_VARINT_RE = rb"([\x80-\xff]{0,9}[\x00-\x7f])"
+# Datum as Caffe's serializer and imgprep write it: fields in number order, channels/height/width
+# optional (left out by some writers for encoded records), then data, label and encoded.
+_CANONICAL_HEAD = re.compile(rb"(?:\x08%s)?(?:\x10%s)?(?:\x18%s)?\x22%s" % ((_VARINT_RE,) * 4), re.S)
+_CANONICAL_TAIL = re.compile(rb"(?:\x28%s)?\x38([\x00\x01])\Z" % _VARINT_RE, re.S)
+
+
+def _varint_bytes(raw) -> int:
+    """A varint matched by _VARINT_RE (None: the field was absent, 0)."""
+    if raw is None:
+        return 0
+    value = raw[-1]
+    for byte in raw[-2::-1]:
+        value = value << 7 | byte & 0x7F
+    return value
+
+
 def datum_payload(buf) -> tuple[memoryview, int, bool, tuple[int, int, int]]:
     """(data, label, encoded, (channels, height, width)) of a Datum, `data` a view into `buf`
-    (no copy): the loader's per-record fast path. Raises RecordError where decode_datum would,
-    and also for a record without `data` (float_data only), which no image pipeline can use."""
+    (no copy): the loader's per-record fast path. Records laid out as Caffe writes them are matched
+    in one step; anything else goes through decode_datum, which raises RecordError on malformed
+    bytes. A record without `data` (float_data only) is an error here: no image pipeline can use it."""
     view = memoryview(buf)
-    pos, end = 0, len(view)
-    ints = [0, 0, 0, 0, 0, 0]
-    data, encoded = None, False
-    while pos < end:
-        tag = view[pos]
-        if tag < 0x80:
-            pos += 1
-        else:
-            tag, pos = _read_varint(view, pos)
-        number, wire = tag >> 3, tag & 7
-        if number == 0:
-            raise RecordError("field number 0")
-        if wire == VARINT:
-            if pos < end and view[pos] < 0x80:
-                value, pos = view[pos], pos + 1
-            else:
-                value, pos = _read_varint(view, pos)
-            if number in (1, 2, 3, 5):
-                ints[number] = value
-            elif number == 7:
-                encoded = bool(value)
-            elif number in (4, 6):
-                _expect(number, wire, (LENGTH,), "Datum")
-        elif wire == LENGTH:
-            size, pos = _read_varint(view, pos)
-            if pos + size > end:
-                raise RecordError(f"field {number} claims {size} bytes, {end - pos} left")
-            if number == 4:
-                data = view[pos:pos + size]
-            elif number in (1, 2, 3, 5, 7):
-                _expect(number, wire, (VARINT,), "Datum")
-            pos += size
-        elif wire in (FIXED32, FIXED64):
-            if number <= 7:
-                _expect(number, wire, (FIXED32,) if number == 6 else (), "Datum")
-            pos += 4 if wire == FIXED32 else 8
-            if pos > end:
-                raise RecordError(f"field {number}: truncated fixed{32 if wire == FIXED32 else 64}")
-        else:
-            raise RecordError(f"field {number}: unsupported wire type {wire}")
-    if data is None:
-        raise RecordError("not an image Datum: no data (field 4)")
-    shape = (_int32(ints[1]), _int32(ints[2]), _int32(ints[3]))
-    if not encoded and (shape[0] * shape[1] * shape[2] == 0 or len(data) != shape[0] * shape[1] * shape[2]):
-        raise RecordError(f"raw record holds {len(data)} bytes for {shape[0]}x{shape[1]}x{shape[2]}")
-    return data, _int32(ints[5]), encoded, shape
+    head = _CANONICAL_HEAD.match(view)
+    if head is not None:
+        start = head.end()
+        end = start + _varint_bytes(head.group(4))
+        tail = _CANONICAL_TAIL.match(view, end) if end < len(view) else None
+        if tail is not None:
+            c, h, w, _ = head.groups()
+            c, h, w = _varint_bytes(c), _varint_bytes(h), _varint_bytes(w)
+            label = _int32(_varint_bytes(tail.group(1)))
+            encoded = tail.group(2) == b"\x01"
+            data = view[start:end]
+            if encoded or (c * h * w and len(data) == c * h * w):
+                return data, label, encoded, (_int32(c), _int32(h), _int32(w))
+    datum = decode_datum(view)
+    if datum.float_data is not None and not datum.data:
+        raise RecordError("not an image Datum: float_data only, no data (field 4)")
+    return memoryview(datum.data), datum.label, datum.encoded, (datum.channels, datum.height, datum.width)
 
 
 # --- BlobProto -----------------------------------------------------------------------------------

@@ -135,10 +135,13 @@ class _Feed:
     one per call, from a position on. DALI calls it when it schedules a batch, so `scheduled` lists
     the (epoch, step) of every batch DALI runs ahead of what the loader handed out, in order."""
 
-    def __init__(self, plan: EpochPlan, source: RecordSource, train: bool, lane: int, lane_of):
+    def __init__(self, plan: EpochPlan, source: RecordSource, train: bool, lane: int, lane_of, keep: int = 4):
         self.plan, self.source, self.train, self.lane, self.lane_of = plan, source, train, lane, lane_of
         self.scheduled: deque[tuple[int, int]] = deque()
         self.cursor = self._ours(0, 0)
+        self._augmentation: dict[int, tuple[np.ndarray, ...]] = {}
+        # DALI reads the arrays in place (no_copy) until the batch is done: hold the last few batches
+        self._alive: deque = deque(maxlen=keep)
 
     def _ours(self, epoch: int, step: int) -> tuple[int, int]:
         """The first batch at or after (epoch, step) that this lane runs."""
@@ -163,14 +166,26 @@ class _Feed:
         records, positions, real = self.plan.batch(epoch, step)
         data, labels = self.source.read(records)
         labels[~real] = -1  # evaluation padding
-        if self.train:
-            crop_x, crop_y, mirror = augmentation(self.plan.seed, epoch, positions)
-        else:
-            crop_x = crop_y = np.full(len(records), 0.5, np.float32)
-            mirror = np.zeros(len(records), np.int32)
+        window = slice(step * self.plan.batch_size, step * self.plan.batch_size + len(records))
+        crop_x, crop_y, mirror = (a[window] for a in self._epoch_augmentation(epoch))
+        batch = data, labels.reshape(-1, 1), crop_x, crop_y, mirror
+        self._alive.append(batch)
         self.scheduled.append((epoch, step))
         self.cursor = self._ours(*self.plan.after(epoch, step))
-        return data, labels.reshape(-1, 1), crop_x, crop_y, mirror
+        return batch
+
+    def _epoch_augmentation(self, epoch: int) -> tuple[np.ndarray, ...]:
+        """Crop positions and mirror flags of this rank's samples in `epoch` (the center, unmirrored,
+        for evaluation), computed once per epoch."""
+        if epoch not in self._augmentation:
+            if self.train:
+                self._augmentation[epoch] = augmentation(self.plan.seed, epoch, self.plan.rank_positions(epoch))
+            else:
+                n = self.plan.samples
+                self._augmentation[epoch] = (np.full(n, 0.5, np.float32),) * 2 + (np.zeros(n, np.int32),)
+            for old in [e for e in self._augmentation if e != epoch and e != epoch - 1]:
+                del self._augmentation[old]
+        return self._augmentation[epoch]
 
 
 def _graph(info: DatabaseInfo, crop, resize_shorter, norm: Normalisation, dtype, layout, gpu, feed,
@@ -180,7 +195,8 @@ def _graph(info: DatabaseInfo, crop, resize_shorter, norm: Normalisation, dtype,
     from nvidia.dali import fn, types
 
     value, label, crop_x, crop_y, mirror = fn.external_source(
-        source=feed, num_outputs=5, batch=True, dtype=[types.UINT8, types.INT32, types.FLOAT, types.FLOAT, types.INT32])
+        source=feed, num_outputs=5, batch=True, no_copy=True,
+        dtype=[types.UINT8, types.INT32, types.FLOAT, types.FLOAT, types.INT32])
     gray = info.channels == 1
     mean_image = norm.mean_image
     subtract_at_source = mean_image is not None and mean_image.shape[1:] != (crop, crop)
@@ -400,7 +416,7 @@ class Loader:
                                  prefetch_queue_depth=prefetch)
             lanes = sorted({self._lane(step) for step in range(self.plan.steps)})  # [0] or [0, 1]: step 0 is lane 0
             for lane in lanes:
-                feed = _Feed(self.plan, source, train, lane, self._lane)
+                feed = _Feed(self.plan, source, train, lane, self._lane, keep=prefetch + 2)
                 n_threads = threads if lane == 0 else cpu_threads or threads
                 self._streams.append(_Stream(_build_pipeline(graph, pipeline_args, n_threads, feed, lane == 1), feed))
         except BaseException:

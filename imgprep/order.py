@@ -129,8 +129,8 @@ class EpochPlan:
         evaluation padding."""
         if not 0 <= step < self.steps:
             raise IndexError(f"step {step} is not in 0..{self.steps - 1}")
-        window = slice(step * self.batch_size, (step + 1) * self.batch_size)
-        positions = self.rank_positions(epoch)[window]
+        window = slice(step * self.batch_size, min((step + 1) * self.batch_size, self.samples))
+        positions = self.shard_id + self.num_shards * np.arange(window.start, window.stop, dtype=np.int64)
         real = positions < self.records if self.mark_padding else np.ones(len(positions), bool)
         return self.rank_records(epoch)[window], positions, real
 

@@ -44,20 +44,32 @@ class RecordSource:
         key = self.key(index)
         value = self._txn.get(key) if self._txn is not None else self._reader.db.get(key)
         if value is None:
-            raise ImgprepError(f"{self.path}: record {key!r} went away while the loader was reading "
-                               "(the database was rewritten)")
+            raise self._bad(key, None, None)
         return value
 
-    def read(self, indices) -> tuple[list[np.ndarray], np.ndarray]:
-        data, labels = [], np.empty(len(indices), np.int32)
-        for n, index in enumerate(indices.tolist()):
+    def read(self, indices: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
+        """The records at `indices`: data arrays (views into LMDB's map, or into LevelDB's value
+        bytes) and int32 labels."""
+        blob = self._keys
+        keys = [blob[a:b] for a, b in zip(self._starts[indices].tolist(), self._ends[indices].tolist())]
+        get = self._txn.get if self._txn is not None else self._reader.db.get
+        data, labels = [], []
+        for key in keys:
+            value = get(key)
             try:
-                payload, labels[n], encoded, (c, h, w) = datum_payload(self.value(index))
-            except RecordError as e:
-                raise ImgprepError(f"{self.path}: record {self.key(index)!r} is not a Caffe image Datum ({e})") from None
+                payload, label, encoded, (c, h, w) = datum_payload(value)
+            except (RecordError, TypeError) as e:  # TypeError: the key went away (None)
+                raise self._bad(key, value, e) from None
             array = np.frombuffer(payload, np.uint8)
             data.append(array if encoded else array.reshape(h, w, c))  # readers.caffe's (H, W, C) labelling
-        return data, labels
+            labels.append(label)
+        return data, np.array(labels, np.int32)
+
+    def _bad(self, key: bytes, value, error: Exception) -> ImgprepError:
+        if value is None:
+            return ImgprepError(f"{self.path}: record {key!r} went away while the loader was reading "
+                                "(the database was rewritten)")
+        return ImgprepError(f"{self.path}: record {key!r} is not a Caffe image Datum ({error})")
 
     def culprit(self, indices) -> str | None:
         """Why the first record of `indices` that cannot be decoded fails (with its key), or None."""
