@@ -476,6 +476,8 @@ class Loader:
 
     def close(self) -> None:
         """Releases the pipelines and the database handle (LevelDB allows one per process)."""
+        for stream in self._streams:  # first: DALI reads the records in place, in LMDB's map
+            stream.pipeline._shutdown()  # what the pipeline's own __del__ calls; a traceback may hold it longer
         self._streams = []
         for source in self._sources:
             source.close()
