@@ -1,7 +1,9 @@
 """A DALI loader for imgprep databases with the ResNet recipe's policy, owning the sample order.
 
 Training: shorter side to 256, random 224x224 crop, random horizontal mirror. Evaluation:
-shorter side to 256, center 224x224 crop. Then normalisation (per-channel mean/std, or a Caffe
+shorter side to 256, center 224x224 crop, placed as DALI places it: offset (W-224)/2 with a half
+pixel rounded up (Caffe's TEST phase rounds it down: where W-224 is odd, Caffe's crop sits one
+pixel further left, or up for H). Then normalisation (per-channel mean/std, or a Caffe
 `.binaryproto` mean image) and output as fp32/fp16, NCHW/NHWC, on the GPU ('mixed' JPEG
 decoding) when there is one and in DALI's CPU mode when not.
 
@@ -203,8 +205,8 @@ def _graph(info: DatabaseInfo, crop, resize_shorter, norm: Normalisation, dtype,
     if mean_image is not None:
         _check_mean(mean_image, info, crop, gray)
     needs_resize = info.shorter_side != resize_shorter and not subtract_at_source
-    # DALI places the window at round(crop_pos * (size - crop)); for the center crop (0.5) that is half a
-    # pixel further right/down than Caffe's TEST phase, which floors it, when size - crop is odd.
+    # DALI places the window at round(crop_pos * (size - crop)), halves up; Caffe's TEST phase floors
+    # the center offset (see the module docstring).
     window = dict(crop=(crop, crop), crop_pos_x=crop_x, crop_pos_y=crop_y)
     # On CPU, decoding only the crop window (libjpeg-turbo skips the rest) is measurably faster when no
     # resize comes between decode and crop; on the GPU decoding the window is slower than decoding whole

@@ -106,9 +106,13 @@ def test_eval_is_the_center_crop_of_the_shorter_256_image(dbs):
         runs = [list(zip(*next(iter(loader)))) for _ in range(1)]
         again = next(iter(loader))
     for image, label in runs[0]:
-        reference = center_crop(stored[int(label)], 224).astype(np.float32)
+        reference = center_crop(stored[int(label)], 224).astype(np.float32)  # a half-pixel offset rounds up, as DALI's
         assert image.shape == (224, 224, 3)
         assert np.abs(image - reference).mean() < 1.0
+        h, w = stored[int(label)].shape[:2]
+        if (w - 224) % 2:  # Caffe's floored offset is a different crop
+            caffe = stored[int(label)][(h - 224) // 2:(h - 224) // 2 + 224, (w - 224) // 2:(w - 224) // 2 + 224]
+            assert np.abs(image - caffe).mean() > np.abs(image - reference).mean()
     assert again[0].shape == (8, 224, 224, 3)
 
 
