@@ -61,11 +61,8 @@ def database_info(path, allow_partial: bool = False, records: int | None = None)
     `complete`) is refused unless `allow_partial`."""
     path = Path(path)
     backend = detect_backend(path)
-    manifest = read_manifest(path) or {}
+    manifest = _build_manifest(path, allow_partial)
     state = manifest.get("state")
-    if manifest and state != "complete" and not allow_partial:
-        raise ImgprepError(f"{path} is an incomplete build (state {state!r}); finish it with "
-                           "`imgprep build-lmdb ... --resume`, or pass allow_partial=True to read the records it holds")
     if records is None and state == "complete" and isinstance(manifest.get("records"), int):
         records = manifest["records"]
     with Reader(path, backend) as reader:
@@ -96,6 +93,17 @@ def database_info(path, allow_partial: bool = False, records: int | None = None)
     if stored is not None:
         shorter = min(stored)
     return DatabaseInfo(path, backend, records, encoded, channels, stored, shorter)
+
+
+def _build_manifest(path: Path, allow_partial: bool) -> dict:
+    """The build manifest ({} for a database imgprep did not build); a partial build is an error
+    unless `allow_partial`."""
+    manifest = read_manifest(path) or {}
+    state = manifest.get("state")
+    if manifest and state != "complete" and not allow_partial:
+        raise ImgprepError(f"{path} is an incomplete build (state {state!r}); finish it with "
+                           "`imgprep build-lmdb ... --resume`, or pass allow_partial=True to read the records it holds")
+    return manifest
 
 
 def shard_from_env(shard_id: int | None, num_shards: int | None) -> tuple[int, int]:
@@ -383,9 +391,7 @@ class Loader:
             raise ImgprepError("cpu_share must be in [0, 1)")
         if batch_size < 1:
             raise ImgprepError("batch_size must be at least 1")
-        self.info = database_info(db, allow_partial)  # refuses a partial build before the keys are read
-        if cpu_share and not self.info.encoded:
-            raise ImgprepError("cpu_share splits JPEG decoding; the database holds raw records")
+        _build_manifest(Path(db), allow_partial)  # a partial build is refused before the keys are read
         if device == "auto":
             device = "gpu" if gpu_count() > 0 else "cpu"
         if device == "gpu" and gpu_count() == 0:
@@ -395,11 +401,12 @@ class Loader:
         self.batch_size, self.drop_last, self.output, self.train = batch_size, drop_last, output, train
         self._streams: list[_Stream] = []
         self._sources: list[RecordSource] = []
-        source = RecordSource(self.info.path, self.info.backend)
+        source = RecordSource(db, detect_backend(db))  # the one pass over the keys
         self._sources.append(source)
         try:
-            if len(source) != self.info.records:
-                self.info = database_info(db, allow_partial, records=len(source))
+            self.info = database_info(db, allow_partial, records=len(source))
+            if cpu_share and not self.info.encoded:
+                raise ImgprepError("cpu_share splits JPEG decoding; the database holds raw records")
             try:
                 self.plan = EpochPlan(len(source), batch_size, self.num_shards, self.shard_id, seed,
                                       train if shuffle is None else shuffle, drop_last, mark_padding=not train)

@@ -411,8 +411,9 @@ def test_uneven_shards_across_processes_run_equal_steps_with_the_promised_covera
         assert results[0]["epochs"][0] != results[0]["epochs"][1]  # reshuffled every epoch
 
 
-def test_a_new_loop_after_a_break_finishes_the_epoch_then_whole_epochs_follow(dbs):
-    db, batch = dbs["encoded"], 8
+@pytest.mark.parametrize("name", ["encoded", "raw_leveldb"])
+def test_a_new_loop_after_a_break_finishes_the_epoch_then_whole_epochs_follow(dbs, name):
+    db, batch = dbs[name], 8
     expected = [plan_labels(db, epoch, batch_size=batch, seed=2) for epoch in range(5)]
     with Loader(db, batch_size=batch, train=True, device=DEVICE, num_threads=1, seed=2) as loader:
         assert len(loader) == len(expected[0])
