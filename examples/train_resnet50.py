@@ -3,8 +3,11 @@
     torchrun --nproc_per_node=8 examples/train_resnet50.py /data/train_lmdb --epochs 90
     python examples/train_resnet50.py build/demo/train_lmdb --steps 50 --batch 64   # a smoke run
 
-Each process reads its own shard (RANK / WORLD_SIZE from torchrun); every record is seen once
-per epoch across processes. Without a GPU it runs on the CPU (slowly) through DALI's CPU mode.
+Each process reads its own shard (RANK / WORLD_SIZE from torchrun) of the epoch's seeded order; every
+rank runs the same number of steps and every record is seen in each epoch. With --checkpoint the
+model, optimizer and the loader's position are saved every --save-every steps, and a run started
+again with the same --checkpoint continues from the saved batch (the same records, crops and mirrors
+as an uninterrupted run). Without a GPU it runs on the CPU (slowly) through DALI's CPU mode.
 Needs torch and torchvision.
 """
 
@@ -28,6 +31,8 @@ def main():
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--lr", type=float, default=0.1)
     parser.add_argument("--threads", type=int, default=8)
+    parser.add_argument("--checkpoint", help="file to save to every --save-every steps, and to resume from")
+    parser.add_argument("--save-every", type=int, default=1000)
     args = parser.parse_args()
 
     import torchvision
@@ -46,7 +51,16 @@ def main():
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=1e-4)
     scaler = torch.amp.GradScaler(enabled=device.type == "cuda")
     step = 0
-    for epoch in range(args.epochs):
+    rank = int(os.environ.get("RANK", 0))
+    if args.checkpoint and os.path.exists(args.checkpoint):
+        saved = torch.load(args.checkpoint, map_location=device)
+        (model.module if distributed else model).load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        loader.load_state_dict(saved["loader"])  # the same position on every rank
+        step = saved["step"]
+        print(f"resumed at epoch {loader.epoch} step {loader.step}", flush=True)
+    for epoch in range(loader.epoch, args.epochs):
+        loader.set_epoch(epoch)  # keeps a resumed position inside this epoch
         seen, start = 0, time.perf_counter()
         for images, labels in loader:
             with torch.autocast(device.type, enabled=device.type == "cuda"):
@@ -60,6 +74,10 @@ def main():
             if step % 20 == 0:
                 rate = seen / (time.perf_counter() - start)
                 print(f"epoch {epoch} step {step} loss {loss.item():.3f} {rate:,.0f} img/s per process", flush=True)
+            if args.checkpoint and step % args.save_every == 0 and rank == 0:
+                torch.save({"model": (model.module if distributed else model).state_dict(),
+                            "optimizer": optimizer.state_dict(), "loader": loader.state_dict(), "step": step},
+                           args.checkpoint)
             if args.steps and step >= args.steps:
                 return
         print(f"epoch {epoch}: {seen} images in {time.perf_counter() - start:.1f}s")

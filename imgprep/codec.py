@@ -8,6 +8,7 @@ valid encoding (packed or unpacked repeated fields, unknown fields skipped) and 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -168,6 +169,48 @@ def decode_datum(buf) -> Datum:
     if not datum.encoded and seen_data:
         datum.pixels()  # validates the size
     return datum
+
+
+_VARINT_RE = rb"([\x80-\xff]{0,9}[\x00-\x7f])"
+# Datum as Caffe's serializer and imgprep write it: fields in number order, channels/height/width
+# optional (left out by some writers for encoded records), then data, label and encoded.
+_CANONICAL_HEAD = re.compile(rb"(?:\x08%s)?(?:\x10%s)?(?:\x18%s)?\x22%s" % ((_VARINT_RE,) * 4), re.S)
+_CANONICAL_TAIL = re.compile(rb"(?:\x28%s)?\x38([\x00\x01])\Z" % _VARINT_RE, re.S)
+
+
+def _varint_bytes(raw) -> int:
+    """A varint matched by _VARINT_RE (None: the field was absent, 0)."""
+    if raw is None:
+        return 0
+    value = raw[-1]
+    for byte in raw[-2::-1]:
+        value = value << 7 | byte & 0x7F
+    return value
+
+
+def datum_payload(buf) -> tuple[memoryview, int, bool, tuple[int, int, int]]:
+    """(data, label, encoded, (channels, height, width)) of a Datum, `data` a view into `buf`
+    (no copy): the loader's per-record fast path. Records laid out as Caffe writes them are matched
+    in one step; anything else goes through decode_datum, which raises RecordError on malformed
+    bytes. A record without `data` (float_data only) is an error here: no image pipeline can use it."""
+    view = memoryview(buf)
+    head = _CANONICAL_HEAD.match(view)
+    if head is not None:
+        start = head.end()
+        end = start + _varint_bytes(head.group(4))
+        tail = _CANONICAL_TAIL.match(view, end) if end < len(view) else None
+        if tail is not None:
+            c, h, w, _ = head.groups()
+            c, h, w = _varint_bytes(c), _varint_bytes(h), _varint_bytes(w)
+            label = _int32(_varint_bytes(tail.group(1)))
+            encoded = tail.group(2) == b"\x01"
+            data = view[start:end]
+            if encoded or (c * h * w and len(data) == c * h * w):
+                return data, label, encoded, (_int32(c), _int32(h), _int32(w))
+    datum = decode_datum(view)
+    if datum.float_data is not None and not datum.data:
+        raise RecordError("not an image Datum: float_data only, no data (field 4)")
+    return memoryview(datum.data), datum.label, datum.encoded, (datum.channels, datum.height, datum.width)
 
 
 # --- BlobProto -----------------------------------------------------------------------------------

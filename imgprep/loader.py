@@ -1,39 +1,41 @@
-"""A DALI loader for imgprep databases with the ResNet recipe's policy.
+"""A DALI loader for imgprep databases with the ResNet recipe's policy, owning the sample order.
 
 Training: shorter side to 256, random 224x224 crop, random horizontal mirror. Evaluation:
-shorter side to 256, center 224x224 crop. Then normalisation (per-channel mean/std, or a Caffe
+shorter side to 256, center 224x224 crop, placed as DALI places it: offset (W-224)/2 with a half
+pixel rounded up (Caffe's TEST phase rounds it down: where W-224 is odd, Caffe's crop sits one
+pixel further left, or up for H). Then normalisation (per-channel mean/std, or a Caffe
 `.binaryproto` mean image) and output as fp32/fp16, NCHW/NHWC, on the GPU ('mixed' JPEG
 decoding) when there is one and in DALI's CPU mode when not.
 
-One graph serves every source: LMDB records come from `fn.readers.caffe`; LevelDB (which DALI
-cannot read) comes through `fn.external_source`, shaped exactly as the reader's output.
-Raw records are reinterpreted: DALI hands their bytes back as if HWC, but Caffe stores planar
-CHW BGR.
-
-Epochs and shards: shard i of K holds the contiguous records [N*i//K, N*(i+1)//K) every epoch
-(DALI's `stick_to_shard`), so across shards every record is seen exactly once per epoch. The
-last batch of an epoch is partial (padding is trimmed) unless `drop_last`.
+The loader decides which records each batch holds (`order.EpochPlan`: epoch e visits
+`order.permutation(N, seed, e)`, rank i of K takes every K-th sample of it, as PyTorch's
+DistributedSampler does) and feeds them to DALI through `fn.external_source`, reading each
+record by key (`records.RecordSource`), from LMDB and LevelDB alike. Raw records are
+reinterpreted: they are handed over labelled HWC, as DALI's `readers.caffe` does, and turned
+back from Caffe's planar CHW BGR in the graph.
 """
 
 from __future__ import annotations
 
-import itertools
-import math
 import os
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from . import ImgprepError
-from .build import read_manifest, shard_range
-from .codec import RecordError, decode_datum
+from .build import read_manifest
+from .codec import RecordError, datum_payload
+from .imageops import parse_resize
 from .mean import load_mean
+from .order import EmptyShard, EpochPlan, augmentation, split_steps
+from .records import RecordSource
 from .storage import Reader, detect_backend
 
 IMAGENET_MEAN_RGB = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 IMAGENET_STD_RGB = (0.229 * 255, 0.224 * 255, 0.225 * 255)
-READER_NAME = "Reader"
+STATE_FORMAT = 1
 
 
 @dataclass(frozen=True)
@@ -47,35 +49,61 @@ class DatabaseInfo:
     shorter_side: int | None  # when every record's shorter side is known to be this (imgprep builds)
 
 
-def database_info(path) -> DatabaseInfo:
+def database_info(path, allow_partial: bool = False, records: int | None = None) -> DatabaseInfo:
+    """What the loader needs to know about a database, without walking it where it can:
+    the record count comes from `records`, else from the build manifest (`imgprep-build.json`,
+    state `complete`), else from LMDB's statistics, else (LevelDB) from one pass over the keys.
+
+    Record sizes come from the manifest of an imgprep build (`identity.resize`, `identity.gray`),
+    never from an encoded record's channels/height/width (Caffe may leave them out); a foreign
+    encoded database is taken to hold images of differing sizes, a foreign raw one images of the
+    first record's size (as convert_imageset writes them). A partial build (state other than
+    `complete`) is refused unless `allow_partial`."""
     path = Path(path)
     backend = detect_backend(path)
+    manifest = _build_manifest(path, allow_partial)
+    state = manifest.get("state")
+    if records is None and state == "complete" and isinstance(manifest.get("records"), int):
+        records = manifest["records"]
     with Reader(path, backend) as reader:
-        records = len(reader)
-        if records == 0:
-            raise ImgprepError(f"{path} holds no records")
-        key, value = next(reader.items())
+        key, value = next(reader.items(), (None, None))
+        if records is None:
+            records = len(reader)
+    if key is None or records == 0:
+        raise ImgprepError(f"{path} holds no records")
     try:
-        datum = decode_datum(value)
+        data, _, encoded, (channels, height, width) = datum_payload(value)
     except RecordError as e:
         raise ImgprepError(f"{path} does not hold Caffe Datum records (key {key[:40]!r}: {e})") from None
-    manifest = read_manifest(path) or {}
-    if manifest and manifest.get("state") != "complete":
-        raise ImgprepError(f"{path} is an incomplete build (state {manifest.get('state')!r}); "
-                           "finish it with build-lmdb --resume before training on it")
     identity = manifest.get("identity", {})
-    resize = identity.get("resize", "")
-    if manifest:
-        uniform = resize.startswith("squash:") or bool(identity.get("check_size"))
-    else:  # not built by imgprep: Caffe's raw databases are one size (convert_imageset --resize_*)
-        uniform = not datum.encoded
-    size = (datum.height, datum.width) if uniform and datum.height else None
-    shorter = None
-    if resize.startswith("shorter:"):
-        shorter = int(resize.split(":")[1])
-    elif size is not None:
-        shorter = min(size)
-    return DatabaseInfo(path, backend, records, datum.encoded, datum.channels or 3, size, shorter)
+    stored, shorter = None, None
+    if identity:
+        channels = 1 if identity.get("gray") else 3
+        policy = parse_resize(identity.get("resize", "none"))
+        if policy.kind == "squash":
+            stored = (policy.height, policy.width)
+        elif identity.get("check_size") and not encoded:
+            stored = (height, width)
+        if policy.kind == "shorter":
+            shorter = policy.width or policy.height
+    elif encoded:
+        channels = 3  # decoded as RGB, whatever the JPEG holds
+    else:
+        stored = (height, width)
+    if stored is not None:
+        shorter = min(stored)
+    return DatabaseInfo(path, backend, records, encoded, channels, stored, shorter)
+
+
+def _build_manifest(path: Path, allow_partial: bool) -> dict:
+    """The build manifest ({} for a database imgprep did not build); a partial build is an error
+    unless `allow_partial`."""
+    manifest = read_manifest(path) or {}
+    state = manifest.get("state")
+    if manifest and state != "complete" and not allow_partial:
+        raise ImgprepError(f"{path} is an incomplete build (state {state!r}); finish it with "
+                           "`imgprep build-lmdb ... --resume`, or pass allow_partial=True to read the records it holds")
+    return manifest
 
 
 def shard_from_env(shard_id: int | None, num_shards: int | None) -> tuple[int, int]:
@@ -87,56 +115,6 @@ def shard_from_env(shard_id: int | None, num_shards: int | None) -> tuple[int, i
     if not 0 <= shard_id < num_shards:
         raise ImgprepError(f"shard_id {shard_id} is not in 0..{num_shards - 1}")
     return shard_id, num_shards
-
-
-class RecordSource:
-    """external_source callable: batches of (record data, label) for the records at positions
-    [begin, end) of a database, shaped as `readers.caffe` shapes them, reshuffled every epoch when
-    `shuffle`, and padded with the last record at the end of each epoch. Serves LevelDB (which DALI
-    cannot read) and the sub-ranges of a split (`cpu_share`) loader."""
-
-    def __init__(self, path, backend, batch_size, begin, end, shuffle, seed):
-        self.reader = Reader(path, backend)
-        self.keys = list(itertools.islice(self.reader.keys(), begin, end))
-        self.batch_size = batch_size
-        self.shuffle = shuffle
-        self.seed = seed
-        self.epoch = 0
-        self.position = 0
-        self.order = self._order()
-
-    def close(self) -> None:
-        self.reader.close()
-
-    def _order(self):
-        if self.shuffle:
-            return np.random.default_rng([self.seed, self.epoch]).permutation(len(self.keys))
-        return np.arange(len(self.keys))
-
-    def _sample(self, key):
-        datum = decode_datum(self.reader.get(key))
-        data = np.frombuffer(datum.data, np.uint8)
-        if not datum.encoded:  # as readers.caffe does: the bytes, labelled (H, W, C)
-            data = data.reshape(datum.height, datum.width, datum.channels)
-        return data, np.array([datum.label], np.int32)
-
-    def _next_epoch(self) -> None:
-        self.epoch += 1
-        self.position = 0
-        self.order = self._order()
-
-    def __call__(self):
-        if self.position == len(self.keys):  # the last epoch ended on a batch boundary
-            self._next_epoch()
-        samples = []
-        while len(samples) < self.batch_size:
-            if self.position == len(self.keys):  # pad to the batch end; the next batch starts an epoch
-                samples += [samples[-1]] * (self.batch_size - len(samples))
-                self._next_epoch()
-                break
-            samples.append(self._sample(self.keys[self.order[self.position]]))
-            self.position += 1
-        return [s[0] for s in samples], [s[1] for s in samples]
 
 
 @dataclass
@@ -162,36 +140,85 @@ class Normalisation:
         return cls(tuple(mean), tuple(std))
 
 
-def _graph(info: DatabaseInfo, train, crop, resize_shorter, norm: Normalisation, dtype, layout, gpu,
-           reader_shard, source, shuffle_buffer, decode_on_cpu=False):
-    """The policy graph. Records come from `readers.caffe` over `reader_shard` (shard_id, num_shards),
-    or from `source` (a RecordSource). With `decode_on_cpu` a GPU graph decodes on CPU threads and
-    crops and normalises on the GPU."""
+class _Feed:
+    """The `fn.external_source` callable of one pipeline: the plan's batches assigned to its lane,
+    one per call, from a position on. DALI calls it when it schedules a batch, so `scheduled` lists
+    the (epoch, step) of every batch DALI runs ahead of what the loader handed out, in order."""
+
+    def __init__(self, plan: EpochPlan, source: RecordSource, train: bool, lane: int, lane_of, keep: int = 4):
+        self.plan, self.source, self.train, self.lane, self.lane_of = plan, source, train, lane, lane_of
+        self.scheduled: deque[tuple[int, int]] = deque()
+        self.cursor = self._ours(0, 0)
+        self._augmentation: dict[int, tuple[np.ndarray, ...]] = {}
+        # DALI reads the arrays in place (no_copy) until the batch is done: hold the last few batches
+        self._alive: deque = deque(maxlen=keep)
+
+    def _ours(self, epoch: int, step: int) -> tuple[int, int]:
+        """The first batch at or after (epoch, step) that this lane runs."""
+        while self.lane_of(step) != self.lane:
+            epoch, step = self.plan.after(epoch, step)
+        return epoch, step
+
+    def upcoming(self, epoch: int, step: int, count: int) -> list[tuple[int, int]]:
+        """This lane's next `count` batches from (epoch, step) on."""
+        out = []
+        while len(out) < count:
+            epoch, step = self._ours(epoch, step)
+            out.append((epoch, step))
+            epoch, step = self.plan.after(epoch, step)
+        return out
+
+    def seek(self, epoch: int, step: int) -> None:
+        self.cursor = self._ours(epoch, step)
+
+    def __call__(self):
+        epoch, step = self.cursor
+        records, positions, real = self.plan.batch(epoch, step)
+        data, labels = self.source.read(records)
+        labels[~real] = -1  # evaluation padding
+        window = slice(step * self.plan.batch_size, step * self.plan.batch_size + len(records))
+        crop_x, crop_y, mirror = (a[window] for a in self._epoch_augmentation(epoch))
+        batch = data, labels.reshape(-1, 1), crop_x, crop_y, mirror
+        self._alive.append(batch)
+        self.scheduled.append((epoch, step))
+        self.cursor = self._ours(*self.plan.after(epoch, step))
+        return batch
+
+    def _epoch_augmentation(self, epoch: int) -> tuple[np.ndarray, ...]:
+        """Crop positions and mirror flags of this rank's samples in `epoch` (the center, unmirrored,
+        for evaluation), computed once per epoch."""
+        if epoch not in self._augmentation:
+            if self.train:
+                self._augmentation[epoch] = augmentation(self.plan.seed, epoch, self.plan.rank_positions(epoch))
+            else:
+                n = self.plan.samples
+                self._augmentation[epoch] = (np.full(n, 0.5, np.float32),) * 2 + (np.zeros(n, np.int32),)
+            for old in [e for e in self._augmentation if e != epoch and e != epoch - 1]:
+                del self._augmentation[old]
+        return self._augmentation[epoch]
+
+
+def _graph(info: DatabaseInfo, crop, resize_shorter, norm: Normalisation, dtype, layout, gpu, feed,
+           decode_on_cpu=False):
+    """The policy graph over the records `feed` hands over (data, label, crop_x, crop_y, mirror per
+    sample). With `decode_on_cpu` a GPU graph decodes on CPU threads and crops and normalises on the GPU."""
     from nvidia.dali import fn, types
 
-    if source is None:
-        shard_id, num_shards = reader_shard
-        value, label = fn.readers.caffe(
-            path=str(info.path), shard_id=shard_id, num_shards=num_shards, random_shuffle=train,
-            initial_fill=shuffle_buffer, stick_to_shard=True, pad_last_batch=True, name=READER_NAME)
-    else:
-        value, label = fn.external_source(source=source, num_outputs=2, batch=True,
-                                          dtype=[types.UINT8, types.INT32])
+    value, label, crop_x, crop_y, mirror = fn.external_source(
+        source=feed, num_outputs=5, batch=True, no_copy=True,
+        dtype=[types.UINT8, types.INT32, types.FLOAT, types.FLOAT, types.INT32])
     gray = info.channels == 1
     mean_image = norm.mean_image
     subtract_at_source = mean_image is not None and mean_image.shape[1:] != (crop, crop)
     if mean_image is not None:
         _check_mean(mean_image, info, crop, gray)
     needs_resize = info.shorter_side != resize_shorter and not subtract_at_source
-    if train:
-        crop_x, crop_y = fn.random.uniform(range=(0.0, 1.0)), fn.random.uniform(range=(0.0, 1.0))
-        mirror = fn.random.coin_flip(probability=0.5)
-    else:
-        crop_x = crop_y = 0.5
-        mirror = 0
+    # DALI places the window at round(crop_pos * (size - crop)), halves up; Caffe's TEST phase floors
+    # the center offset (see the module docstring).
     window = dict(crop=(crop, crop), crop_pos_x=crop_x, crop_pos_y=crop_y)
     # On CPU, decoding only the crop window (libjpeg-turbo skips the rest) is measurably faster when no
-    # resize comes between decode and crop; on the GPU it is slower (SPEC §7), so the GPU decodes whole.
+    # resize comes between decode and crop; on the GPU decoding the window is slower than decoding whole
+    # images (measured on an H100 with DALI 2.4), so the GPU decodes whole.
     cpu_decoder = not gpu or decode_on_cpu
     decode_window = info.encoded and cpu_decoder and not needs_resize and not subtract_at_source
     output_type = types.GRAY if gray else types.RGB
@@ -257,13 +284,43 @@ def _check_mean(mean_image, info: DatabaseInfo, crop, gray):
                            "Caffe needs the mean to match one of them")
 
 
-@dataclass
 class _Stream:
-    """One pipeline over `size` consecutive records of this shard."""
+    """One pipeline and its feed. `run()` returns the next batch's DALI outputs, as the pipeline's
+    own run() does, and names the records when DALI fails on them; `last` is that batch's
+    (epoch, step). Other attributes are the pipeline's."""
 
-    pipeline: object
-    size: int
-    source: RecordSource | None = None
+    def __init__(self, pipeline, feed: _Feed):
+        self.pipeline, self.feed, self.last = pipeline, feed, None
+
+    def run(self):
+        try:
+            outputs = self.pipeline.run()
+        except ImgprepError:
+            raise
+        except Exception as e:  # noqa: BLE001 - DALI raises RuntimeError, and others from its threads
+            raise self._failure(e) from None
+        self.last = self.feed.scheduled.popleft()
+        return outputs
+
+    def _failure(self, error: Exception) -> ImgprepError:
+        if not self.feed.scheduled:
+            return ImgprepError(f"DALI failed before reading a batch: {_last_line(error)}")
+        epoch, step = self.feed.scheduled[0]
+        records = self.feed.plan.batch(epoch, step)[0]
+        source = self.feed.source
+        culprit = source.culprit(records)
+        if culprit:
+            return ImgprepError(f"{source.path}: {culprit}")
+        keys = ", ".join(repr(source.key(i)) for i in records[:8]) + (" ..." if len(records) > 8 else "")
+        return ImgprepError(f"{source.path}: DALI failed on the batch holding records {keys}: {_last_line(error)}")
+
+    def __getattr__(self, name):
+        return getattr(self.pipeline, name)
+
+
+def _last_line(error: Exception) -> str:
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    return lines[-1][:300] if lines else type(error).__name__
 
 
 class Loader:
@@ -271,13 +328,50 @@ class Loader:
 
     `for images, labels in Loader(db, batch_size=256): ...` yields numpy arrays; use
     `output="torch"` for PyTorch tensors or `output="jax"` for JAX arrays on the pipeline's device.
-    `len(loader)` is the number of batches in one epoch of this shard; `loader.epoch_size` the
-    number of records.
 
-    `cpu_share` (GPU only; 0 by default) gives that fraction of the shard's records to a second
-    pipeline that decodes JPEGs on `cpu_threads` CPU threads and crops/normalises on the GPU,
-    beside the GPU-decoding one: the CPU cores that sit idle while the GPU decodes add throughput.
-    Batches of the two alternate so both end each epoch together.
+    The order (`imgprep.order.EpochPlan`): epoch e visits `permutation(N, seed, e)` (the documented
+    SplitMix64 order: the same on every machine and library version), or 0..N-1 without `shuffle`
+    (default: shuffled for training, not for evaluation). Shard i of K (`shard_id`/`num_shards`,
+    default torchrun's RANK/WORLD_SIZE) takes positions i, i+K, ... of it, after the order is made a
+    multiple of K long as DistributedSampler does, so every rank runs the same number of steps,
+    `len(loader)`, and the last batch of an epoch is partial unless `drop_last`:
+
+    - training: every record at least once per epoch; the only repeats are the (fewer than K)
+      samples from the start of the order that even the ranks out. `drop_last` cuts the order to a
+      multiple of K instead and yields only full batches.
+    - evaluation (`train=False`): every record exactly once across all ranks; where N is not a
+      multiple of K, ranks get one padding sample at the end of the epoch, labelled -1:
+
+          correct = total = 0
+          for images, labels in Loader(db, train=False):
+              real = labels >= 0
+              correct += (model(images).argmax(1)[real] == labels[real]).sum()
+              total += real.sum()          # then all-reduce correct and total across ranks
+
+    Position: the loader is at (epoch, step) (`loader.epoch`, `loader.step`), where the next batch
+    comes from. A `for` runs from there to the end of that epoch; after a whole epoch the loader is at
+    (e+1, 0), so the next `for` is the next whole epoch. After a `break` (or an exception) at step s,
+    the next `for` finishes epoch e from step s: exactly the batches the uninterrupted epoch would
+    have yielded. Batches DALI had prepared ahead are kept for that, or dropped where the position
+    moved. `set_epoch(e)` moves to the start of epoch e unless the loader is already in epoch e (so
+    calling it after `load_state_dict`, as a torch training loop does, keeps the restored step).
+
+    Restart: `state_dict()` is the position and what fixes the order (seed, N, K, batch size,
+    drop_last, shuffle); `load_state_dict(state)` in a new process continues with exactly the records
+    (and labels, in order) the interrupted run would have yielded next. The state is the same on
+    every rank. Augmentation is reproducible too: training crop positions and mirror flags are
+    drawn from (seed, epoch, position) (`order.augmentation`), not from DALI's random generators, so
+    a restart or another machine gets the same crops; the pixel values of a crop may differ in the
+    last bit between CPU and GPU decoders (and DALI versions).
+
+    `cpu_share` (GPU only; 0 by default) gives that share of each epoch's batches to a second
+    pipeline that decodes JPEGs on `cpu_threads` CPU threads and crops/normalises on the GPU, beside
+    the GPU-decoding one: the CPU cores that sit idle while the GPU decodes add throughput. Batch s
+    goes to the second pipeline when floor((s+1)*share) > floor(s*share); the order is unchanged.
+
+    Opening reads the database's keys once (see `records.RecordSource`: cheap for LMDB, one read of
+    the whole database for LevelDB) and takes the record count from the build manifest where it can.
+    A partial build is refused unless `allow_partial=True`.
     """
 
     def __init__(self, db, batch_size: int = 256, train: bool = True, crop: int = 224,
@@ -285,8 +379,8 @@ class Loader:
                  layout: str = "NCHW", device: str = "auto", device_id: int | None = None,
                  seed: int = 0, shard_id: int | None = None, num_shards: int | None = None,
                  num_threads: int | None = None, drop_last: bool = False, output: str = "numpy",
-                 shuffle_buffer: int = 1024, prefetch: int = 2, cpu_share: float = 0.0,
-                 cpu_threads: int | None = None):
+                 prefetch: int = 2, cpu_share: float = 0.0, cpu_threads: int | None = None,
+                 shuffle: bool | None = None, allow_partial: bool = False):
         from .env import gpu_count
 
         if dtype not in ("float32", "float16") or layout not in ("NCHW", "NHWC"):
@@ -295,60 +389,108 @@ class Loader:
             raise ImgprepError("output must be 'numpy', 'torch' or 'jax'")
         if not 0.0 <= cpu_share < 1.0:
             raise ImgprepError("cpu_share must be in [0, 1)")
-        self.info = database_info(db)
+        if batch_size < 1:
+            raise ImgprepError("batch_size must be at least 1")
+        _build_manifest(Path(db), allow_partial)  # a partial build is refused before the keys are read
         if device == "auto":
             device = "gpu" if gpu_count() > 0 else "cpu"
         if device == "gpu" and gpu_count() == 0:
             raise ImgprepError("device='gpu' but DALI sees no CUDA GPU; use device='cpu' or 'auto'")
         self.device = device
         self.shard_id, self.num_shards = shard_from_env(shard_id, num_shards)
-        shard = shard_range(self.info.records, self.num_shards, self.shard_id)
-        start, stop = shard.start, shard.stop
-        self.epoch_size = stop - start
-        if self.epoch_size == 0:
-            raise ImgprepError(f"shard {self.shard_id} of {self.num_shards} is empty ({self.info.records} records)")
-        self.batch_size = batch_size
-        self.drop_last = drop_last
-        self.output = output
-        gpu = device == "gpu"
-        if device_id is None and gpu:
-            device_id = int(os.environ.get("LOCAL_RANK", 0))
-        threads = num_threads or max(1, min(8, len(os.sched_getaffinity(0))))
-        graph = dict(info=self.info, train=train, crop=crop, resize_shorter=resize_shorter,
-                     norm=Normalisation.parse(normalize), dtype=dtype, layout=layout, gpu=gpu,
-                     shuffle_buffer=shuffle_buffer)
-        pipeline_args = dict(batch_size=batch_size, device_id=device_id if gpu else None, seed=seed,
-                             prefetch_queue_depth=prefetch)
-        split = start + round(self.epoch_size * (1.0 - cpu_share))
-        if cpu_share and not self.info.encoded:
-            raise ImgprepError("cpu_share splits JPEG decoding; the database holds raw records")
+        self.batch_size, self.drop_last, self.output, self.train = batch_size, drop_last, output, train
         self._streams: list[_Stream] = []
+        self._sources: list[RecordSource] = []
+        source = RecordSource(db, detect_backend(db))  # the one pass over the keys
+        self._sources.append(source)
         try:
-            for begin, end, decode_on_cpu, n_threads in ((start, split, False, threads),
-                                                          (split, stop, True, cpu_threads or threads)):
-                if end == begin:
-                    continue
-                source = None
-                if self.info.backend != "lmdb" or cpu_share:  # readers.caffe only splits evenly
-                    source = RecordSource(self.info.path, self.info.backend, batch_size, begin, end, train, seed)
-                self._streams.append(_Stream(_build_pipeline(graph, pipeline_args, n_threads, source,
-                                                             (self.shard_id, self.num_shards), decode_on_cpu),
-                                             end - begin, source))
-        except Exception:
+            self.info = database_info(db, allow_partial, records=len(source))
+            if cpu_share and not self.info.encoded:
+                raise ImgprepError("cpu_share splits JPEG decoding; the database holds raw records")
+            try:
+                self.plan = EpochPlan(len(source), batch_size, self.num_shards, self.shard_id, seed,
+                                      train if shuffle is None else shuffle, drop_last, mark_padding=not train)
+            except EmptyShard as e:
+                raise ImgprepError(f"shard {self.shard_id} of {self.num_shards} would be empty: {e}") from None
+            self.epoch_size = self.plan.samples  # samples this rank yields per epoch
+            self._epoch, self._step, self._iteration = 0, 0, 0
+            self._cpu_share = cpu_share
+            gpu = device == "gpu"
+            if device_id is None and gpu:
+                device_id = int(os.environ.get("LOCAL_RANK", 0))
+            threads = num_threads or max(1, min(8, len(os.sched_getaffinity(0))))
+            graph = dict(info=self.info, crop=crop, resize_shorter=resize_shorter,
+                         norm=Normalisation.parse(normalize), dtype=dtype, layout=layout, gpu=gpu)
+            pipeline_args = dict(batch_size=batch_size, device_id=device_id if gpu else None, seed=seed,
+                                 prefetch_queue_depth=prefetch)
+            lanes = sorted({self._lane(step) for step in range(self.plan.steps)})  # [0] or [0, 1]: step 0 is lane 0
+            for lane in lanes:
+                feed = _Feed(self.plan, source, train, lane, self._lane, keep=prefetch + 2)
+                n_threads = threads if lane == 0 else cpu_threads or threads
+                self._streams.append(_Stream(_build_pipeline(graph, pipeline_args, n_threads, feed, lane == 1), feed))
+        except BaseException:
             self.close()
             raise
 
+    def _lane(self, step: int) -> int:
+        return split_steps(self._cpu_share, step) if self._cpu_share else 0
+
     @property
     def pipeline(self):
-        """The (first) DALI pipeline, for callers that drive it directly."""
-        return self._streams[0].pipeline
+        """The (first) pipeline, for callers that drive it directly: `run()` gives its next batch's
+        DALI outputs (in the loader's order, from its position; iterating the loader afterwards
+        drops what was run ahead)."""
+        return self._streams[0]
+
+    @property
+    def epoch(self) -> int:
+        """The epoch the next batch comes from."""
+        return self._epoch
+
+    @property
+    def step(self) -> int:
+        """The step (batch index within the epoch) the next batch is."""
+        return self._step
+
+    def set_epoch(self, epoch: int) -> None:
+        """Moves to the start of `epoch`, unless the loader is already in it (see the class docstring)."""
+        if epoch < 0:
+            raise ImgprepError(f"epoch must be >= 0, not {epoch}")
+        if epoch != self._epoch:
+            self._epoch, self._step = epoch, 0
+            self._iteration += 1  # an iterator still open on the old position stops
+
+    def state_dict(self) -> dict:
+        """The loader's position and what fixes its order; JSON-serialisable, the same on every rank."""
+        plan = self.plan
+        return {"format": STATE_FORMAT, "epoch": self._epoch, "step": self._step, "seed": plan.seed,
+                "records": plan.records, "num_shards": plan.num_shards, "batch_size": plan.batch_size,
+                "drop_last": plan.drop_last, "shuffle": plan.shuffle, "train": self.train}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continues from `state` (from `state_dict()`, possibly another process's or rank's)."""
+        mine = self.state_dict()
+        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+            raise ImgprepError(f"not a loader state (format {STATE_FORMAT}): {str(state)[:200]}")
+        differ = [f"{k} {state.get(k)!r} (this loader: {mine[k]!r})" for k in mine
+                  if k not in ("epoch", "step") and state.get(k) != mine[k]]
+        if differ:
+            raise ImgprepError("the saved loader state is for another order: " + ", ".join(differ))
+        epoch, step = state["epoch"], state["step"]
+        if not (isinstance(epoch, int) and isinstance(step, int) and epoch >= 0 and 0 <= step < self.plan.steps):
+            raise ImgprepError(f"saved position epoch {epoch!r}, step {step!r} is not in this loader's "
+                               f"epochs of {self.plan.steps} steps")
+        self._epoch, self._step = epoch, step
+        self._iteration += 1
 
     def close(self) -> None:
-        """Releases the pipelines and any database handle (LevelDB allows one per process)."""
-        for stream in self._streams:
-            if stream.source is not None:
-                stream.source.close()
+        """Releases the pipelines and the database handle (LevelDB allows one per process)."""
+        for stream in self._streams:  # first: DALI reads the records in place, in LMDB's map
+            stream.pipeline._shutdown()  # what the pipeline's own __del__ calls; a traceback may hold it longer
         self._streams = []
+        for source in self._sources:
+            source.close()
+        self._sources = []
 
     def __enter__(self):
         return self
@@ -356,44 +498,54 @@ class Loader:
     def __exit__(self, *exc):
         self.close()
 
-    def _batches(self, stream: _Stream) -> int:
-        if self.drop_last:
-            return stream.size // self.batch_size
-        return math.ceil(stream.size / self.batch_size)
-
     def __len__(self) -> int:
-        return sum(self._batches(stream) for stream in self._streams)
+        """Steps per epoch, equal on every rank."""
+        return self.plan.steps
 
     def __iter__(self):
-        taken = [0] * len(self._streams)
-        totals = [self._batches(stream) for stream in self._streams]
-        for _ in range(sum(totals)):
-            # the stream furthest behind in its share of the epoch goes next
-            i = min((k for k in range(len(totals)) if taken[k] < totals[k]), key=lambda k: taken[k] / totals[k])
-            stream = self._streams[i]
-            images, labels = stream.pipeline.run()
-            keep = min(self.batch_size, stream.size - taken[i] * self.batch_size)
-            taken[i] += 1
-            labels = self._convert(labels, keep).reshape(-1)
-            yield self._convert(images, keep), labels.long() if self.output == "torch" else labels
+        self._iteration += 1
+        return self._run_epoch(self._iteration)
+
+    def _run_epoch(self, iteration: int):
+        self._align()
+        epoch = self._epoch
+        while self._epoch == epoch and iteration == self._iteration:
+            step = self._step
+            stream = self._streams[self._lane(step)]
+            images, labels = stream.run()
+            if stream.last != (epoch, step):  # cannot happen unless DALI returns batches out of order
+                raise RuntimeError(f"loader out of step: batch {stream.last} came for {(epoch, step)}")
+            self._epoch, self._step = self.plan.after(epoch, step)
+            labels = self._convert(labels).reshape(-1)
+            yield self._convert(images), labels.long() if self.output == "torch" else labels
+
+    def _align(self) -> None:
+        """Makes the batches DALI scheduled ahead the ones the position needs: kept when they are,
+        run and dropped when the position moved (set_epoch, load_state_dict, a direct pipeline.run())."""
         for stream in self._streams:
-            if self.drop_last and stream.size % self.batch_size:
-                stream.pipeline.run()  # the epoch's partial batch, dropped, so the next epoch starts aligned
+            feed = stream.feed
+            if list(feed.scheduled) == feed.upcoming(self._epoch, self._step, len(feed.scheduled)):
+                if not feed.scheduled:
+                    feed.seek(self._epoch, self._step)
+                continue
+            feed.seek(self._epoch, self._step)
+            for _ in range(len(feed.scheduled)):
+                stream.run()
 
-    def _convert(self, tensor_list, keep: int):
+    def _convert(self, tensor_list):
         if self.output == "torch":
-            return _to_torch(tensor_list, keep)
+            return _to_torch(tensor_list)
         if self.output == "jax":
-            return _to_jax(tensor_list, keep)
-        return _to_numpy(tensor_list)[:keep]
+            return _to_jax(tensor_list)
+        return _to_numpy(tensor_list)
 
 
-def _build_pipeline(graph: dict, pipeline_args: dict, threads: int, source, reader_shard, decode_on_cpu):
+def _build_pipeline(graph: dict, pipeline_args: dict, threads: int, feed: _Feed, decode_on_cpu: bool):
     from nvidia.dali import pipeline_def
 
     @pipeline_def(num_threads=threads, **pipeline_args)
     def pipeline():
-        return _graph(**graph, reader_shard=reader_shard, source=source, decode_on_cpu=decode_on_cpu)
+        return _graph(**graph, feed=feed, decode_on_cpu=decode_on_cpu)
 
     built = pipeline()
     built.build()
@@ -412,25 +564,25 @@ def _to_numpy(tensor_list) -> np.ndarray:
     return np.asarray(tensor_list.as_tensor())
 
 
-def _to_torch(tensor_list, keep: int):
+def _to_torch(tensor_list):
     import torch
 
     if not _on_gpu(tensor_list):
-        return torch.from_numpy(_to_numpy(tensor_list))[:keep]
+        return torch.from_numpy(_to_numpy(tensor_list))
     from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
 
     tensor = tensor_list.as_tensor()
     device = torch.device("cuda", tensor_list.device_id())  # the pipeline's GPU, whatever torch's current one is
     out = torch.empty(tensor.shape(), dtype=to_torch_type[tensor.dtype], device=device)
     feed_ndarray(tensor, out, cuda_stream=torch.cuda.current_stream(device))
-    return out[:keep]
+    return out
 
 
-def _to_jax(tensor_list, keep: int):
+def _to_jax(tensor_list):
     """A JAX array on the pipeline's device; copied, because DALI reuses its output buffers."""
     import jax
     import jax.numpy as jnp
 
     if not _on_gpu(tensor_list):
-        return jnp.asarray(_to_numpy(tensor_list)[:keep])
-    return jax.dlpack.from_dlpack(tensor_list.as_tensor()).copy()[:keep]
+        return jnp.asarray(_to_numpy(tensor_list))
+    return jax.dlpack.from_dlpack(tensor_list.as_tensor()).copy()

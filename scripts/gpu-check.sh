@@ -3,7 +3,8 @@
 # Prepare once here:   ../shared/tools/pack-dali-cp312 .gpu   (and add /.gpu/ to .git/info/exclude)
 # then one call per part copies .gpu/pN/part to /tmp/parts/pN, and the last one runs:
 #   mkdir -p /tmp/dali && cat /tmp/parts/p? | xz -d | tar x -C /tmp/dali && bash scripts/gpu-check.sh
-# Writes doctor.txt, loader-tests.txt, bench.md, bench-split.md and train-resnet50.txt to $OUT (or build/gpu-check).
+# Writes doctor.txt, loader-tests.txt, bench.md, bench-split.md, record-source.md and train-resnet50.txt to
+# $OUT (or build/gpu-check).
 set -uo pipefail
 site=${DALI_SITE:-/tmp/dali/site}
 out=${OUT:-build/gpu-check}
@@ -12,9 +13,12 @@ export PYTHONPATH=$site:$PWD PYTHONUNBUFFERED=1
 mkdir -p "$out" "$work"
 py=${PYTHON:-python3}
 $py -m imgprep doctor 2>&1 | tee "$out/doctor.txt"
-# the loader's assertions, through the GPU graph ('mixed' decode, GPU crop/normalise, torch on CUDA)
-IMGPREP_TEST_DEVICE=gpu $py -m pytest -q -p no:cacheprovider tests/test_loader.py 2>&1 | tee "$out/loader-tests.txt"
-# ImageNet-sized data (10k images, ~100 s to make; SPEC §7 used 20k): originals, then the ResNet-preset LMDB
+# the loader's assertions through the GPU graph ('mixed' decode, GPU crop/normalise, torch on CUDA), the
+# order contract included: uneven shards across processes (train and eval), break then whole epochs,
+# kill -9 mid-epoch and restart from state_dict (same records, labels and crops as an uninterrupted run)
+IMGPREP_TEST_DEVICE=gpu $py -m pytest -q -p no:cacheprovider tests/test_loader.py tests/test_order.py 2>&1 \
+    | tee "$out/loader-tests.txt"
+# ImageNet-sized data (10k images, ~100 s to make): originals, then the ResNet-preset LMDB
 if [ ! -d "$work/sample/train" ]; then
     $py -m imgprep sample "$work/sample" --classes 20 --train-per-class "${PER_CLASS:-500}" --val-per-class 1 --grain 8
     $py -m imgprep make-lists "$work/sample" --out "$work/lists"
@@ -27,5 +31,7 @@ for split in "6 0.3 10" "6 0.35 10" "8 0.4 8"; do
     $py -m imgprep bench-loader "$work/train_lmdb" --batch 256 --threads "$1" --seconds 10 \
         --cpu-share "$2" --cpu-threads "$3" 2>&1 | tee -a "$out/bench-split.md"
 done
+# the record source alone (records/s handed to DALI), which must stay well above the GPU's decode rate
+$py benchmarks/bench_record_source.py --images 2000 --workdir "$work/bench" 2>&1 | tee "$out/record-source.md"
 # the example trainer on the GPU: ResNet-50, fp16 batches from the loader, throughput per 20 steps
 $py examples/train_resnet50.py "$work/train_lmdb" --steps 100 --batch 128 2>&1 | tee "$out/train-resnet50.txt"

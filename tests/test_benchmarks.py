@@ -35,3 +35,11 @@ def test_bench_mean_prints_raw_and_encoded(tmp_path):
     out = run_benchmark("bench_mean.py", tmp_path)
     assert "raw squash-256" in out and "encoded squash-256" in out
     assert "imgprep compute-mean, 1 job(s)" in table_rows(out)
+
+
+def test_bench_record_source_prints_the_source_alone_and_through_dali(tmp_path):
+    out = run_benchmark("bench_record_source.py", tmp_path, "--runs", "1", "--seconds", "0.2", "--batch", "16")
+    rows = re.findall(r"^\| (record source[^|]*) \| ([\d,]+) \|", out, re.M)
+    assert [name.strip() for name, _ in rows] == ["record source (read by key, parse, crops)",
+                                                  "record source through DALI's external_source"]
+    assert all(float(rate.replace(",", "")) > 0 for _, rate in rows)

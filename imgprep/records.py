@@ -1,0 +1,96 @@
+"""Records of an LMDB or LevelDB database by index (key order), for the loader's pipelines.
+
+The database's keys are read once, when the source opens (one pass over the keys: for LMDB the
+B-tree's leaf pages only, about 1 s per million records; for LevelDB, whose keys live in blocks
+beside their values, one sequential read of the whole database). After that every record is one
+lookup by key. Values come back as views into LMDB's memory map (no copy) until DALI copies them.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import ImgprepError
+from .codec import RecordError, datum_payload
+from .storage import Reader
+
+
+class RecordSource:
+    """`read(indices)` -> the records' data (as DALI's `readers.caffe` shapes them: encoded bytes,
+    or raw planar bytes labelled (H, W, C)) and labels. LMDB: one read transaction, held open while
+    the source is; LevelDB: the process's one handle (LevelDB allows one process at a time)."""
+
+    def __init__(self, path, backend: str):
+        self.path, self.backend = path, backend
+        self._reader = Reader(path, backend)
+        try:
+            keys = list(self._reader.keys())
+            self._keys = b"".join(keys)  # about 50 bytes per record rather than ~90 for a list of bytes
+            self._ends = np.cumsum([len(k) for k in keys], dtype=np.int64)
+            self._starts = self._ends - [len(k) for k in keys]
+            del keys
+            self._txn = self._reader.env.begin(buffers=True) if self._reader.env is not None else None
+        except BaseException:
+            self._reader.close()
+            raise
+
+    def __len__(self) -> int:
+        return len(self._ends)
+
+    def key(self, index: int) -> bytes:
+        return self._keys[self._starts[index]:self._ends[index]]
+
+    def value(self, index: int):
+        key = self.key(index)
+        value = self._txn.get(key) if self._txn is not None else self._reader.db.get(key)
+        if value is None:
+            raise self._bad(key, None, None)
+        return value
+
+    def read(self, indices: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
+        """The records at `indices`: data arrays (views into LMDB's map, or into LevelDB's value
+        bytes) and int32 labels."""
+        blob = self._keys
+        keys = [blob[a:b] for a, b in zip(self._starts[indices].tolist(), self._ends[indices].tolist())]
+        get = self._txn.get if self._txn is not None else self._reader.db.get
+        data, labels = [], []
+        for key in keys:
+            value = get(key)
+            try:
+                payload, label, encoded, (c, h, w) = datum_payload(value)
+            except (RecordError, TypeError) as e:  # TypeError: the key went away (None)
+                raise self._bad(key, value, e) from None
+            array = np.frombuffer(payload, np.uint8)
+            data.append(array if encoded else array.reshape(h, w, c))  # readers.caffe's (H, W, C) labelling
+            labels.append(label)
+        return data, np.array(labels, np.int32)
+
+    def _bad(self, key: bytes, value, error: Exception) -> ImgprepError:
+        if value is None:
+            return ImgprepError(f"{self.path}: record {key!r} went away while the loader was reading "
+                                "(the database was rewritten)")
+        return ImgprepError(f"{self.path}: record {key!r} is not a Caffe image Datum ({error})")
+
+    def culprit(self, indices) -> str | None:
+        """Why the first record of `indices` that cannot be decoded fails (with its key), or None."""
+        from .imageops import ImageFailure, decode_upright
+
+        for index in indices.tolist():
+            data, _, encoded, _ = datum_payload(self.value(index))
+            if not encoded:
+                continue
+            try:
+                decode_upright(bytes(data))
+            except ImageFailure as e:
+                return f"record {self.key(index)!r} is not a decodable image ({e.reason}: {e.detail})"
+            except Exception as e:  # noqa: BLE001 - any decoder failure names the record
+                return f"record {self.key(index)!r} is not a decodable image ({e})"
+        return None
+
+    def close(self) -> None:
+        if self._reader is not None:
+            if self._txn is not None:
+                self._txn.abort()
+                self._txn = None
+            self._reader.close()
+            self._reader = None
