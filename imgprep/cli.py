@@ -194,7 +194,7 @@ def _image_spec(resize, encoded, quality, gray, preset=None, max_aspect=None):
 
 
 @main.command()
-@click.argument("src", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("src", type=click.Path(exists=True, path_type=Path))
 @click.argument("dst", type=click.Path(file_okay=False, path_type=Path))
 @_resize_option("shorter:256")
 @quality_option
@@ -206,7 +206,10 @@ def _image_spec(resize, encoded, quality, gray, preset=None, max_aspect=None):
 def resize(src, dst, resize, quality, gray, max_aspect, jobs, overwrite, scheduler):
     """Resize every image under SRC into DST as JPEG, keeping relative paths.
 
-    Outputs newer than their source are skipped, so running the command again resumes it.
+    SRC is a folder or an uncompressed tar such as ILSVRC2012_img_train.tar, read in place (its
+    class tars' members land in DST/<wnid>/, as unpacking would put them; the archive is indexed
+    once, see build-lmdb --help). Outputs newer than their source (for an archive: than the
+    archive) are skipped, so running the command again resumes it.
     CMYK, PNG-named-JPEG, EXIF-rotated and other odd inputs become upright RGB JPEGs; unusable
     files are listed in DST/imgprep-resize-failures.tsv (exit status 3).
 
@@ -214,6 +217,7 @@ def resize(src, dst, resize, quality, gray, max_aspect, jobs, overwrite, schedul
     Examples:
       imgprep resize /data/ILSVRC2012/train /data/train256 --resize shorter:256
       imgprep resize /data/ILSVRC2012/train /data/train_sq --resize squash:256x256 --quality 95
+      imgprep resize downloads/ILSVRC2012_img_train.tar /data/train256
     """
     from .resize import resize_tree
 
@@ -225,7 +229,7 @@ def resize(src, dst, resize, quality, gray, max_aspect, jobs, overwrite, schedul
 
 @main.command("build-lmdb")
 @click.argument("list_file", metavar="LIST", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.argument("root", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("root", type=click.Path(exists=True, path_type=Path))
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--preset", type=click.Choice(sorted(PRESETS)),
               help="caffe: squash:256x256 raw records (Caffe's ImageNet recipe). resnet: shorter:256 "
@@ -266,6 +270,12 @@ def build_lmdb(list_file, root, out, preset, backend, resize, encoded, quality, 
                num_labels, num_shards, shard_index, scheduler, as_json):
     """Build a Caffe Datum database OUT (LMDB or LevelDB) from LIST and the image ROOT.
 
+    ROOT is a folder, or an uncompressed tar read in place without unpacking it: ImageNet's
+    ILSVRC2012_img_train.tar (its class tars' members are named <wnid>/<file>, as in the unpacked
+    tree) or ILSVRC2012_img_val.tar. The archive's headers are read once into an index kept in
+    $XDG_CACHE_HOME/imgprep (default ~/.cache/imgprep) and reused while the archive's size and
+    modification time stay the same; the records equal a build from the unpacked tree.
+
     Keys are '%08d_path' (Caffe's convert_imageset format); every LIST entry becomes a record or
     a line of OUT/imgprep-failures.tsv. Exit status 3 means the database is complete but some
     images failed; 130 means interrupted (Ctrl-C): continue with --resume. LIST must be a
@@ -277,6 +287,7 @@ def build_lmdb(list_file, root, out, preset, backend, resize, encoded, quality, 
       imgprep build-lmdb train.txt /data/train train_lmdb --preset resnet --shuffle
       imgprep build-lmdb val.txt /data/val val_lmdb --preset caffe --backend leveldb
       imgprep build-lmdb train.txt /data/train train_lmdb --preset resnet --shuffle --resume
+      imgprep build-lmdb train.txt downloads/ILSVRC2012_img_train.tar train_lmdb --preset resnet --shuffle
     """
     from .build import BuildOptions, build_database, report_to_dict
 
