@@ -135,7 +135,7 @@ def sample(out, classes, train_per_class, val_per_class, seed, oddities, grain):
 
 
 @main.command("make-lists")
-@click.argument("root", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("roots", metavar="ROOT...", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("data/ilsvrc12"),
               show_default=True,
               help="Folder for train.txt, val.txt (test.txt), synsets.txt and synset_words.txt (Caffe's "
@@ -151,22 +151,33 @@ def sample(out, classes, train_per_class, val_per_class, seed, oddities, grain):
 @click.option("--val-id-table", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="For devkit ground truth: the devkit's meta.mat (needs scipy) or an "
                    "ILSVRC2012_ID,wnid CSV.")
-def make_lists_cmd(root, out, synsets_file, derive_synsets, val_labels, val_id_table):
-    """Write train.txt / val.txt ('relative/path label') for an ILSVRC12 tree ROOT.
+def make_lists_cmd(roots, out, synsets_file, derive_synsets, val_labels, val_id_table):
+    """Write train.txt / val.txt ('relative/path label') for an ILSVRC12 tree or the download.
+
+    ROOT is an unpacked tree (ROOT/train/<wnid>/ holds the train images, ROOT/val/ the val images,
+    ROOT/test/ becomes test.txt with label 0), or the ImageNet download without unpacking it: a
+    folder holding ILSVRC2012_img_train.tar, ILSVRC2012_img_val.tar and
+    ILSVRC2012_devkit_t12.tar.gz, or those files given one by one. Lists made from the archives
+    equal those made from the unpacked tree (n01440764/n01440764_10026.JPEG); the train archive is
+    indexed once for build-lmdb (see its --help).
 
     Labels are the wnid's index in the ASCII-sorted synset list (Caffe's convention, not the
-    devkit's ILSVRC2012_ID - 1). ROOT/train/<wnid>/ holds the train images; val labels come from
-    ROOT/val/<wnid>/ folders or from a labels file. ROOT/test/ becomes test.txt with label 0.
+    devkit's ILSVRC2012_ID - 1). Val labels come from ROOT/val/<wnid>/ folders, a labels file, or
+    the devkit's ground truth and meta.mat (read inside the devkit archive; needs scipy). With the
+    shipped synsets, a warning names the classes that are missing or short when the lists are not
+    the full ILSVRC2012 (1,281,167 train images in 1,000 classes, 50,000 val).
 
     \b
     Examples:
       imgprep make-lists /data/ILSVRC2012
+      imgprep make-lists ~/Downloads/imagenet --out lists/
+      imgprep make-lists ILSVRC2012_img_train.tar ILSVRC2012_img_val.tar ILSVRC2012_devkit_t12.tar.gz
       imgprep make-lists /data/ILSVRC2012 --val-labels LOC_val_solution.csv --out lists/
       imgprep make-lists /data/flowers --derive-synsets --out lists/
     """
     from .lists import make_lists
 
-    report = make_lists(root, out, synsets_file, derive_synsets, val_labels, val_id_table)
+    report = make_lists(list(roots), out, synsets_file, derive_synsets, val_labels, val_id_table)
     for warning in report.warnings:
         click.echo(f"warning: {warning}", err=True)
     written = ", ".join(f"{name} ({n:,} lines)" for name, n in report.written.items())
