@@ -116,20 +116,26 @@ def doctor():
 @click.option("--grain", type=float, default=0.0, show_default=True,
               help="Sensor-like noise (pixel std-dev). 8 makes files as large and slow to decode as "
                    "ImageNet's (~100 KB each); 0 keeps them small and fast.")
-def sample(out, classes, train_per_class, val_per_class, seed, oddities, grain):
+@click.option("--archives", is_flag=True,
+              help="Write the images as the ImageNet download instead of a tree: ILSVRC2012_img_train.tar (a "
+                   "tar per class), ILSVRC2012_img_val.tar and ILSVRC2012_devkit_t12.tar.gz (ground truth and "
+                   "meta.mat; needs scipy).")
+def sample(out, classes, train_per_class, val_per_class, seed, oddities, grain, archives):
     """Write a small ILSVRC12-shaped tree OUT from the bundled photos.
 
     OUT/train/<wnid>/<wnid>_<n>.JPEG, flat OUT/val/ILSVRC2012_val_<n>.JPEG, and the val labels as
-    the devkit's ground truth (+ ID table) and as Kaggle's LOC_val_solution.csv.
+    the devkit's ground truth (+ ID table) and as Kaggle's LOC_val_solution.csv. With --archives,
+    the same images as the three ILSVRC2012 download files in OUT.
 
     \b
     Examples:
       imgprep sample work/sample --classes 10 --oddities
       imgprep sample work/bench --classes 20 --train-per-class 100 --grain 8
+      imgprep sample work/download --archives
     """
     from .sample import make_sample
 
-    result = make_sample(out, classes, train_per_class, val_per_class, seed, oddities, grain)
+    result = make_sample(out, classes, train_per_class, val_per_class, seed, oddities, grain, archives)
     click.echo(f"sample: {result.train} train and {result.val} val images in {len(result.wnids)} "
                f"classes ({len(result.oddities)} oddities) -> {out}")
 
