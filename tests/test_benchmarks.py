@@ -35,3 +35,12 @@ def test_bench_mean_prints_raw_and_encoded(tmp_path):
     out = run_benchmark("bench_mean.py", tmp_path)
     assert "raw squash-256" in out and "encoded squash-256" in out
     assert "imgprep compute-mean, 1 job(s)" in table_rows(out)
+
+
+def test_bench_archives_prints_the_tar_and_the_unpack_routes(tmp_path):
+    out = run_benchmark("bench_archives.py", tmp_path, "--runs", "1")
+    assert "40 JPEGs" in out and "faster without unpacking" in out
+    rows = re.findall(r"^\| (.+?) \| ([\d.]+) \| .* \| ([\d,]+) \|$", out, re.M)
+    names = [name for name, _, _ in rows]
+    assert names[1] == "build-lmdb from the train tar" and names[3] == "build-lmdb from the unpacked tree"
+    assert len(rows) == 6 and all(float(rate.replace(",", "")) > 0 for _, _, rate in rows)
