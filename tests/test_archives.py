@@ -169,3 +169,13 @@ def test_counts_check_names_the_missing_and_short_classes(tree_copy, tmp_path):
     assert "ILSVRC2012's holds 1,281,167" in run_cli("make-lists", tree_copy, "--out", tmp_path / "a").stderr
     for args in (["--derive-synsets"], ["--synsets", SYNSETS_FILE]):
         assert "ILSVRC2012" not in run_cli("make-lists", tree_copy, "--out", tmp_path / "b", *args).stderr
+
+
+def test_resume_refuses_an_archive_that_changed(sample_tree, download, tmp_path):
+    archive = tmp_path / VAL_TAR
+    shutil.copy(download / VAL_TAR, archive)
+    val = sample_tree.lists / "val.txt"
+    run_cli("build-lmdb", val, archive, tmp_path / "db")
+    os.utime(archive, ns=(archive.stat().st_atime_ns, archive.stat().st_mtime_ns + 10**9))
+    assert_clean_error(run_cli("build-lmdb", val, archive, tmp_path / "db", "--resume", check=False),
+                       "cannot resume", "archive_mtime_ns")
