@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import ImgprepError
+from .archives import compression
 
 TRAIN_TAR = "ILSVRC2012_img_train.tar"
 VAL_TAR = "ILSVRC2012_img_val.tar"
@@ -85,8 +86,6 @@ def find_download(paths: list[Path]) -> Download | None:
 
 def archive_kind(path: Path) -> str:
     """'train' (a tar of tars), 'val' (a tar of images) or 'devkit' (a compressed tar)."""
-    from .archives import compression
-
     if compression(path):
         return "devkit"
     try:

@@ -556,8 +556,9 @@ def ilsvrc2012_count_warnings(synsets: list[str], train, val) -> list[str]:
         short = [f"{synsets[i]} ({n})" for i, n in sorted(counts.items()) if n < smallest]
         text = (f"{part} holds {len(entries):,} images in {len(counts):,} classes; ILSVRC2012's holds {full:,} in "
                 f"{len(synsets):,} (a partial download or extraction, or a subset)")
-        why = f"the smallest ILSVRC2012 class has {smallest}" if part == "train" else f"ILSVRC2012 has {smallest} a class"
-        for what, names in (("class(es) without images", missing), (f"class(es) under {smallest} images ({why})", short)):
+        why = "the smallest ILSVRC2012 class has" if part == "train" else "ILSVRC2012 has, in each class,"
+        for what, names in (("class(es) without images", missing),
+                            (f"class(es) under {smallest} images ({why} {smallest})", short)):
             if names:
                 text += f"; {len(names)} {what}: {', '.join(names[:SHOWN])}{' ...' if len(names) > SHOWN else ''}"
         warnings.append(text)

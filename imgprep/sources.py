@@ -11,6 +11,7 @@ import stat
 from pathlib import Path
 
 from . import ImgprepError
+from .archives import TarSource
 from .imageops import ImageFailure
 
 
@@ -67,8 +68,6 @@ def open_source(path, allow_outside_root: bool = False, show_progress: bool = Tr
     if path.is_dir():
         return TreeSource(path, allow_outside_root)
     if path.is_file():
-        from .archives import TarSource
-
         return TarSource.open(path, show_progress=show_progress)
     if not path.exists():
         raise ImgprepError(f"image root {path} does not exist")
