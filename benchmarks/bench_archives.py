@@ -28,6 +28,7 @@ from imgprep.imageops import ImageSpec, parse_resize  # noqa: E402
 from imgprep.listing import TRAIN_TAR  # noqa: E402
 from imgprep.parallel import resolve_jobs  # noqa: E402
 from imgprep.sample import write_download  # noqa: E402
+from imgprep.sources import open_source  # noqa: E402
 
 
 def unpack(archive: Path, into: Path) -> float:
@@ -47,6 +48,15 @@ def unpack(archive: Path, into: Path) -> float:
     return seconds
 
 
+def read_all(paths: list[str], root: Path) -> float:
+    """Seconds to read every listed image's bytes in one process (the I/O a build's workers do)."""
+    source = open_source(root, show_progress=False)
+    start = time.perf_counter()
+    for rel in paths:
+        source.read(rel)
+    return time.perf_counter() - start
+
+
 def build(list_file: Path, root: Path, out: Path, jobs: int) -> float:
     spec = ImageSpec(parse_resize("shorter:256"), encoded=True, quality=90)
     start = time.perf_counter()
@@ -64,9 +74,10 @@ def main():
         write_download(root.parent, download)
     archive = download / TRAIN_TAR
     jobs = resolve_jobs(None)
-    count = len(list_file.read_text().splitlines())
+    paths = [line.rsplit(" ", 1)[0] for line in list_file.read_text().splitlines()]
+    count = len(paths)
     build(list_file, archive, args.workdir / "archive_db", jobs)  # warm-up; makes the index
-    times: dict[str, list[float]] = {"index": [], "tar": [], "unpack": [], "tree": []}
+    times: dict[str, list[float]] = {"index": [], "tar": [], "unpack": [], "tree": [], "read tar": [], "read tree": []}
     for _ in range(args.runs):
         start = time.perf_counter()
         index_archive(archive, show_progress=False)
@@ -74,9 +85,13 @@ def main():
         times["tar"].append(build(list_file, archive, args.workdir / "archive_db", jobs))
         times["unpack"].append(unpack(archive, args.workdir / "unpacked"))
         times["tree"].append(build(list_file, root, args.workdir / "archive_tree_db", jobs))
+        times["read tar"].append(read_all(paths, archive))
+        times["read tree"].append(read_all(paths, root))
     t = {name: float(np.median(values)) for name, values in times.items()}
     spread = {name: f"{min(v):.3f}-{max(v):.3f}" for name, v in times.items()}
     rows = [("index the train tar (one pass over its headers, once per archive)", t["index"], spread["index"]),
+            ("read every image's bytes from the train tar, 1 process", t["read tar"], spread["read tar"]),
+            ("read every image's bytes from the unpacked tree, 1 process", t["read tree"], spread["read tree"]),
             ("build-lmdb from the train tar", t["tar"], spread["tar"]),
             ("unpack: tar -xf the train tar, then every class tar", t["unpack"], spread["unpack"]),
             ("build-lmdb from the unpacked tree", t["tree"], spread["tree"]),

@@ -42,5 +42,5 @@ def test_bench_archives_prints_the_tar_and_the_unpack_routes(tmp_path):
     assert "40 JPEGs" in out and "faster without unpacking" in out
     rows = re.findall(r"^\| (.+?) \| ([\d.]+) \| .* \| ([\d,]+) \|$", out, re.M)
     names = [name for name, _, _ in rows]
-    assert names[1] == "build-lmdb from the train tar" and names[3] == "build-lmdb from the unpacked tree"
-    assert len(rows) == 6 and all(float(rate.replace(",", "")) > 0 for _, _, rate in rows)
+    assert {"build-lmdb from the train tar", "build-lmdb from the unpacked tree"} <= set(names)
+    assert len(rows) == 8 and all(float(rate.replace(",", "")) > 0 for _, _, rate in rows)
