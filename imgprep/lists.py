@@ -400,7 +400,7 @@ def make_lists(root, out: str | os.PathLike, synsets_file=None,
         classes = _subdirs(train)
         unknown = [c for c in classes if c not in label_of]
         if unknown:
-            raise _unknown_wnids_error(f"{train} folders", unknown, synsets_source)
+            raise _unknown_wnids_error(f"the classes (folders or class tars) of {train}", unknown, synsets_source)
         loose = _loose_files(train)
         if loose:
             report.warnings.append(f"{len(loose)} file(s) directly in train/ ignored (not in a class "
@@ -504,7 +504,7 @@ def _val_entries(val, label_of, synsets_source, label_source, labels_given, repo
     if subdirs and not labels_given:
         unknown = [c for c in subdirs if c not in label_of]
         if unknown:
-            raise _unknown_wnids_error(f"{val} folders", unknown, synsets_source)
+            raise _unknown_wnids_error(f"the class folders of {val}", unknown, synsets_source)
         entries = []
         for wnid in subdirs:
             scan = ScanResult()
