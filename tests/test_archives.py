@@ -179,3 +179,24 @@ def test_resume_refuses_an_archive_that_changed(sample_tree, download, tmp_path)
     os.utime(archive, ns=(archive.stat().st_atime_ns, archive.stat().st_mtime_ns + 10**9))
     assert_clean_error(run_cli("build-lmdb", val, archive, tmp_path / "db", "--resume", check=False),
                        "cannot resume", "archive_mtime_ns")
+
+
+def test_a_worker_without_the_index_makes_its_own(download, tmp_path):
+    """A worker on another machine (Dask) cannot see the index in this machine's cache: it indexes the
+    archive itself, in its own cache."""
+    import pickle
+    import subprocess
+    import sys
+
+    source = open_source(download / VAL_TAR, show_progress=False)
+    first = source.members()[0]
+    (tmp_path / "source.pickle").write_bytes(pickle.dumps(source))
+    expected = source.read(first)
+    os.unlink(source.index_file)  # not there on the worker's machine
+    elsewhere = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "other-cache"))
+    code = ("import pickle, sys; s = pickle.load(open(sys.argv[1], 'rb')); "
+            "sys.stdout.buffer.write(s.read(sys.argv[2]))")
+    result = subprocess.run([sys.executable, "-c", code, tmp_path / "source.pickle", first], env=elsewhere,
+                            capture_output=True, check=True)
+    assert result.stdout == expected
+    assert list((tmp_path / "other-cache" / "imgprep" / "archive-index").iterdir())
