@@ -105,6 +105,11 @@ def test_a_cut_or_corrupt_archive_is_a_clear_error_naming_the_member(sample_tree
     corrupt.write_bytes(data[:second] + b"\x13" * 512 + data[second + 512:])
     assert_clean_error(run_cli("make-lists", corrupt, "--out", tmp_path / "o", check=False),
                        str(corrupt), "is corrupt after member 'n01440764.tar'")
+    # cut exactly between two members: tarfile alone would take it for the end
+    boundary = tmp_path / "boundary.tar"
+    boundary.write_bytes(data[:second])
+    assert_clean_error(run_cli("make-lists", boundary, "--out", tmp_path / "o", check=False),
+                       str(boundary), "is truncated: it ends after member 'n01440764.tar'")
     # a compressed tar cannot be read at offsets
     assert_clean_error(run_cli("build-lmdb", sample_tree.lists / "val.txt", download / DEVKIT_TAR, tmp_path / "db",
                                check=False), "gzip-compressed", "uncompressed tar")
