@@ -57,33 +57,33 @@ def member_name(name: str) -> str:
     return name
 
 
-def _truncated(archive: str, member: str, needs: int, has: int) -> ImgprepError:
-    return ImgprepError(f"{archive} is truncated: member {member!r} needs {needs:,} bytes but the archive ends "
-                        f"after {has:,}; the download or copy is incomplete: fetch it again")
+def _truncated(where: str, member: str, needs: int, has: int) -> ImgprepError:
+    return ImgprepError(f"{where} is truncated: member {member!r} needs {needs:,} bytes but it ends after "
+                        f"{has:,}; the download or copy is incomplete: fetch it again")
 
 
 def _walk_tar(fileobj, base: int, limit: int, prefix: str, archive: str, entries: dict, progress) -> None:
     """Adds `name -> (absolute data offset, size)` for every regular member of the tar in `fileobj`
     (which starts at byte `base` of the archive and holds `limit` bytes); recurses into `.tar`
     members. A cut or corrupt header is an error naming the last good member."""
+    where = f"member {prefix.rstrip('/')}.tar of {archive}" if prefix else archive
     try:
         tar = tarfile.open(fileobj=fileobj, mode="r:")
     except tarfile.TarError as e:
-        where = f"member {prefix.rstrip('/')}.tar of {archive}" if prefix else archive
         raise ImgprepError(f"{where} is not a readable tar archive ({e})") from None
     last = None
     while True:
         try:
             member = tar.next()
         except tarfile.TarError as e:
-            after = f"after member {prefix}{last!r}" if last else "at its start"
-            raise ImgprepError(f"{archive} is corrupt {after}: {e}") from None
+            after = f"after member {prefix + member_name(last)!r}" if last else "at its start"
+            raise ImgprepError(f"{where} is corrupt {after}: {e}") from None
         if member is None:
             break
         tar.members.clear()  # tarfile keeps every TarInfo; 1.28M of them would cost ~1 GB
         name = prefix + member_name(member.name)
         if member.offset_data + member.size > limit:
-            raise _truncated(archive, name, base + member.offset_data + member.size, base + limit)
+            raise _truncated(where, name, base + member.offset_data + member.size, base + limit)
         if member.isreg() and not member.issparse():
             if name.lower().endswith(".tar"):
                 _walk_tar(tar.extractfile(member), base + member.offset_data, member.size, name[:-4] + "/",
@@ -95,13 +95,12 @@ def _walk_tar(fileobj, base: int, limit: int, prefix: str, archive: str, entries
     # tarfile ends quietly at a header it cannot read; only tar's zero blocks end an archive
     fileobj.seek(tar.offset)
     block = fileobj.read(BLOCK) if tar.offset < limit else b""
-    after = f"after member {prefix}{member_name(last)!r}" if last else "at its start"
+    after = f"after member {prefix + member_name(last)!r}" if last else "at its start"
     if len(block) < BLOCK:
-        where = f"member {prefix.rstrip('/')}.tar of {archive}" if prefix else archive
         raise ImgprepError(f"{where} is truncated: it ends {after} without tar's end-of-archive blocks; the "
                            "download or copy is incomplete: fetch it again")
     if block.strip(b"\0"):
-        raise ImgprepError(f"{archive} is corrupt {after}: the next header (byte {base + tar.offset:,}) is not a "
+        raise ImgprepError(f"{where} is corrupt {after}: the next header (byte {base + tar.offset:,}) is not a "
                            "tar header")
 
 

@@ -105,6 +105,12 @@ def test_a_cut_or_corrupt_archive_is_a_clear_error_naming_the_member(sample_tree
     corrupt.write_bytes(data[:second] + b"\x13" * 512 + data[second + 512:])
     assert_clean_error(run_cli("make-lists", corrupt, "--out", tmp_path / "o", check=False),
                        str(corrupt), "is corrupt after member 'n01440764.tar'")
+    # a header inside a class tar: named with its class tar
+    inner = data.index(b"n01440764_10001.JPEG\0")
+    nested = tmp_path / "nested.tar"
+    nested.write_bytes(data[:inner] + b"\x13" * 512 + data[inner + 512:])
+    assert_clean_error(run_cli("make-lists", nested, "--out", tmp_path / "o", check=False),
+                       f"member n01440764.tar of {nested} is corrupt after member 'n01440764/n01440764_10000.JPEG'")
     # cut exactly between two members: tarfile alone would take it for the end
     boundary = tmp_path / "boundary.tar"
     boundary.write_bytes(data[:second])
