@@ -4,9 +4,10 @@ Images are processed in parallel (local processes or Dask, see parallel.py) in c
 streaming writer puts the records in list order, one transaction per `txn_size` records.
 Bookkeeping lives in sidecar files in the database folder, which neither LMDB nor LevelDB reads:
 
-- `imgprep-build.json`: the build's identity (options, resolved ROOT, sha256 of the list, the
-  order's algorithm and sha256) and its state (`building` until the very end, then `complete`).
-  A folder whose manifest is not `complete` is a partial build.
+- `imgprep-build.json`: the build's identity (options, resolved ROOT and, for an archive, its size
+  and modification time, sha256 of the list, the order's algorithm and sha256) and its state
+  (`building` until the very end, then `complete`). A folder whose manifest is not `complete` is
+  a partial build.
 - `imgprep-failures.tsv`: `position<TAB>path<TAB>reason<TAB>detail` for every list entry that
   did not become a record (backslash, tab, LF and CR in the path written as \\\\, \\t, \\n, \\r).
 
@@ -39,7 +40,7 @@ from .manifest import (FAILURES, LOCK, MANIFEST, MANIFEST_FORMAT, OLD_FORMATS, O
 from .order import permutation
 from .parallel import chunked, ordered_map, resolve_jobs, shared_put
 from .progress import Progress
-from .sources import read_source  # noqa: F401  (importable from here too)
+from .sources import open_source, read_source  # noqa: F401  (importable from here too)
 from .storage import BACKENDS, INITIAL_MAP_SIZE, Reader, open_writer
 
 ORDER_ALGORITHM = "imgprep.order.permutation/1"  # SplitMix64 scores, sorted (see order.py)
@@ -169,14 +170,15 @@ def shard_range(count: int, num_shards: int, shard_index: int) -> range:
     return range(count * shard_index // num_shards, count * (shard_index + 1) // num_shards)
 
 
-def process_chunk(chunk, root: Path, spec: ImageSpec, allow_outside_root: bool, area=None):
-    """Worker side: [(position, path, label)] -> [(position, path, record bytes | Failure, shape)];
-    with a shared `area` (parallel.shared_put) the records travel back through it."""
+def process_chunk(chunk, source, spec: ImageSpec, area=None):
+    """Worker side: [(position, path, label)] -> [(position, path, record bytes | Failure, shape)],
+    the images read from `source` (sources.open_source: a folder or an archive); with a shared `area`
+    (parallel.shared_put) the records travel back through it."""
     results = []
     put = shared_put(area)
     for position, rel, label in chunk:
         try:
-            image = process_image(read_source(root, rel, allow_outside_root), spec, name=str(root / rel))
+            image = process_image(source.read(rel), spec, name=source.describe(rel))
             if image.encoded:  # Caffe's bytes exactly: data, label, encoded (no channels/height/width)
                 value = encode_datum(image.data, label, 0, 0, 0, True)
             else:
@@ -262,14 +264,14 @@ def _read_entries(list_path: Path, options: BuildOptions) -> tuple[ImageList, st
 def build_database(list_path, root, out, options: BuildOptions = BuildOptions(),
                    resume: bool = False, overwrite: bool = False, show_progress: bool = True,
                    image_list: ImageList | None = None, allow_empty: bool = False) -> BuildReport:
-    """Builds (or resumes) OUT from LIST and ROOT. Raises ImgprepError on anything fatal; nothing
-    at OUT is created or changed before the arguments, ROOT and the list have been checked."""
+    """Builds (or resumes) OUT from LIST and ROOT (a folder, or an uncompressed tar: see
+    archives.py). Raises ImgprepError on anything fatal; nothing at OUT is created or changed before
+    the arguments, ROOT and the list have been checked."""
     list_path, root, out = Path(list_path), Path(root), Path(out)
     if options.backend not in BACKENDS:
         raise ImgprepError(f"unknown backend {options.backend!r}; choose one of {', '.join(BACKENDS)}")
     check_shard(options.num_shards, options.shard_index)
-    if not root.is_dir():
-        raise ImgprepError(f"image root {root} is not a folder")
+    source = open_source(root, options.allow_outside_root, show_progress)
     if image_list is not None:
         entries, list_digest = image_list, file_sha256(list_path)
     else:
@@ -277,9 +279,8 @@ def build_database(list_path, root, out, options: BuildOptions = BuildOptions(),
     if not len(entries) and not allow_empty:
         raise ImgprepError(f"list {list_path} holds no entries; pass --allow-empty to build an empty database")
     order = list_order(len(entries), options.shuffle, options.seed)
-    identity = dict(options.identity(), list_sha256=list_digest, entries=len(entries),
-                    root=os.path.realpath(root), order=ORDER_ALGORITHM if options.shuffle else "list",
-                    order_sha256=order_fingerprint(order))
+    identity = dict(options.identity(), list_sha256=list_digest, entries=len(entries), **source.identity(),
+                    order=ORDER_ALGORITHM if options.shuffle else "list", order_sha256=order_fingerprint(order))
     if out.exists() and not out.is_dir():
         raise ImgprepError(f"{out} exists and is not a folder")
     try:
@@ -288,10 +289,11 @@ def build_database(list_path, root, out, options: BuildOptions = BuildOptions(),
         raise ImgprepError(f"cannot create {out}: {e.strerror}") from None
     with OutputLock(out):
         previous = _prepare_output(out, identity, resume, overwrite)
-        return _build_locked(list_path, root, out, options, entries, order, identity, previous, show_progress)
+        return _build_locked(list_path, root, source, out, options, entries, order, identity, previous,
+                             show_progress)
 
 
-def _build_locked(list_path, root, out, options, entries, order, identity, previous, show_progress):
+def _build_locked(list_path, root, source, out, options, entries, order, identity, previous, show_progress):
     positions = shard_range(len(entries), options.num_shards, options.shard_index)
     start = positions.start
     failures: list[Failure] = []
@@ -336,8 +338,7 @@ def _build_locked(list_path, root, out, options, entries, order, identity, previ
     try:
         for results in ordered_map(process_chunk, chunked(work, options.chunk_size), jobs,
                                    scheduler=options.scheduler, area_bytes=options.chunk_size * AREA_BYTES_PER_RECORD,
-                                   crashed=crashed_entry, root=root, spec=options.spec,
-                                   allow_outside_root=options.allow_outside_root):
+                                   crashed=crashed_entry, source=source, spec=options.spec):
             for position, rel, value, shape in results:
                 if not isinstance(value, Failure) and options.check_size:
                     first_shape = first_shape or shape

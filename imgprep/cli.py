@@ -116,26 +116,32 @@ def doctor():
 @click.option("--grain", type=float, default=0.0, show_default=True,
               help="Sensor-like noise (pixel std-dev). 8 makes files as large and slow to decode as "
                    "ImageNet's (~100 KB each); 0 keeps them small and fast.")
-def sample(out, classes, train_per_class, val_per_class, seed, oddities, grain):
+@click.option("--archives", is_flag=True,
+              help="Write the images as the ImageNet download instead of a tree: ILSVRC2012_img_train.tar (a "
+                   "tar per class), ILSVRC2012_img_val.tar and ILSVRC2012_devkit_t12.tar.gz (ground truth and "
+                   "meta.mat; needs scipy).")
+def sample(out, classes, train_per_class, val_per_class, seed, oddities, grain, archives):
     """Write a small ILSVRC12-shaped tree OUT from the bundled photos.
 
     OUT/train/<wnid>/<wnid>_<n>.JPEG, flat OUT/val/ILSVRC2012_val_<n>.JPEG, and the val labels as
-    the devkit's ground truth (+ ID table) and as Kaggle's LOC_val_solution.csv.
+    the devkit's ground truth (+ ID table) and as Kaggle's LOC_val_solution.csv. With --archives,
+    the same images as the three ILSVRC2012 download files in OUT.
 
     \b
     Examples:
       imgprep sample work/sample --classes 10 --oddities
       imgprep sample work/bench --classes 20 --train-per-class 100 --grain 8
+      imgprep sample work/download --archives
     """
     from .sample import make_sample
 
-    result = make_sample(out, classes, train_per_class, val_per_class, seed, oddities, grain)
+    result = make_sample(out, classes, train_per_class, val_per_class, seed, oddities, grain, archives)
     click.echo(f"sample: {result.train} train and {result.val} val images in {len(result.wnids)} "
                f"classes ({len(result.oddities)} oddities) -> {out}")
 
 
 @main.command("make-lists")
-@click.argument("root", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("roots", metavar="ROOT...", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("data/ilsvrc12"),
               show_default=True,
               help="Folder for train.txt, val.txt (test.txt), synsets.txt and synset_words.txt (Caffe's "
@@ -151,22 +157,33 @@ def sample(out, classes, train_per_class, val_per_class, seed, oddities, grain):
 @click.option("--val-id-table", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="For devkit ground truth: the devkit's meta.mat (needs scipy) or an "
                    "ILSVRC2012_ID,wnid CSV.")
-def make_lists_cmd(root, out, synsets_file, derive_synsets, val_labels, val_id_table):
-    """Write train.txt / val.txt ('relative/path label') for an ILSVRC12 tree ROOT.
+def make_lists_cmd(roots, out, synsets_file, derive_synsets, val_labels, val_id_table):
+    """Write train.txt / val.txt ('relative/path label') for an ILSVRC12 tree or the download.
+
+    ROOT is an unpacked tree (ROOT/train/<wnid>/ holds the train images, ROOT/val/ the val images,
+    ROOT/test/ becomes test.txt with label 0), or the ImageNet download without unpacking it: a
+    folder holding ILSVRC2012_img_train.tar, ILSVRC2012_img_val.tar and
+    ILSVRC2012_devkit_t12.tar.gz, or those files given one by one. Lists made from the archives
+    equal those made from the unpacked tree (n01440764/n01440764_10026.JPEG); the train archive is
+    indexed once for build-lmdb (see its --help).
 
     Labels are the wnid's index in the ASCII-sorted synset list (Caffe's convention, not the
-    devkit's ILSVRC2012_ID - 1). ROOT/train/<wnid>/ holds the train images; val labels come from
-    ROOT/val/<wnid>/ folders or from a labels file. ROOT/test/ becomes test.txt with label 0.
+    devkit's ILSVRC2012_ID - 1). Val labels come from ROOT/val/<wnid>/ folders, a labels file, or
+    the devkit's ground truth and meta.mat (read inside the devkit archive; needs scipy). With the
+    shipped synsets, a warning names the classes that are missing or short when the lists are not
+    the full ILSVRC2012 (1,281,167 train images in 1,000 classes, 50,000 val).
 
     \b
     Examples:
       imgprep make-lists /data/ILSVRC2012
+      imgprep make-lists ~/Downloads/imagenet --out lists/
+      imgprep make-lists ILSVRC2012_img_train.tar ILSVRC2012_img_val.tar ILSVRC2012_devkit_t12.tar.gz
       imgprep make-lists /data/ILSVRC2012 --val-labels LOC_val_solution.csv --out lists/
       imgprep make-lists /data/flowers --derive-synsets --out lists/
     """
     from .lists import make_lists
 
-    report = make_lists(root, out, synsets_file, derive_synsets, val_labels, val_id_table)
+    report = make_lists(list(roots), out, synsets_file, derive_synsets, val_labels, val_id_table)
     for warning in report.warnings:
         click.echo(f"warning: {warning}", err=True)
     written = ", ".join(f"{name} ({n:,} lines)" for name, n in report.written.items())
@@ -194,7 +211,7 @@ def _image_spec(resize, encoded, quality, gray, preset=None, max_aspect=None):
 
 
 @main.command()
-@click.argument("src", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("src", type=click.Path(exists=True, path_type=Path))
 @click.argument("dst", type=click.Path(file_okay=False, path_type=Path))
 @_resize_option("shorter:256")
 @quality_option
@@ -206,7 +223,10 @@ def _image_spec(resize, encoded, quality, gray, preset=None, max_aspect=None):
 def resize(src, dst, resize, quality, gray, max_aspect, jobs, overwrite, scheduler):
     """Resize every image under SRC into DST as JPEG, keeping relative paths.
 
-    Outputs newer than their source are skipped, so running the command again resumes it.
+    SRC is a folder or an uncompressed tar such as ILSVRC2012_img_train.tar, read in place (its
+    class tars' members land in DST/<wnid>/, as unpacking would put them; the archive is indexed
+    once, see build-lmdb --help). Outputs newer than their source (for an archive: than the
+    archive) are skipped, so running the command again resumes it.
     CMYK, PNG-named-JPEG, EXIF-rotated and other odd inputs become upright RGB JPEGs; unusable
     files are listed in DST/imgprep-resize-failures.tsv (exit status 3).
 
@@ -214,6 +234,7 @@ def resize(src, dst, resize, quality, gray, max_aspect, jobs, overwrite, schedul
     Examples:
       imgprep resize /data/ILSVRC2012/train /data/train256 --resize shorter:256
       imgprep resize /data/ILSVRC2012/train /data/train_sq --resize squash:256x256 --quality 95
+      imgprep resize downloads/ILSVRC2012_img_train.tar /data/train256
     """
     from .resize import resize_tree
 
@@ -225,7 +246,7 @@ def resize(src, dst, resize, quality, gray, max_aspect, jobs, overwrite, schedul
 
 @main.command("build-lmdb")
 @click.argument("list_file", metavar="LIST", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.argument("root", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("root", type=click.Path(exists=True, path_type=Path))
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--preset", type=click.Choice(sorted(PRESETS)),
               help="caffe: squash:256x256 raw records (Caffe's ImageNet recipe). resnet: shorter:256 "
@@ -266,6 +287,12 @@ def build_lmdb(list_file, root, out, preset, backend, resize, encoded, quality, 
                num_labels, num_shards, shard_index, scheduler, as_json):
     """Build a Caffe Datum database OUT (LMDB or LevelDB) from LIST and the image ROOT.
 
+    ROOT is a folder, or an uncompressed tar read in place without unpacking it: ImageNet's
+    ILSVRC2012_img_train.tar (its class tars' members are named <wnid>/<file>, as in the unpacked
+    tree) or ILSVRC2012_img_val.tar. The archive's headers are read once into an index kept in
+    $XDG_CACHE_HOME/imgprep (default ~/.cache/imgprep) and reused while the archive's size and
+    modification time stay the same; the records equal a build from the unpacked tree.
+
     Keys are '%08d_path' (Caffe's convert_imageset format); every LIST entry becomes a record or
     a line of OUT/imgprep-failures.tsv. Exit status 3 means the database is complete but some
     images failed; 130 means interrupted (Ctrl-C): continue with --resume. LIST must be a
@@ -277,6 +304,7 @@ def build_lmdb(list_file, root, out, preset, backend, resize, encoded, quality, 
       imgprep build-lmdb train.txt /data/train train_lmdb --preset resnet --shuffle
       imgprep build-lmdb val.txt /data/val val_lmdb --preset caffe --backend leveldb
       imgprep build-lmdb train.txt /data/train train_lmdb --preset resnet --shuffle --resume
+      imgprep build-lmdb train.txt downloads/ILSVRC2012_img_train.tar train_lmdb --preset resnet --shuffle
     """
     from .build import BuildOptions, build_database, report_to_dict
 

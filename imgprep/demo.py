@@ -15,7 +15,8 @@ from .imageops import ImageSpec, parse_resize
 from .inspection import inspect_db
 from .lists import make_lists
 from .mean import MeanTransform, compute_mean, write_mean
-from .sample import make_sample
+from .listing import TRAIN_TAR, VAL_TAR
+from .sample import make_sample, write_download
 
 # Marks a folder as a demo's own, which the next demo in it may delete.
 MARKER = "imgprep-demo.txt"
@@ -48,18 +49,23 @@ def run_demo(workdir, seconds: float = 3.0) -> None:
         raise ImgprepError(f"cannot prepare {workdir}: {e.strerror or e}") from None
     start = time.perf_counter()
     say = lambda text: click.echo(click.style("==> ", fg="green") + text)  # noqa: E731
-    say(f"sample: an ILSVRC12-shaped tree with the oddities of real ImageNet -> {workdir / 'sample'}")
+    say(f"sample: an ILSVRC12-shaped tree with the oddities of real ImageNet -> {workdir / 'sample'}, and the same "
+        f"images as the three ILSVRC2012 download files -> {workdir / 'download'}")
     sample = make_sample(workdir / "sample", classes=10, train_per_class=40, val_per_class=10, oddities=True)
-    say("make-lists: train.txt / val.txt with Caffe's sorted-wnid labels")
-    make_lists(sample.root, workdir / "lists")
+    download = workdir / "download"
+    write_download(sample.root, download)
+    train_tar, val_tar = download / TRAIN_TAR, download / VAL_TAR
+    say("make-lists from the download, nothing unpacked: train.txt / val.txt with Caffe's sorted-wnid labels")
+    make_lists(download, workdir / "lists")
     resnet = BuildOptions(spec=ImageSpec(parse_resize("shorter:256"), encoded=True, quality=90), shuffle=True)
     caffe = BuildOptions(spec=ImageSpec(parse_resize("squash:256x256"), encoded=False), shuffle=True, backend="leveldb")
-    say("build-lmdb --preset resnet --shuffle (train, LMDB of shorter-256 JPEGs); failures are reported, not lost")
-    train = build_database(workdir / "lists" / "train.txt", sample.root / "train", workdir / "train_lmdb", resnet)
-    say("build-lmdb --preset resnet (val)")
-    build_database(workdir / "lists" / "val.txt", sample.root / "val", workdir / "val_lmdb", resnet)
+    say(f"build-lmdb --preset resnet --shuffle from {TRAIN_TAR} (LMDB of shorter-256 JPEGs); failures are "
+        "reported, not lost")
+    train = build_database(workdir / "lists" / "train.txt", train_tar, workdir / "train_lmdb", resnet)
+    say(f"build-lmdb --preset resnet from {VAL_TAR}")
+    build_database(workdir / "lists" / "val.txt", val_tar, workdir / "val_lmdb", resnet)
     say("build-lmdb --preset caffe --backend leveldb (train, raw squash-256 records as in Caffe's recipe)")
-    build_database(workdir / "lists" / "train.txt", sample.root / "train", workdir / "train_caffe_leveldb", caffe)
+    build_database(workdir / "lists" / "train.txt", train_tar, workdir / "train_caffe_leveldb", caffe)
     say("compute-mean: Caffe's 256x256 mean of the raw database, and a 224x224 crop mean of the ResNet one")
     write_mean(compute_mean(workdir / "train_caffe_leveldb"), workdir / "imagenet_mean.binaryproto")
     write_mean(compute_mean(workdir / "train_lmdb", MeanTransform(crop=224)), workdir / "mean224.binaryproto",

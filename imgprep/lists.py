@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import io
+import tarfile
 from array import array
 from collections import Counter
 import os
@@ -14,7 +16,9 @@ from pathlib import Path
 import numpy as np
 
 from . import ImgprepError
+from .listing import DEVKIT_TAR, TRAIN_TAR, VAL_TAR, MemberListing, TreeListing, find_download
 from .progress import Progress
+from .sources import open_source
 
 PACKAGE_ILSVRC12 = Path(__file__).parent / "data" / "ilsvrc12"
 SYNSETS_FILE = PACKAGE_ILSVRC12 / "synsets.txt"
@@ -30,15 +34,19 @@ WNID_RE = re.compile(r"^n[0-9]{8}$")
 LABEL_RE = re.compile(r"[+-]?[0-9]+")  # ASCII digits only: int() would also take '３' or '٣'
 ID_RE = re.compile(r"[0-9]+")
 SHOWN = 10  # how many offending items an error message lists
+# ILSVRC2012 as published: images in all, and the fewest in one class (train: 732 to 1,300 a class)
+ILSVRC2012_COUNTS = {"train": (1_281_167, 732), "val": (50_000, 50)}
 INT32_MAX = 2**31 - 1
 
 
-def read_text(path: Path, what: str, encoding: str = "utf-8-sig") -> str:
-    """A text file that must be UTF-8 (a BOM is allowed); anything else is an error naming it."""
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise ImgprepError(f"cannot read {what} {path}: {e.strerror}") from None
+def read_text(path: Path, what: str, encoding: str = "utf-8-sig", data: bytes | None = None) -> str:
+    """A text file that must be UTF-8 (a BOM is allowed); anything else is an error naming it. `data`:
+    the file's bytes, already read (from an archive member named `path`)."""
+    if data is None:
+        try:
+            data = path.read_bytes()
+        except OSError as e:
+            raise ImgprepError(f"cannot read {what} {path}: {e.strerror}") from None
     try:
         return data.decode(encoding)
     except UnicodeDecodeError as e:
@@ -239,10 +247,11 @@ class ScanResult:
     skipped: list[str] = field(default_factory=list)  # non-image files
 
 
-def _scan_images(folder: str, prefix: str, result: ScanResult, progress: Progress | None) -> None:
-    with os.scandir(folder) as it:
-        names = sorted((e.name, e.is_dir()) for e in it)
-    for name, is_dir in names:
+def _scan_images(listing, folder: str, result: ScanResult, progress: Progress | None) -> None:
+    """The images in `folder` of a listing.py listing (a tree or an archive's members), named
+    `folder/name`; everything else is counted as skipped."""
+    prefix = f"{folder}/" if folder else ""
+    for name, is_dir in listing.entries(folder):
         rel = f"{prefix}{name}"
         if is_dir:
             result.skipped.append(rel + "/")
@@ -254,14 +263,12 @@ def _scan_images(folder: str, prefix: str, result: ScanResult, progress: Progres
             result.skipped.append(rel)
 
 
-def _subdirs(folder: str) -> list[str]:
-    with os.scandir(folder) as it:
-        return sorted(e.name for e in it if e.is_dir())
+def _subdirs(listing, folder: str = "") -> list[str]:
+    return [name for name, is_dir in listing.entries(folder) if is_dir]
 
 
-def _loose_files(folder: str) -> list[str]:
-    with os.scandir(folder) as it:
-        return sorted(e.name for e in it if not e.is_dir())
+def _loose_files(listing, folder: str = "") -> list[str]:
+    return [name for name, is_dir in listing.entries(folder) if not is_dir]
 
 
 def _unknown_wnids_error(what: str, unknown: list[str], synsets_source: str) -> ImgprepError:
@@ -271,8 +278,9 @@ def _unknown_wnids_error(what: str, unknown: list[str], synsets_source: str) -> 
         "(pass --synsets FILE, or --derive-synsets for a dataset that is not ILSVRC12)")
 
 
-def read_id_table(path: str | os.PathLike) -> dict[int, str]:
-    """ILSVRC2012_ID -> wnid, from the devkit's meta.mat (needs scipy) or an `id,wnid` CSV."""
+def read_id_table(path: str | os.PathLike, data: bytes | None = None) -> dict[int, str]:
+    """ILSVRC2012_ID -> wnid, from the devkit's meta.mat (needs scipy) or an `id,wnid` CSV; `data`:
+    the file's bytes, already read (from an archive member named `path`)."""
     path = Path(path)
     if path.suffix.lower() == ".mat":
         try:
@@ -281,12 +289,13 @@ def read_id_table(path: str | os.PathLike) -> dict[int, str]:
             raise ImgprepError(f"reading {path} needs scipy (pip install scipy), "
                                "or give the table as a CSV of ILSVRC2012_ID,wnid") from None
         try:
-            synsets = loadmat(str(path), squeeze_me=True, struct_as_record=False)["synsets"]
+            source = str(path) if data is None else io.BytesIO(data)
+            synsets = loadmat(source, squeeze_me=True, struct_as_record=False)["synsets"]
         except Exception as e:  # scipy raises many kinds on a bad file
             raise ImgprepError(f"cannot read devkit table {path}: {e}") from None
         return {int(s.ILSVRC2012_ID): str(s.WNID) for s in np.atleast_1d(synsets)}
     table = {}
-    for lineno, row in enumerate(csv.reader(read_text(path, "ID table").splitlines()), 1):
+    for lineno, row in enumerate(csv.reader(read_text(path, "ID table", data=data).splitlines()), 1):
         is_id = bool(row) and ID_RE.fullmatch(row[0].strip()) is not None
         if not row or (lineno == 1 and not is_id):
             continue  # blank line or header
@@ -296,10 +305,12 @@ def read_id_table(path: str | os.PathLike) -> dict[int, str]:
     return table
 
 
-def read_val_labels(path: str | os.PathLike, id_table: str | os.PathLike | None) -> dict[str, str]:
-    """Val file stem -> wnid from Kaggle's solution CSV, the devkit ground truth, or `file wnid` lines."""
+def read_val_labels(path: str | os.PathLike, id_table: str | os.PathLike | None,
+                    data: bytes | None = None, id_table_data: bytes | None = None) -> dict[str, str]:
+    """Val file stem -> wnid from Kaggle's solution CSV, the devkit ground truth, or `file wnid` lines.
+    `data` / `id_table_data`: the files' bytes, already read (from archive members named so)."""
     path = Path(path)
-    lines = [line.strip() for line in read_text(path, "val labels file").splitlines()]
+    lines = [line.strip() for line in read_text(path, "val labels file", data=data).splitlines()]
     body = [line for line in lines if line]
     if body and body[0].startswith("ImageId,"):
         labels = {}
@@ -312,7 +323,7 @@ def read_val_labels(path: str | os.PathLike, id_table: str | os.PathLike | None)
         if id_table is None:
             raise ImgprepError(f"{path} holds devkit ILSVRC2012_IDs; also give the ID->wnid table "
                                "with --val-id-table (the devkit's meta.mat or an ILSVRC2012_ID,wnid CSV)")
-        table = read_id_table(id_table)
+        table = read_id_table(id_table, id_table_data)
         missing = sorted({int(x) for x in body} - set(table))
         if missing:
             raise ImgprepError(f"{id_table} has no wnid for ILSVRC2012_ID(s) {missing[:SHOWN]}")
@@ -352,52 +363,52 @@ class ListsReport:
     seconds: float = 0.0
 
 
-def make_lists(root: str | os.PathLike, out: str | os.PathLike, synsets_file=None,
+def make_lists(root, out: str | os.PathLike, synsets_file=None,
                derive_synsets: bool = False, val_labels=None, val_id_table=None,
                show_progress: bool = True) -> ListsReport:
-    """Writes train.txt / val.txt (/ test.txt) for an ILSVRC12-shaped tree ROOT.
+    """Writes train.txt / val.txt (/ test.txt) for an ILSVRC12-shaped tree ROOT, or for the
+    ILSVRC2012 download without unpacking it.
 
-    ROOT/train/<wnid>/*.JPEG are the training images. Validation labels come from
-    ROOT/val/<wnid>/ folders, or from `val_labels` (Kaggle CSV, devkit ground truth plus
-    `val_id_table`, or `file wnid` lines), or from such a file found in ROOT. ROOT/test/, if
-    present, becomes test.txt with label 0 as in Caffe.
+    ROOT (a path, or a list of paths) is one of: an unpacked tree, whose ROOT/train/<wnid>/*.JPEG are
+    the training images and ROOT/val/ the validation images; a folder holding the downloaded
+    archives under their names (ILSVRC2012_img_train.tar, ILSVRC2012_img_val.tar,
+    ILSVRC2012_devkit_t12.tar.gz); or those archive files themselves. An archive's members are
+    listed as the unpacked tree names its files, so both give the same lists. Validation labels
+    come from val/<wnid>/ folders, or from `val_labels` (Kaggle CSV, devkit ground truth plus
+    `val_id_table`, or `file wnid` lines), or from the devkit archive, or from such a file found in
+    ROOT. ROOT/test/, if present, becomes test.txt with label 0 as in Caffe.
     """
-    root = Path(root)
+    roots = [Path(r) for r in ([root] if isinstance(root, (str, os.PathLike)) else root)]
     out = Path(out)
     report = ListsReport()
-    train_dir, val_dir, test_dir = root / "train", root / "val", root / "test"
-    if not root.is_dir():
-        raise ImgprepError(f"image root {root} is not a folder")
     _refuse_package_folder(out)
-    if not train_dir.is_dir() and not val_dir.is_dir():
-        raise ImgprepError(f"{root} has neither train/ nor val/; expected an ILSVRC12-shaped tree "
-                           "(ROOT/train/<wnid>/*.JPEG, ROOT/val/...)")
+    train, val, test, found_labels = _inputs(roots, val_labels, val_id_table, show_progress)
     progress = Progress("make-lists", None, unit="files", enabled=show_progress)
     outputs: dict[str, list[tuple[str, int]]] = {}
 
     if derive_synsets:
-        if not train_dir.is_dir():
-            raise ImgprepError("--derive-synsets needs ROOT/train/<class>/ folders")
-        synsets = _subdirs(str(train_dir))
+        if train is None:
+            raise ImgprepError("--derive-synsets needs the train classes (ROOT/train/<class>/ or the train archive)")
+        synsets = _subdirs(train)
         synsets_source = "the train folders"
     else:
         synsets = load_synsets(synsets_file)
         synsets_source = str(synsets_file or "the shipped ILSVRC12 synsets")
     label_of = {w: i for i, w in enumerate(synsets)}
 
-    if train_dir.is_dir():
-        classes = _subdirs(str(train_dir))
+    if train is not None:
+        classes = _subdirs(train)
         unknown = [c for c in classes if c not in label_of]
         if unknown:
-            raise _unknown_wnids_error(f"{train_dir} folders", unknown, synsets_source)
-        loose = _loose_files(str(train_dir))
+            raise _unknown_wnids_error(f"the classes (folders or class tars) of {train}", unknown, synsets_source)
+        loose = _loose_files(train)
         if loose:
             report.warnings.append(f"{len(loose)} file(s) directly in train/ ignored (not in a class "
                                    f"folder): {', '.join(loose[:SHOWN])}")
         entries = []
         for wnid in classes:
             scan = ScanResult()
-            _scan_images(str(train_dir / wnid), f"{wnid}/", scan, progress)
+            _scan_images(train, wnid, scan, progress)
             if not scan.images:
                 report.warnings.append(f"class {wnid} has no images")
             report.skipped_files += len(scan.skipped)
@@ -407,14 +418,16 @@ def make_lists(root: str | os.PathLike, out: str | os.PathLike, synsets_file=Non
             entries.extend((p, label_of[wnid]) for p in scan.images)
         outputs["train.txt"] = entries
 
-    if val_dir.is_dir():
-        outputs["val.txt"] = _val_entries(root, val_dir, label_of, synsets_source, val_labels,
-                                          val_id_table, report, progress)
-    if test_dir.is_dir():
+    if val is not None:
+        outputs["val.txt"] = _val_entries(val, label_of, synsets_source, found_labels, val_labels is not None,
+                                          report, progress)
+    if test is not None:
         scan = ScanResult()
-        _scan_images(str(test_dir), "", scan, progress)
+        _scan_images(test, "", scan, progress)
         report.skipped_files += len(scan.skipped)
         outputs["test.txt"] = [(p, 0) for p in scan.images]
+    if not (derive_synsets or synsets_file):
+        report.warnings += ilsvrc2012_count_warnings(synsets, outputs.get("train.txt"), outputs.get("val.txt"))
 
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -431,34 +444,86 @@ def make_lists(root: str | os.PathLike, out: str | os.PathLike, synsets_file=Non
     return report
 
 
-def _val_entries(root, val_dir, label_of, synsets_source, val_labels, val_id_table, report, progress):
-    subdirs = _subdirs(str(val_dir))
-    if subdirs and val_labels is None:
+def _inputs(roots: list[Path], val_labels, val_id_table, show_progress: bool):
+    """(train, val, test listings or None, val label source) for make-lists' ROOT: an unpacked tree,
+    a folder of the downloaded archives, or the archive files. The label source is a function
+    returning (stem -> wnid, where they came from), or None when none was given or found."""
+    for path in roots:
+        if not path.exists():
+            raise ImgprepError(f"{path} does not exist")
+    given = (lambda: (read_val_labels(val_labels, val_id_table), str(val_labels))) if val_labels else None
+    folder = roots[0] if len(roots) == 1 and roots[0].is_dir() else None
+    if folder is not None and ((folder / "train").is_dir() or (folder / "val").is_dir()):
+        def found():
+            path, table = find_val_labels(folder)
+            return read_val_labels(path, val_id_table or table), str(path)
+        trees = [TreeListing(folder / name) if (folder / name).is_dir() else None for name in ("train", "val", "test")]
+        return (*trees, given or (found if find_val_labels(folder)[0] else None))
+    download = find_download(roots)
+    if download is None:
+        raise ImgprepError(f"{folder} has neither train/ nor val/ nor the ILSVRC2012 archives ({TRAIN_TAR}, "
+                           f"{VAL_TAR}, {DEVKIT_TAR}); expected an ILSVRC12-shaped tree (ROOT/train/<wnid>/*.JPEG, "
+                           "ROOT/val/...) or the download")
+    if download.train is None and download.val is None:
+        raise ImgprepError(f"no image archive among {', '.join(map(str, roots))}: expected {TRAIN_TAR} and/or "
+                           f"{VAL_TAR}")
+    listings = [MemberListing(open_source(path, show_progress=show_progress).members(), str(path))
+                if path else None for path in (download.train, download.val)]
+    labels = given
+    if labels is None and download.devkit is not None:
+        labels = lambda: read_devkit_labels(download.devkit)  # noqa: E731
+    if labels is None and folder is not None and find_val_labels(folder)[0]:
+        def labels():
+            path, table = find_val_labels(folder)
+            return read_val_labels(path, val_id_table or table), str(path)
+    return (*listings, None, labels)
+
+
+def read_devkit_labels(devkit: Path) -> tuple[dict[str, str], str]:
+    """Val file stem -> wnid from the devkit archive's ground truth and meta.mat, read in place."""
+    wanted = {DEVKIT_GROUND_TRUTH: None, "meta.mat": None}
+    try:
+        with tarfile.open(devkit, "r:*") as tar:
+            for member in tar:
+                base = posixpath.basename(member.name)
+                if member.isreg() and base in wanted and posixpath.basename(posixpath.dirname(member.name)) == "data":
+                    wanted[base] = (member.name, tar.extractfile(member).read())
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise ImgprepError(f"cannot read the devkit {devkit}: {e}") from None
+    missing = [name for name, found in wanted.items() if found is None]
+    if missing:
+        raise ImgprepError(f"the devkit {devkit} holds no {' nor '.join(f'data/{m}' for m in missing)}; expected "
+                           f"{DEVKIT_TAR} as downloaded")
+    (truth_name, truth), (table_name, table) = wanted[DEVKIT_GROUND_TRUTH], wanted["meta.mat"]
+    where = f"{devkit}:{truth_name}"
+    return read_val_labels(where, f"{devkit}:{table_name}", truth, table), where
+
+
+def _val_entries(val, label_of, synsets_source, label_source, labels_given, report, progress):
+    subdirs = _subdirs(val)
+    if subdirs and not labels_given:
         unknown = [c for c in subdirs if c not in label_of]
         if unknown:
-            raise _unknown_wnids_error(f"{val_dir} folders", unknown, synsets_source)
+            raise _unknown_wnids_error(f"the class folders of {val}", unknown, synsets_source)
         entries = []
         for wnid in subdirs:
             scan = ScanResult()
-            _scan_images(str(val_dir / wnid), f"{wnid}/", scan, progress)
+            _scan_images(val, wnid, scan, progress)
             report.skipped_files += len(scan.skipped)
             entries.extend((p, label_of[wnid]) for p in scan.images)
         return entries
 
-    if val_labels is None:
-        val_labels, found_table = find_val_labels(root)
-        val_id_table = val_id_table or found_table
-        if val_labels is None:
-            raise ImgprepError(
-                f"{val_dir} is flat and no label source was given or found: pass --val-labels "
-                f"(Kaggle {KAGGLE_SOLUTION}, devkit {DEVKIT_GROUND_TRUTH} with --val-id-table, "
-                "or 'filename wnid' lines), or split val/ into <wnid>/ folders")
-    labels = read_val_labels(val_labels, val_id_table)
+    if label_source is None:
+        raise ImgprepError(
+            f"{val} is flat and no label source was given or found: pass --val-labels "
+            f"(Kaggle {KAGGLE_SOLUTION}, devkit {DEVKIT_GROUND_TRUTH} with --val-id-table, "
+            f"or 'filename wnid' lines), give the devkit ({DEVKIT_TAR}), or split val/ into <wnid>/ folders")
+    labels, val_labels = label_source()
     unknown = sorted({w for w in labels.values() if w not in label_of})
     if unknown:
         raise _unknown_wnids_error(f"val labels in {val_labels}", unknown, synsets_source)
     scan = ScanResult()
-    _scan_images(str(val_dir), "", scan, progress)
+    _scan_images(val, "", scan, progress)
     report.skipped_files += len(scan.skipped)
     if scan.skipped:
         report.warnings.append(f"skipped {len(scan.skipped)} non-image entr(ies) in val/: "
@@ -470,9 +535,34 @@ def _val_entries(root, val_dir, label_of, synsets_source, val_labels, val_id_tab
                            f"{', '.join(unlabeled[:SHOWN])}")
     absent = sorted(stem for stem in labels if stem not in by_stem)
     if absent:
-        raise ImgprepError(f"{val_labels} labels {len(absent)} image(s) that are not in {val_dir}: "
+        raise ImgprepError(f"{val_labels} labels {len(absent)} image(s) that are not in {val}: "
                            f"{', '.join(absent[:SHOWN])}")
     return [(by_stem[stem], label_of[labels[stem]]) for stem in sorted(by_stem)]
+
+
+def ilsvrc2012_count_warnings(synsets: list[str], train, val) -> list[str]:
+    """Warnings when the ILSVRC2012 lists are not the full set (a partial download or extraction, or
+    a chosen subset): train not 1,281,167 images in 1,000 classes, val not 50,000 (50 a class).
+    `train` / `val`: (path, label) entries, or None when there is no such list."""
+    warnings = []
+    for part, entries in (("train", train), ("val", val)):
+        if entries is None:
+            continue
+        counts = Counter(label for _, label in entries)
+        full, smallest = ILSVRC2012_COUNTS[part]
+        if len(entries) == full and len(counts) == len(synsets):
+            continue
+        missing = [w for i, w in enumerate(synsets) if i not in counts]
+        short = [f"{synsets[i]} ({n})" for i, n in sorted(counts.items()) if n < smallest]
+        text = (f"{part} holds {len(entries):,} images in {len(counts):,} classes; ILSVRC2012's holds {full:,} in "
+                f"{len(synsets):,} (a partial download or extraction, or a subset)")
+        why = "the smallest ILSVRC2012 class has" if part == "train" else "ILSVRC2012 has, in each class,"
+        for what, names in (("class(es) without images", missing),
+                            (f"class(es) under {smallest} images ({why} {smallest})", short)):
+            if names:
+                text += f"; {len(names)} {what}: {', '.join(names[:SHOWN])}{' ...' if len(names) > SHOWN else ''}"
+        warnings.append(text)
+    return warnings
 
 
 def _refuse_package_folder(out: Path) -> None:

@@ -1,4 +1,5 @@
-"""`resize`: the image operations tree to tree ("resize in advance, in parallel").
+"""`resize`: the image operations tree to tree ("resize in advance, in parallel"); the source may
+also be an uncompressed tar (nested tars included), whose members land where unpacking would put them.
 
 Relative paths are kept. An output newer than its source, made with the same options, is
 up to date and skipped, so an interrupted run is resumed by running it again. Outputs are
@@ -21,7 +22,7 @@ from .imageops import ImageFailure, ImageSpec, process_image
 from .lists import is_image_name
 from .parallel import chunked, ordered_map, resolve_jobs
 from .progress import Progress
-from .sources import read_source
+from .sources import TreeSource, open_source
 
 MANIFEST = "imgprep-resize.json"
 FAILURES = "imgprep-resize-failures.tsv"
@@ -112,13 +113,13 @@ def write_output(target: Path, data: bytes) -> None:
     os.replace(tmp, target)
 
 
-def resize_chunk(chunk, src: Path, dst: Path, spec: ImageSpec):
+def resize_chunk(chunk, source, dst: Path, spec: ImageSpec):
     results = []
     made: set = set()
     for rel in chunk:
         target = dst / rel
         try:
-            image = process_image(read_source(src, rel, allow_outside_root=False), spec, name=str(src / rel))
+            image = process_image(source.read(rel), spec, name=source.describe(rel))
             write_output(output_path(dst, rel, made), image.data)
             results.append((rel, None))
         except ImageFailure as e:
@@ -128,22 +129,23 @@ def resize_chunk(chunk, src: Path, dst: Path, spec: ImageSpec):
     return results
 
 
-def _is_up_to_date(src: Path, dst: Path, rel: str) -> bool:
-    """A link in place of the output is never up to date: it is reported, not taken for an output."""
+def _is_up_to_date(source, dst: Path, rel: str) -> bool:
+    """A link in place of the output is never up to date: it is reported, not taken for an output.
+    An archive's members count as changed when the archive is."""
     try:
         output = os.stat(dst / rel, follow_symlinks=False)
-        return not stat.S_ISLNK(output.st_mode) and output.st_mtime_ns >= os.stat(src / rel).st_mtime_ns
+        return not stat.S_ISLNK(output.st_mode) and output.st_mtime_ns >= source.mtime_ns(rel)
     except FileNotFoundError:
         return False
 
 
 def resize_tree(src, dst, spec: ImageSpec, jobs: int | None = None, overwrite: bool = False,
                 scheduler: str | None = None, show_progress: bool = True) -> ResizeReport:
+    """Resizes every image under SRC (a folder, or an uncompressed tar: see archives.py) into DST."""
     src, dst = Path(src), Path(dst)
-    if not src.is_dir():
-        raise ImgprepError(f"source {src} is not a folder")
     if dst.resolve() == src.resolve() or src.resolve() in dst.resolve().parents:
         raise ImgprepError("DST must not be SRC or lie inside it")
+    source = open_source(src, show_progress=show_progress)
     spec = dataclasses.replace(spec, encoded=True)
     identity = {"resize": str(spec.resize), "quality": spec.quality, "gray": spec.gray,
                 "max_aspect": spec.max_aspect}
@@ -161,14 +163,19 @@ def resize_tree(src, dst, spec: ImageSpec, jobs: int | None = None, overwrite: b
         write_output(manifest_path, json.dumps(identity).encode())
     except OSError as e:
         raise ImgprepError(f"cannot write to {dst}: {e.strerror or e}") from None
-    images, others = walk_images(src)
+    if isinstance(source, TreeSource):
+        images, others = walk_images(src)
+    else:
+        members = source.members()
+        images = [rel for rel in members if is_image_name(rel)]
+        others = len(members) - len(images)
     report = ResizeReport(dst, total=len(images), skipped_files=others)
-    todo = images if overwrite else [r for r in images if not _is_up_to_date(src, dst, r)]
+    todo = images if overwrite else [r for r in images if not _is_up_to_date(source, dst, r)]
     report.up_to_date = len(images) - len(todo)
     progress = Progress("resize", len(todo), enabled=show_progress)
     for results in ordered_map(resize_chunk, chunked(todo, 16), resolve_jobs(jobs), scheduler=scheduler,
                                crashed=lambda rel, detail: (rel, crashed_failure(0, rel, detail)),
-                               src=src, dst=dst, spec=spec):
+                               source=source, dst=dst, spec=spec):
         for rel, failure in results:
             if failure:
                 report.failures.append(failure)

@@ -1,4 +1,5 @@
-"""`imgprep sample`: a small ILSVRC12-shaped tree made from the bundled photos.
+"""`imgprep sample`: a small ILSVRC12-shaped tree made from the bundled photos, or the same images
+as the ILSVRC2012 download (a train tar of per-class tars, a flat val tar, the devkit tar.gz).
 
 Images are crops of the photos at ImageNet-like sizes (about 500x375, some portrait, some
 large) and JPEG qualities; each class is one photo with a tint of its own, so that a tiny
@@ -11,9 +12,14 @@ RGBA PNG, EXIF-rotated JPEG, truncated JPEG, zero-byte file, random bytes named 
 
 from __future__ import annotations
 
+import csv
+import gzip
 import io
 import os
 import random
+import shutil
+import tarfile
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,10 +27,13 @@ import numpy as np
 from PIL import Image
 
 from . import ImgprepError
-from .lists import DEVKIT_GROUND_TRUTH, KAGGLE_SOLUTION, load_synsets
+from .lists import DEVKIT_GROUND_TRUTH, KAGGLE_SOLUTION, load_synset_words, load_synsets
+from .listing import DEVKIT_TAR, TRAIN_TAR, VAL_TAR
 
 PHOTOS_DIR = Path(__file__).parent / "data" / "photos"
 ID_TABLE_NAME = "ILSVRC2012_id_to_wnid.csv"
+DEVKIT_DATA = "ILSVRC2012_devkit_t12/data"
+ARCHIVE_MTIME = 1_338_508_800  # 2012-06-01: fixed, so that the same seed gives the same archives
 # Oddity kind -> what a build must do with it.
 ODDITY_OUTCOMES = {
     "cmyk": "converted", "png_named_jpeg": "converted", "rgba_png": "converted",
@@ -120,9 +129,25 @@ def _oddity_bytes(kind: str, img: Image.Image, rng: random.Random) -> bytes:
 
 
 def make_sample(out: str | os.PathLike, classes: int = 10, train_per_class: int = 20,
-                val_per_class: int = 5, seed: int = 0, oddities: bool = False, grain: float = 0.0) -> Sample:
+                val_per_class: int = 5, seed: int = 0, oddities: bool = False, grain: float = 0.0,
+                archives: bool = False) -> Sample:
     """Writes ROOT/train/<wnid>/<wnid>_<n>.JPEG, flat ROOT/val/ILSVRC2012_val_%08d.JPEG and the
-    val labels in three forms: devkit ground truth + ID table, and Kaggle's solution CSV."""
+    val labels in three forms: devkit ground truth + ID table, and Kaggle's solution CSV. With
+    `archives`, ROOT holds the same images as the three ILSVRC2012 downloads instead (see
+    `write_download`)."""
+    if archives:
+        root = Path(out)
+        if any((root / name).exists() for name in (TRAIN_TAR, VAL_TAR, DEVKIT_TAR)):
+            raise ImgprepError(f"{root} already holds ILSVRC2012 archives; choose an empty folder")
+        root.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=root, prefix=".sample-") as tree:
+            sample = make_sample(Path(tree) / "tree", classes, train_per_class, val_per_class, seed, oddities, grain)
+            write_download(sample.root, root)
+            for name in ("ODDITIES.txt", "PHOTO-LICENSES.md"):
+                if (sample.root / name).exists():
+                    shutil.copy(sample.root / name, root / name)
+        sample.root = root
+        return sample
     all_wnids = load_synsets()
     if not 1 <= classes <= len(all_wnids):
         raise ImgprepError(f"--classes must be between 1 and {len(all_wnids)}")
@@ -182,3 +207,51 @@ def make_sample(out: str | os.PathLike, classes: int = 10, train_per_class: int 
     licences = PHOTOS_DIR / "LICENSES.md"
     (root / "PHOTO-LICENSES.md").write_text(licences.read_text(encoding="utf-8"), encoding="utf-8")
     return sample
+
+
+def _add(archive: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), ARCHIVE_MTIME, 0o644
+    archive.addfile(info, io.BytesIO(data))
+
+
+def meta_mat(ids: dict[str, int]) -> bytes:
+    """The devkit's meta.mat as scipy writes it: the struct array `synsets` with the devkit's fields
+    (here the 1000 leaf synsets only; the real file also holds 860 inner ones)."""
+    from scipy.io import savemat
+
+    words = load_synset_words()
+    fields = ["ILSVRC2012_ID", "WNID", "words", "gloss", "num_children", "children", "wordnet_height",
+              "num_train_images"]
+    synsets = np.zeros(len(ids), dtype=[(f, "O") for f in fields])
+    for n, (wnid, devkit_id) in enumerate(sorted(ids.items(), key=lambda t: t[1])):
+        synsets[n] = (devkit_id, wnid, words.get(wnid, wnid), "", 0, np.zeros((1, 0)), 0, 0)
+    buf = io.BytesIO()
+    savemat(buf, {"synsets": synsets})
+    # the 116-byte text header names the time of writing; a fixed one keeps the archive reproducible
+    return b"MATLAB 5.0 MAT-file, written by imgprep sample".ljust(116) + buf.getvalue()[116:]
+
+
+def write_download(tree: Path, download: Path) -> None:
+    """Packs an `imgprep sample` tree as the ILSVRC2012 download: ILSVRC2012_img_train.tar (one
+    uncompressed tar per class, `<wnid>.tar` holding flat `<wnid>_<n>.JPEG`), ILSVRC2012_img_val.tar
+    (flat JPEGs) and ILSVRC2012_devkit_t12.tar.gz (data/ILSVRC2012_validation_ground_truth.txt and
+    data/meta.mat, written by scipy)."""
+    tree, download = Path(tree), Path(download)
+    download.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(download / TRAIN_TAR, "w", format=tarfile.GNU_FORMAT) as train:
+        for class_dir in sorted((tree / "train").iterdir()):
+            inner = io.BytesIO()
+            with tarfile.open(fileobj=inner, mode="w", format=tarfile.GNU_FORMAT) as per_class:
+                for image in sorted(class_dir.iterdir()):
+                    _add(per_class, image.name, image.read_bytes())
+            _add(train, f"{class_dir.name}.tar", inner.getvalue())
+    with tarfile.open(download / VAL_TAR, "w", format=tarfile.GNU_FORMAT) as val:
+        for image in sorted((tree / "val").iterdir()):
+            _add(val, image.name, image.read_bytes())
+    with open(tree / ID_TABLE_NAME, newline="", encoding="utf-8") as f:
+        ids = {wnid: int(devkit_id) for devkit_id, wnid in list(csv.reader(f))[1:]}
+    with open(download / DEVKIT_TAR, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=ARCHIVE_MTIME) as gz, \
+            tarfile.open(fileobj=gz, mode="w", format=tarfile.GNU_FORMAT) as devkit:
+        _add(devkit, f"{DEVKIT_DATA}/{DEVKIT_GROUND_TRUTH}", (tree / DEVKIT_GROUND_TRUTH).read_bytes())
+        _add(devkit, f"{DEVKIT_DATA}/meta.mat", meta_mat(ids))

@@ -10,6 +10,8 @@ import os
 import stat
 from pathlib import Path
 
+from . import ImgprepError
+from .archives import TarSource
 from .imageops import ImageFailure
 
 
@@ -53,3 +55,41 @@ def read_source(root: Path, rel: str, allow_outside_root: bool) -> bytes:
         if os.path.commonpath([real, real_root]) != real_root:
             raise ImageFailure("outside-root", f"resolves to {real}, outside the image root")
     return read_regular_file(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sources: a folder of files, or an uncompressed tar read in place by member offsets
+
+
+def open_source(path, allow_outside_root: bool = False, show_progress: bool = True):
+    """The images under `path`: a `TreeSource` for a folder, a `TarSource` for an uncompressed tar
+    (indexed once, see archives.py). Anything else is an ImgprepError."""
+    path = Path(path)
+    if path.is_dir():
+        return TreeSource(path, allow_outside_root)
+    if path.is_file():
+        return TarSource.open(path, show_progress=show_progress)
+    if not path.exists():
+        raise ImgprepError(f"image root {path} does not exist")
+    raise ImgprepError(f"image root {path} is neither a folder nor a tar archive")
+
+
+class TreeSource:
+    """Image files under a folder; `rel` is a '/'-separated path below it."""
+
+    def __init__(self, root: Path, allow_outside_root: bool = False):
+        self.root = Path(root)
+        self.allow_outside_root = allow_outside_root
+
+    def read(self, rel: str) -> bytes:
+        return read_source(self.root, rel, self.allow_outside_root)
+
+    def describe(self, rel: str) -> str:
+        return str(self.root / rel)
+
+    def mtime_ns(self, rel: str) -> int:
+        return os.stat(self.root / rel).st_mtime_ns
+
+    def identity(self) -> dict:
+        """What a build records of its source: the resolved folder."""
+        return {"root": os.path.realpath(self.root)}

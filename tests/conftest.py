@@ -1,3 +1,4 @@
+import os
 import shutil
 import subprocess
 import sys
@@ -9,6 +10,15 @@ from imgprep.lists import make_lists
 from imgprep.sample import make_sample
 
 IMGPREP = [sys.executable, "-m", "imgprep"]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def cache_folder(tmp_path_factory):
+    """imgprep's cache (archive indexes) in the test session's folder, not the user's ~/.cache;
+    subprocesses inherit it."""
+    folder = tmp_path_factory.mktemp("cache")
+    os.environ["XDG_CACHE_HOME"] = str(folder)
+    return folder / "imgprep"
 
 
 @pytest.fixture(scope="session")

@@ -43,3 +43,12 @@ def test_bench_record_source_prints_the_source_alone_and_through_dali(tmp_path):
     assert [name.strip() for name, _ in rows] == ["record source (read by key, parse, crops)",
                                                   "record source through DALI's external_source"]
     assert all(float(rate.replace(",", "")) > 0 for _, rate in rows)
+
+
+def test_bench_archives_prints_the_tar_and_the_unpack_routes(tmp_path):
+    out = run_benchmark("bench_archives.py", tmp_path, "--runs", "1")
+    assert "40 JPEGs" in out and "faster without unpacking" in out
+    rows = re.findall(r"^\| (.+?) \| ([\d.]+) \| .* \| ([\d,]+) \|$", out, re.M)
+    names = [name for name, _, _ in rows]
+    assert {"build-lmdb from the train tar", "build-lmdb from the unpacked tree"} <= set(names)
+    assert len(rows) == 8 and all(float(rate.replace(",", "")) > 0 for _, _, rate in rows)
