@@ -141,6 +141,25 @@ def encode_datum(data: bytes, label: int, channels: int, height: int, width: int
     ))
 
 
+def raw_datum_prefix(channels: int, height: int, width: int) -> bytes:
+    """The bytes before the pixels of a raw record as Caffe (and encode_datum) writes it: fields 1-3
+    and field 4's tag and length. Readers that find this prefix can take the pixels in place."""
+    return b"".join((_key(1, VARINT), _varint(channels), _key(2, VARINT), _varint(height),
+                     _key(3, VARINT), _varint(width), _key(4, LENGTH), _varint(channels * height * width)))
+
+
+def is_plain_raw_tail(tail) -> bool:
+    """Whether the bytes after a raw record's pixels are only `label` and `encoded=false` (what Caffe
+    writes), so the pixels before them are the record's data as decode_datum would read it."""
+    try:
+        for number, wire, value in iter_fields(tail):
+            if not (number == 5 and wire == VARINT or number == 7 and wire == VARINT and value == 0):
+                return False
+    except RecordError:
+        return False
+    return True
+
+
 def decode_datum(buf) -> Datum:
     datum = Datum()
     floats = []
