@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.imgprep-installed
 
-.PHONY: venv demo test bench clean
+.PHONY: venv demo test interop bench clean
 
 venv: $(STAMP)
 
@@ -21,6 +21,12 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# Interoperability with BVLC Caffe's own tools: IMGPREP_CAFFE_TOOLS=DIR names a folder holding
+# convert_imageset and compute_image_mean (or a Caffe build folder with them in tools/).
+interop: $(STAMP)
+	@test -n "$$IMGPREP_CAFFE_TOOLS" || { echo "make interop: set IMGPREP_CAFFE_TOOLS=DIR, a folder with Caffe's convert_imageset and compute_image_mean"; exit 2; }
+	$(BIN)/python -m pytest -q tests/test_interop.py
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_build.py
