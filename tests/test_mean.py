@@ -135,3 +135,50 @@ def test_cli_writes_values(dbs, tmp_path):
     import json
     values = json.loads((tmp_path / "v.json").read_text())
     assert values["rgb"] == values["bgr"][::-1] and values["count"] > 100
+
+
+def _write(db, backend, items):
+    writer = open_writer(db, backend)
+    writer.put_batch(items)
+    writer.close()
+
+
+@pytest.mark.parametrize("backend", ["lmdb", "leveldb"])
+def test_records_in_any_valid_encoding_are_summed_exactly_by_every_thread(tmp_path, backend):
+    """Caffe's layout is summed in place; reordered fields, long labels and unknown fields go
+    through the full decoder; 3 threads over 2,001 records give the exact sum."""
+    shape, n = (3, 5, 7), 2001
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, size=(n, *shape), dtype=np.uint8)
+    items = []
+    for i, pixels in enumerate(images):
+        value = encode_datum(pixels.tobytes(), i % 1000, *shape, False)
+        if i % 7 == 1:
+            tail = encode_datum(b"", i % 1000, 0, 0, 0, False)[8:]  # label and encoded
+            value = tail + value[:-len(tail)]  # written first: valid protobuf, not Caffe's order
+        elif i % 7 == 2:
+            value += bytes.fromhex("48 05")  # unknown field 9, which decoders skip
+        items.append((f"{i:08d}_x".encode(), value))
+    _write(tmp_path / "db", backend, items)
+    expected = images.astype(np.uint64).sum(axis=0)
+    for jobs in (1, 3):
+        result = compute_mean(tmp_path / "db", jobs=jobs, show_progress=False)
+        assert result.count == n
+        np.testing.assert_array_equal(result.sums, expected)
+
+
+def test_a_raw_looking_record_flagged_encoded_is_not_summed_as_pixels(tmp_path):
+    shape = (3, 4, 4)
+    good = encode_datum(bytes(48), 0, *shape, False)
+    flagged = good[:-1] + b"\x01"  # the same bytes with encoded=true: a (broken) JPEG, not pixels
+    _write(tmp_path / "db", "lmdb", [(b"00000000_a", good), (b"00000001_b", flagged)])
+    with pytest.raises(ImgprepError, match="00000001_b.*does not decode"):
+        compute_mean(tmp_path / "db", jobs=1, show_progress=False)
+
+
+def test_a_record_of_another_size_is_named_from_any_thread(tmp_path):
+    items = [(f"{i:08d}_x".encode(), encode_datum(bytes(48), 0, 3, 4, 4, False)) for i in range(1500)]
+    items[1200] = (items[1200][0], encode_datum(bytes(75), 0, 3, 5, 5, False))
+    _write(tmp_path / "db", "lmdb", items)
+    with pytest.raises(ImgprepError, match="00001200_x is 5x5x3"):
+        compute_mean(tmp_path / "db", jobs=2, show_progress=False)
