@@ -42,3 +42,9 @@ def test_bench_mean_prints_raw_and_encoded(tmp_path):
     rows = table_rows(out)
     assert "imgprep compute-mean, 1 job" in rows
     assert ("Caffe compute_image_mean" in rows) == CAFFE
+
+
+def test_bench_cores_prints_jobs_and_shards(tmp_path):
+    out = run_benchmark("bench_cores.py", tmp_path, "--jobs", "1,2", "--shards", "2")
+    assert re.search(r"^\| 2 \| [\d,]+ \| \d+% \|$", out, re.M), out
+    assert re.search(r"^\| 2 x 1 jobs \| [\d,]+ \| [\d,]+ \|$", out, re.M), out
