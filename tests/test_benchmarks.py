@@ -48,3 +48,10 @@ def test_bench_cores_prints_jobs_and_shards(tmp_path):
     out = run_benchmark("bench_cores.py", tmp_path, "--jobs", "1,2", "--shards", "2")
     assert re.search(r"^\| 2 \| [\d,]+ \| \d+% \|$", out, re.M), out
     assert re.search(r"^\| 2 x 1 jobs \| [\d,]+ \| [\d,]+ \|$", out, re.M), out
+
+
+def test_bench_codec_prints_both_codecs():
+    result = subprocess.run([sys.executable, str(BENCHMARKS / "bench_codec.py")], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("| ") >= 6 and "JPEG Datum, 38 KB, decode" in result.stdout
