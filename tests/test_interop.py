@@ -17,7 +17,7 @@ import pytest
 from caffe_proto import Datum
 from conftest import assert_clean_error, db_records, run_cli
 from imgprep.build import BuildOptions, build_database
-from imgprep.imageops import ImageSpec, parse_resize
+from imgprep.imageops import ImageSpec, decode_upright, keeps_original, parse_resize
 from imgprep.mean import compute_mean, load_mean
 
 SIZE = 32  # records are squashed to SIZE x SIZE: small, quick, and enough to catch a layout error
@@ -191,9 +191,17 @@ def test_raw_records_keys_labels_and_headers_equal_convert_imagesets(plain, tmp_
 
 def test_encoded_records_equal_convert_imagesets_byte_for_byte(plain, tmp_path):
     """`--encoded` without resizing: Caffe stores each file's bytes with label and encoded=true and
-    nothing else; so does imgprep with --resize none --encoded, for upright RGB JPEGs."""
-    theirs = db_records(convert_imageset(*plain, tmp_path / "caffe", "--encoded"))
-    ours = db_records(imgprep_db(plain, tmp_path / "ours", resize="none", encoded=True))
+    nothing else; so does imgprep with --resize none --encoded, for upright RGB JPEGs (others, such
+    as grayscale JPEGs, imgprep stores re-encoded as upright RGB)."""
+    root, list_file = plain
+    spec = ImageSpec(parse_resize("none"), encoded=True)
+    kept = [line for line in list_file.read_text().splitlines()
+            if keeps_original(decode_upright((root / line.rsplit(" ", 1)[0]).read_bytes(), spec)[0], spec)]
+    assert len(kept) > 20
+    (tmp_path / "rgb.txt").write_text("\n".join(kept) + "\n")
+    rgb = (root, tmp_path / "rgb.txt")
+    theirs = db_records(convert_imageset(*rgb, tmp_path / "caffe", "--encoded"))
+    ours = db_records(imgprep_db(rgb, tmp_path / "ours", resize="none", encoded=True))
     assert [k for k, _ in ours] == [k for k, _ in theirs]
     for (key, our_value), (_, their_value) in zip(ours, theirs):
         assert our_value == their_value, (key, our_value[:16], their_value[:16])

@@ -4,7 +4,7 @@ import pytest
 from conftest import assert_clean_error, run_cli
 from imgprep import ImgprepError
 from imgprep.build import BuildOptions, build_database
-from imgprep.codec import encode_datum
+from imgprep.codec import encode_datum, raw_datum_prefix
 from imgprep.imageops import ImageSpec, center_crop, decode_upright, parse_resize, to_bgr_chw
 from imgprep.mean import MeanTransform, compute_mean, load_mean, write_mean
 from imgprep.storage import Reader, open_writer
@@ -154,8 +154,8 @@ def test_records_in_any_valid_encoding_are_summed_exactly_by_every_thread(tmp_pa
     for i, pixels in enumerate(images):
         value = encode_datum(pixels.tobytes(), i % 1000, *shape, False)
         if i % 7 == 1:
-            tail = encode_datum(b"", i % 1000, 0, 0, 0, False)[8:]  # label and encoded
-            value = tail + value[:-len(tail)]  # written first: valid protobuf, not Caffe's order
+            head = len(raw_datum_prefix(*shape)) + pixels.size  # then label and encoded:
+            value = value[head:] + value[:head]  # written first, valid protobuf, not Caffe's order
         elif i % 7 == 2:
             value += bytes.fromhex("48 05")  # unknown field 9, which decoders skip
         items.append((f"{i:08d}_x".encode(), value))
