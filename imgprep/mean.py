@@ -148,10 +148,12 @@ class RecordPixels:
         return chw
 
     def _plain_tail(self, value) -> bool:
+        if len(value) < self.end:
+            return False
         tail = bytes(value[self.end:])
         if tail in self.tails:
             return True
-        if len(value) < self.end or not is_plain_raw_tail(tail):
+        if not is_plain_raw_tail(tail):
             return False
         if len(self.tails) < KNOWN_TAILS:
             self.tails.add(tail)

@@ -182,3 +182,11 @@ def test_a_record_of_another_size_is_named_from_any_thread(tmp_path):
     _write(tmp_path / "db", "lmdb", items)
     with pytest.raises(ImgprepError, match="00001200_x is 5x5x3"):
         compute_mean(tmp_path / "db", jobs=2, show_progress=False)
+
+
+def test_a_truncated_record_after_a_bare_one_is_a_clear_error(tmp_path):
+    """A record of just the pixels (no label, no encoded: valid) then one cut short."""
+    bare = raw_datum_prefix(3, 4, 4) + bytes(48)
+    _write(tmp_path / "db", "lmdb", [(b"00000000_a", bare), (b"00000001_b", bare[:-1])])
+    with pytest.raises(ImgprepError, match="00000001_b"):
+        compute_mean(tmp_path / "db", jobs=1, show_progress=False)
