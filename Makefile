@@ -31,6 +31,7 @@ interop: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_build.py
 	$(BIN)/python benchmarks/bench_mean.py
+	$(BIN)/python benchmarks/bench_codec.py
 	$(BIN)/python benchmarks/bench_dask.py
 	$(BIN)/python benchmarks/bench_scale.py
 
