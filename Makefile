@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.imgprep-installed
 
-.PHONY: venv demo test bench clean
+.PHONY: venv demo test interop bench clean
 
 venv: $(STAMP)
 
@@ -24,9 +24,16 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+# Interoperability with BVLC Caffe's own tools: IMGPREP_CAFFE_TOOLS=DIR names a folder holding
+# convert_imageset and compute_image_mean (or a Caffe build folder with them in tools/).
+interop: $(STAMP)
+	@test -n "$$IMGPREP_CAFFE_TOOLS" || { echo "make interop: set IMGPREP_CAFFE_TOOLS=DIR, a folder with Caffe's convert_imageset and compute_image_mean"; exit 2; }
+	$(BIN)/python -m pytest -q tests/test_interop.py
+
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_build.py
 	$(BIN)/python benchmarks/bench_mean.py
+	$(BIN)/python benchmarks/bench_codec.py
 	$(BIN)/python benchmarks/bench_dask.py
 	$(BIN)/python benchmarks/bench_scale.py
 

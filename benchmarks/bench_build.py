@@ -1,14 +1,21 @@
-"""build-lmdb throughput vs what people use today, on the same ImageNet-like JPEGs, in one run.
+"""build-lmdb vs Caffe's own convert_imageset and an OpenCV loop, on the same ImageNet-like JPEGs,
+in one run.
 
-    python benchmarks/bench_build.py [--images 2000] [--workdir build/bench]
+    IMGPREP_CAFFE_TOOLS=DIR python benchmarks/bench_build.py [--images 2000] [--runs 3]
 
-Two tables, one per output spec, each against a single-process OpenCV loop doing what
-convert_imageset does per image for that spec (imread, resize INTER_LINEAR, then BGR HWC -> CHW for
-raw records or imencode for JPEG records, Datum, LMDB put, commit every 1000):
-- Caffe's recipe, raw squash-256x256 records: the OpenCV loop, the same loop with Pillow, and
-  imgprep build-lmdb at 1 job (with and without decode-time DCT scaling) and at all cores;
-- the ResNet recipe, shorter-side-256 JPEG q90 records: the OpenCV loop and imgprep at 1 job and
-  at all cores.
+Every row is a whole process as a user runs it (start-up included), the rows of a table timed
+interleaved, one warm-up round first (page cache, compiled code). CPU is user + system seconds of
+the process and every process it waited for (workers, writer), per image. Tables:
+- Caffe's recipe, raw squash-256x256 records: `convert_imageset --resize_height 256 --resize_width
+  256`, a single-process OpenCV loop doing what convert_imageset does per image (imread, resize
+  INTER_LINEAR, BGR HWC -> CHW, Datum, LMDB put, commit every 1000), `imgprep build-lmdb --preset
+  caffe` at 1 job and at all cores;
+- its `--encoded` form (squash-256 re-encoded as JPEG, OpenCV's default quality 95): convert_imageset
+  `--encoded` against `build-lmdb --resize squash:256x256 --encoded --quality 95`;
+- the ResNet recipe, shorter-side-256 JPEG q90 records: the OpenCV loop and imgprep.
+Below the first table: the floor, decode + resize + BGR planes of every image in one process (no
+Datum, no database), next to the builds' CPU per image.
+Without IMGPREP_CAFFE_TOOLS, Caffe's rows are left out and the OpenCV loop is the baseline.
 """
 
 from __future__ import annotations
@@ -19,105 +26,116 @@ import sys
 import time
 from pathlib import Path
 
-import lmdb
-import numpy as np
-from PIL import Image
-
 sys.path.insert(0, str(Path(__file__).parent))
-from common import describe_jpegs, sample_tree, standard_args, table  # noqa: E402
+from common import caffe_tools, describe_jpegs, interleaved, sample_tree, standard_args, timing_table  # noqa: E402
 
-from imgprep.build import BuildOptions, build_database  # noqa: E402
 from imgprep.codec import encode_datum  # noqa: E402
-from imgprep.imageops import ImageSpec, parse_resize  # noqa: E402
+from imgprep.imageops import ImageSpec, parse_resize, process_image  # noqa: E402
 from imgprep.lists import read_list  # noqa: E402
 from imgprep.parallel import resolve_jobs  # noqa: E402
 
+IMGPREP = [sys.executable, "-m", "imgprep"]
+HERE = Path(__file__).resolve()
 
-def loop_build(entries, root: Path, out: Path, make_datum) -> float:
+
+def loop_build(list_file: Path, root: Path, out: Path, recipe: str) -> None:
+    """The OpenCV loop (run as its own process: `bench_build.py --loop RECIPE LIST ROOT OUT`)."""
+    import cv2
+    import lmdb
+    import numpy as np
+
+    entries = read_list(list_file)
     shutil.rmtree(out, ignore_errors=True)
     env = lmdb.open(str(out), map_size=1 << 34)
-    start = time.perf_counter()
     txn = env.begin(write=True)
     for i, (path, label) in enumerate(zip(entries.paths, entries.labels.tolist())):
-        txn.put(f"{i:08d}_{path}".encode(), make_datum(str(root / path), label))
+        bgr = cv2.imread(str(root / path), cv2.IMREAD_COLOR)
+        if recipe == "squash-raw":
+            chw = np.ascontiguousarray(cv2.resize(bgr, (256, 256), interpolation=cv2.INTER_LINEAR).transpose(2, 0, 1))
+            value = encode_datum(chw.tobytes(), label, 3, 256, 256, False)
+        else:  # shorter-jpeg
+            h, w = bgr.shape[:2]
+            scale = 256 / min(h, w)
+            bgr = cv2.resize(bgr, (round(w * scale), round(h * scale)), interpolation=cv2.INTER_LINEAR)
+            value = encode_datum(cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, 90])[1].tobytes(), label,
+                                 3, bgr.shape[0], bgr.shape[1], True)
+        txn.put(f"{i:08d}_{path}".encode(), value)
         if (i + 1) % 1000 == 0:
             txn.commit()
             txn = env.begin(write=True)
     txn.commit()
     env.close()
-    return len(entries) / (time.perf_counter() - start)
 
 
-def raw_datum(bgr_hwc, label) -> bytes:
-    chw = np.ascontiguousarray(bgr_hwc.transpose(2, 0, 1))
-    return encode_datum(chw.tobytes(), label, 3, chw.shape[1], chw.shape[2], False)
-
-
-def opencv_squash_raw(path, label) -> bytes:
-    import cv2
-
-    return raw_datum(cv2.resize(cv2.imread(path, cv2.IMREAD_COLOR), (256, 256), interpolation=cv2.INTER_LINEAR),
-                     label)
-
-
-def pillow_squash_raw(path, label) -> bytes:
-    with Image.open(path) as img:
-        return raw_datum(np.asarray(img.convert("RGB").resize((256, 256), Image.BILINEAR))[:, :, ::-1], label)
-
-
-def opencv_shorter_jpeg(path, label) -> bytes:
-    import cv2
-
-    bgr = cv2.imread(path, cv2.IMREAD_COLOR)
-    h, w = bgr.shape[:2]
-    scale = 256 / min(h, w)
-    bgr = cv2.resize(bgr, (round(w * scale), round(h * scale)), interpolation=cv2.INTER_LINEAR)
-    _, jpeg = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, 90])
-    return encode_datum(jpeg.tobytes(), label, 3, bgr.shape[0], bgr.shape[1], True)
-
-
-def imgprep_build(list_file, root, out, spec, jobs) -> float:
-    report = build_database(list_file, root, out, BuildOptions(spec=spec, jobs=jobs), overwrite=True,
-                            show_progress=False)
-    return report.records / report.seconds
+def floor_ms(list_file: Path, root: Path, spec: ImageSpec) -> float:
+    """Decode + resize + BGR planes per image in this process, no Datum or database: the work itself."""
+    entries = read_list(list_file)
+    files = [(root / p).read_bytes() for p in entries.paths]
+    start = time.process_time()
+    for data in files:
+        process_image(data, spec)
+    return 1000 * (time.process_time() - start) / len(files)
 
 
 def main():
-    args = standard_args(__doc__, runs=(int, 3, "median of this many runs per row"))
+    if sys.argv[1:2] == ["--loop"]:
+        recipe, list_file, root, out = sys.argv[2:6]
+        return loop_build(Path(list_file), Path(root), Path(out), recipe)
+    args = standard_args(__doc__, runs=(int, 3, "timed runs per row (after one warm-up round)"))
     root, list_file = sample_tree(args.workdir, args.images)
-    entries = read_list(list_file)
+    n = len(read_list(list_file))
     cores = resolve_jobs(None)
+    tools = caffe_tools()
     out = args.workdir / "db"
-    caffe = ImageSpec(parse_resize("squash:256x256"), encoded=False)
-    resnet = ImageSpec(parse_resize("shorter:256"), encoded=True, quality=90)
     try:
         import cv2  # noqa: F401
     except ImportError:
         sys.exit("bench_build compares against OpenCV: pip install '.[bench]'")
 
-    def measure(make):
-        return float(np.median([make() for _ in range(args.runs)]))
+    def fresh(name):
+        shutil.rmtree(out, ignore_errors=True)
 
-    imgprep_build(list_file, root, out, caffe, cores)  # warm the page cache and the worker pool
-    opencv = "OpenCV loop, 1 process"  # what convert_imageset does per image
-    caffe_rows = [
-        (opencv, measure(lambda: loop_build(entries, root, out, opencv_squash_raw))),
-        ("Pillow loop, 1 process", measure(lambda: loop_build(entries, root, out, pillow_squash_raw))),
-        ("imgprep, 1 job", measure(lambda: imgprep_build(list_file, root, out, caffe, 1))),
-        ("imgprep, 1 job, no DCT scaling",
-         measure(lambda: imgprep_build(list_file, root, out, ImageSpec(caffe.resize, False, draft=False), 1))),
-        (f"imgprep, {cores} jobs", measure(lambda: imgprep_build(list_file, root, out, caffe, cores))),
-    ]
-    resnet_rows = [
-        (opencv, measure(lambda: loop_build(entries, root, out, opencv_shorter_jpeg))),
-        ("imgprep, 1 job", measure(lambda: imgprep_build(list_file, root, out, resnet, 1))),
-        (f"imgprep, {cores} jobs", measure(lambda: imgprep_build(list_file, root, out, resnet, cores))),
-    ]
-    print(f"build-lmdb, {describe_jpegs(root)}; {cores} cores, {os.uname().machine}, median of {args.runs} runs")
-    print("\nCaffe's recipe: raw squash-256x256 records (--preset caffe)")
-    print(table(caffe_rows, opencv))
-    print("\nResNet recipe: shorter-side-256 JPEG q90 records (--preset resnet)")
-    print(table(resnet_rows, opencv))
+    def imgprep(*options, jobs):
+        return [*IMGPREP, "build-lmdb", list_file, root, out, *options, "--jobs", jobs, "--overwrite"]
+
+    def loop(recipe):
+        return [sys.executable, HERE, "--loop", recipe, list_file, root, out]
+
+    def convert(*flags):
+        return [tools / "convert_imageset", *flags, f"{root}/", list_file, out]
+
+    caffe_name = "Caffe convert_imageset"
+    squash = ["--resize_height=256", "--resize_width=256"]
+    tables = []
+    raw = {caffe_name: convert(*squash)} if tools else {}
+    raw["OpenCV loop, 1 process"] = loop("squash-raw")
+    for jobs in sorted({1, cores}):
+        raw[f"imgprep --preset caffe, {jobs} job{'s' * (jobs > 1)}"] = imgprep("--preset", "caffe", jobs=jobs)
+    tables.append(("Caffe's recipe: raw squash-256x256 records", raw))
+    if tools:
+        encoded = {caffe_name + " --encoded": convert(*squash, "--encoded")}
+        for jobs in sorted({1, cores}):
+            encoded[f"imgprep squash-256 --encoded --quality 95, {jobs} job{'s' * (jobs > 1)}"] = imgprep(
+                "--resize", "squash:256x256", "--encoded", "--quality", "95", jobs=jobs)
+        tables.append(("Caffe's recipe, --encoded: squash-256x256 JPEG q95 records", encoded))
+    resnet = {"OpenCV loop, 1 process": loop("shorter-jpeg")}
+    for jobs in sorted({1, cores}):
+        resnet[f"imgprep --preset resnet, {jobs} job{'s' * (jobs > 1)}"] = imgprep("--preset", "resnet", jobs=jobs)
+    tables.append(("ResNet recipe: shorter-side-256 JPEG q90 records", resnet))
+
+    print(f"build-lmdb, {describe_jpegs(root)}; {cores} cores, {os.uname().machine}; whole processes, "
+          f"median of {args.runs} interleaved runs after a warm-up"
+          + ("" if tools else "; Caffe's tools not at hand (set IMGPREP_CAFFE_TOOLS=DIR)"))
+    for number, (title, commands) in enumerate(tables):
+        timings = interleaved(commands, n, args.runs, prepare=fresh)
+        print(f"\n{title}")
+        print(timing_table(timings, next(iter(commands))))
+        if number == 0:
+            floor = floor_ms(list_file, root, ImageSpec(parse_resize("squash:256x256"), encoded=False))
+            best = min(t.cpu_ms for name, t in timings.items() if name.startswith("imgprep"))
+            print(f"\nfloor: decode + resize + BGR planes in one process {floor:.2f} ms of CPU per image; "
+                  f"the imgprep builds above spend {best:.2f}-{max(t.cpu_ms for name, t in timings.items() if name.startswith('imgprep')):.2f} "
+                  f"ms ({best - floor:+.2f} ms over the floor at best)")
 
 
 if __name__ == "__main__":

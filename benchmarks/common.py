@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import os
+import statistics
+import subprocess
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image
@@ -53,4 +58,78 @@ def table(rows: list[tuple[str, float]], baseline: str, unit: str = "img/s") -> 
     base = dict(rows)[baseline]
     lines = [f"| method | {unit} | x {baseline} |", "|---|---:|---:|"]
     lines += [f"| {name} | {value:,.0f} | {value / base:.2f} |" for name, value in rows]
+    return "\n".join(lines)
+
+
+def caffe_tools() -> Path | None:
+    """The folder of BVLC Caffe's convert_imageset / compute_image_mean named by IMGPREP_CAFFE_TOOLS
+    (or its tools/ folder), else None (the benchmarks then leave Caffe's rows out, saying so)."""
+    given = os.environ.get("IMGPREP_CAFFE_TOOLS")
+    for folder in ([Path(given), Path(given) / "tools"] if given else []):
+        if (folder / "convert_imageset").is_file() and (folder / "compute_image_mean").is_file():
+            return folder
+    return None
+
+
+CAFFE_ENV = dict(os.environ, GLOG_minloglevel="2")  # Caffe's tools log every 1000 records otherwise; harmless to others
+
+
+@dataclass
+class Timing:
+    """Runs of one command: wall seconds and CPU seconds (user + system of it and every process it
+    waited for: workers, writer) per run, for `items` items each."""
+
+    items: int
+    walls: list = field(default_factory=list)
+    cpus: list = field(default_factory=list)
+
+    @property
+    def rate(self) -> float:
+        return self.items / statistics.median(self.walls)
+
+    @property
+    def rate_range(self) -> tuple[float, float]:
+        return self.items / max(self.walls), self.items / min(self.walls)
+
+    @property
+    def cpu_ms(self) -> float:
+        return 1000 * statistics.median(self.cpus) / self.items
+
+
+def run_process(cmd, env=None) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of the process and its waited-for descendants) of one run."""
+    start = time.perf_counter()
+    proc = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    stderr = proc.stderr.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(map(str, cmd))} exited {proc.returncode}:\n{stderr.decode(errors='replace')[-2000:]}")
+    return wall, usage.ru_utime + usage.ru_stime
+
+
+def interleaved(commands: dict, items: int, runs: int, prepare=lambda name: None, warmup: bool = True) -> dict:
+    """{name: Timing}: each command once as a warm-up, then `runs` rounds, every command once per round,
+    so a load that comes and goes falls on all of them alike. `prepare(name)` runs before each run."""
+    timings = {name: Timing(items) for name in commands}
+    for round_ in range(runs + warmup):
+        for name, cmd in commands.items():
+            prepare(name)
+            wall, cpu = run_process(cmd, CAFFE_ENV)
+            if round_ or not warmup:
+                timings[name].walls.append(wall)
+                timings[name].cpus.append(cpu)
+    return timings
+
+
+def timing_table(timings: dict, baseline: str, unit: str = "img/s") -> str:
+    """Median rate, its range over the runs, the ratio to `baseline` and CPU per item, side by side."""
+    base = timings[baseline]
+    lines = [f"| method | {unit} (median) | range | x {baseline} | CPU ms per item | CPU x {baseline} |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for name, t in timings.items():
+        low, high = t.rate_range
+        lines.append(f"| {name} | {t.rate:,.0f} | {low:,.0f}-{high:,.0f} | {t.rate / base.rate:.2f} | "
+                     f"{t.cpu_ms:.3f} | {t.cpu_ms / base.cpu_ms:.2f} |")
     return "\n".join(lines)

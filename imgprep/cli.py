@@ -54,7 +54,7 @@ def _resize_option(default: str | None):
 
 
 jobs_option = click.option("--jobs", "-j", type=int, default=0, show_default="all cores",
-                           help="Worker processes.")
+                           help="Parallel workers: processes (compute-mean: threads, one key range each).")
 scheduler_option = click.option(
     "--scheduler", metavar="ADDRESS", default=None,
     help="Run the workers on a Dask cluster (e.g. tcp://head:8786) instead of local processes. "

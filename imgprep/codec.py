@@ -4,6 +4,13 @@ Field numbers and types follow caffe.proto (SPEC §2, §3). Encoders write field
 order, as protobuf's C++ serializer does, so imgprep's bytes equal Caffe's. Decoders accept any
 valid encoding (packed or unpacked repeated fields, unknown fields skipped) and raise
 `RecordError` with a specific message on anything malformed.
+
+Why not Google's protobuf runtime (upb), measured on one machine, microseconds per message, this
+codec / upb: raw 3x256x256 Datum encode 6.6 / 13.9, decode 7.4 / 8.8; JPEG Datum of 38 KB encode
+3.3 / 3.1, decode 3.5 / 1.8; mean BlobProto encode 49 / 27,800 (a repeated float field filled from
+numpy), decode 68 / 56. upb wins only where a JPEG decode of about a millisecond follows (the 1.7 us
+are under 0.5% of it) and loses on the build's hot path (raw encode) and on means, so imgprep keeps
+this codec and no runtime dependency on protobuf; the tests decode every format with upb.
 """
 
 from __future__ import annotations
@@ -144,29 +151,78 @@ def encode_datum(data: bytes, label: int, channels: int, height: int, width: int
     ))
 
 
+def raw_datum_prefix(channels: int, height: int, width: int) -> bytes:
+    """The bytes before the pixels of a raw record as Caffe (and encode_datum) writes it: fields 1-3
+    and field 4's tag and length. Readers that find this prefix can take the pixels in place."""
+    return b"".join((_key(1, VARINT), _varint(channels), _key(2, VARINT), _varint(height),
+                     _key(3, VARINT), _varint(width), _key(4, LENGTH), _varint(channels * height * width)))
+
+
+def is_plain_raw_tail(tail) -> bool:
+    """Whether the bytes after a raw record's pixels are only `label` and `encoded=false` (what Caffe
+    writes), so the pixels before them are the record's data as decode_datum would read it."""
+    try:
+        for number, wire, value in iter_fields(tail):
+            if not (number == 5 and wire == VARINT or number == 7 and wire == VARINT and value == 0):
+                return False
+    except RecordError:
+        return False
+    return True
+
+
 def decode_datum(buf) -> Datum:
-    datum = Datum()
-    floats = []
-    seen_data = False
-    for number, wire, value in iter_fields(buf):
+    """Any valid encoding of a Datum -> Datum; RecordError on anything malformed. The field loop is
+    `iter_fields` written out, with one-byte varints read in place (3x faster on Caffe's records)."""
+    view = memoryview(buf)
+    end, pos = len(view), 0
+    ints = [0] * 6  # by field number: channels 1, height 2, width 3, label 5
+    data, encoded, floats = None, False, []
+    while pos < end:
+        tag = view[pos]
+        if tag < 0x80:
+            pos += 1
+        else:
+            tag, pos = _read_varint(view, pos)
+        number, wire = tag >> 3, tag & 7
+        if number == 0:
+            raise RecordError("field number 0")
+        if wire == VARINT:
+            if pos < end and view[pos] < 0x80:
+                value, pos = view[pos], pos + 1
+            else:
+                value, pos = _read_varint(view, pos)
+        elif wire == LENGTH:
+            if pos < end and view[pos] < 0x80:
+                size, pos = view[pos], pos + 1
+            else:
+                size, pos = _read_varint(view, pos)
+            if pos + size > end:
+                raise RecordError(f"field {number} claims {size} bytes, {end - pos} left")
+            value, pos = view[pos:pos + size], pos + size
+        elif wire == FIXED32 or wire == FIXED64:
+            width = 4 if wire == FIXED32 else 8
+            if pos + width > end:
+                raise RecordError(f"field {number}: truncated fixed{8 * width}")
+            value, pos = view[pos:pos + width], pos + width
+        else:
+            raise RecordError(f"field {number}: unsupported wire type {wire}")
         if number in (1, 2, 3, 5):
             _expect(number, wire, (VARINT,), "Datum")
-            setattr(datum, ("", "channels", "height", "width", "", "label")[number], _int32(value))
+            ints[number] = _int32(value)
         elif number == 4:
             _expect(number, wire, (LENGTH,), "Datum")
-            datum.data = bytes(value)
-            seen_data = True
+            data = value
         elif number == 6:
             _expect(number, wire, (LENGTH, FIXED32), "Datum")
             floats.append(_repeated_fixed(wire, value, 4, "<f4"))
         elif number == 7:
             _expect(number, wire, (VARINT,), "Datum")
-            datum.encoded = bool(value)
-    if floats:
-        datum.float_data = np.concatenate(floats)
-    if not seen_data and datum.float_data is None:
+            encoded = bool(value)
+    datum = Datum(ints[1], ints[2], ints[3], b"" if data is None else bytes(data), ints[5], encoded,
+                  np.concatenate(floats) if floats else None)
+    if data is None and datum.float_data is None:
         raise RecordError("not a Caffe Datum: no data (field 4) and no float_data (field 6)")
-    if not datum.encoded and seen_data:
+    if not encoded and data is not None:
         datum.pixels()  # validates the size
     return datum
 

@@ -197,10 +197,11 @@ class Reader:
             return self.env.stat()["entries"]
         return sum(1 for _ in self.db.iterator(include_value=False))
 
-    def items(self, start: bytes | None = None):
-        """(key, value) pairs in key order, from `start` on."""
+    def items(self, start: bytes | None = None, buffers: bool = False):
+        """(key, value) pairs in key order, from `start` on. With `buffers`, LMDB yields memoryviews
+        into the map (no copy), valid only until the next item is taken."""
         if self.env is not None:
-            with self.env.begin(buffers=False) as txn:
+            with self.env.begin(buffers=buffers) as txn:
                 cursor = txn.cursor()
                 found = cursor.set_range(start) if start else cursor.first()
                 if found:

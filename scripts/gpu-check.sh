@@ -35,3 +35,7 @@ done
 $py benchmarks/bench_record_source.py --images 2000 --workdir "$work/bench" 2>&1 | tee "$out/record-source.md"
 # the example trainer on the GPU: ResNet-50, fp16 batches from the loader, throughput per 20 steps
 $py examples/train_resnet50.py "$work/train_lmdb" --steps 100 --batch 128 2>&1 | tee "$out/train-resnet50.txt"
+# build-lmdb beyond 2 cores: img/s and the single writer's share of its core at 1-16 jobs, then
+# shards built at once + merge (the way past one writer), on the same 10k ImageNet-sized JPEGs
+$py benchmarks/bench_cores.py --list "$work/lists/train.txt" --root "$work/sample/train" --workdir "$work/cores" \
+    --jobs 1,2,4,8,16 --shards 2,4,8 --preset caffe 2>&1 | tee "$out/bench-cores.md"

@@ -1,5 +1,7 @@
-"""The benchmark scripts run end to end on a tiny tree and print their tables (speed is not judged here)."""
+"""The benchmark scripts run end to end on a tiny tree and print their tables (speed is not judged
+here). With IMGPREP_CAFFE_TOOLS set, Caffe's rows must be there too."""
 
+import os
 import re
 import subprocess
 import sys
@@ -8,6 +10,7 @@ from pathlib import Path
 import pytest
 
 BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
+CAFFE = bool(os.environ.get("IMGPREP_CAFFE_TOOLS"))
 
 
 def run_benchmark(script, tmp_path, *args):
@@ -18,23 +21,40 @@ def run_benchmark(script, tmp_path, *args):
 
 
 def table_rows(text):
-    return {m[1]: float(m[2].replace(",", "")) for m in re.finditer(r"^\| ([^|]+) \| ([\d,]+) \| [\d.]+ \|$", text, re.M)}
+    """{method: median rate} of every table row: | method | rate | low-high | ratio | cpu ms | cpu ratio |"""
+    row = r"^\| ([^|]+) \| ([\d,]+) \| [\d,]+-[\d,]+ \| [\d.]+ \| [\d.]+ \| [\d.]+ \|$"
+    return {m[1]: float(m[2].replace(",", "")) for m in re.finditer(row, text, re.M)}
 
 
-def test_bench_build_prints_both_recipes_against_opencv(tmp_path):
+def test_bench_build_prints_every_recipe_against_its_peers(tmp_path):
     pytest.importorskip("cv2")
     out = run_benchmark("bench_build.py", tmp_path, "--runs", "1")
-    assert "40 JPEGs" in out and "Caffe's recipe" in out and "ResNet recipe" in out
+    assert "40 JPEGs" in out and "Caffe's recipe" in out and "ResNet recipe" in out and "floor:" in out
     rows = table_rows(out)
-    assert {"OpenCV loop, 1 process", "Pillow loop, 1 process", "imgprep, 1 job"} <= rows.keys()
-    assert any(re.fullmatch(r"imgprep, \d+ jobs", name) for name in rows)
+    assert {"OpenCV loop, 1 process", "imgprep --preset caffe, 1 job", "imgprep --preset resnet, 1 job"} <= rows.keys()
+    assert ("Caffe convert_imageset" in rows and "Caffe convert_imageset --encoded" in rows) == CAFFE
     assert all(rate > 0 for rate in rows.values())
 
 
 def test_bench_mean_prints_raw_and_encoded(tmp_path):
-    out = run_benchmark("bench_mean.py", tmp_path)
-    assert "raw squash-256" in out and "encoded squash-256" in out
-    assert "imgprep compute-mean, 1 job(s)" in table_rows(out)
+    out = run_benchmark("bench_mean.py", tmp_path, "--records", "40,80", "--runs", "1")
+    assert "raw, 40 records" in out and "raw, 80 records" in out and "encoded" in out
+    rows = table_rows(out)
+    assert "imgprep compute-mean, 1 job" in rows
+    assert ("Caffe compute_image_mean" in rows) == CAFFE
+
+
+def test_bench_cores_prints_jobs_and_shards(tmp_path):
+    out = run_benchmark("bench_cores.py", tmp_path, "--jobs", "1,2", "--shards", "2")
+    assert re.search(r"^\| 2 \| [\d,]+ \| \d+% \|$", out, re.M), out
+    assert re.search(r"^\| 2 x 1 jobs \| [\d,]+ \| [\d,]+ \|$", out, re.M), out
+
+
+def test_bench_codec_prints_both_codecs():
+    result = subprocess.run([sys.executable, str(BENCHMARKS / "bench_codec.py")], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("| ") >= 6 and "JPEG Datum, 38 KB, decode" in result.stdout
 
 
 def test_bench_record_source_prints_the_source_alone_and_through_dali(tmp_path):

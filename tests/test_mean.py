@@ -7,7 +7,7 @@ import pytest
 from conftest import assert_clean_error, db_records, run_cli
 from imgprep import ImgprepError
 from imgprep.build import MANIFEST, BuildOptions, build_database
-from imgprep.codec import encode_datum
+from imgprep.codec import encode_datum, raw_datum_prefix
 from imgprep.imageops import ImageSpec, center_crop, decode_upright, parse_resize, to_bgr_chw
 from imgprep.mean import MeanTransform, compute_mean, load_mean, write_mean
 from imgprep.storage import Reader, open_writer
@@ -167,3 +167,58 @@ def test_gray_encoded_records_without_channels_give_a_one_channel_mean(sample_tr
     build_database(sample_tree.lists / "val.txt", sample_tree.root / "val", tmp_path / "db", options,
                    show_progress=False)
     assert compute_mean(tmp_path / "db", show_progress=False).mean.shape == (1, 16, 16)
+
+
+def _write(db, backend, items):
+    writer = open_writer(db, backend)
+    writer.put_batch(items)
+    writer.close()
+
+
+@pytest.mark.parametrize("backend", ["lmdb", "leveldb"])
+def test_records_in_any_valid_encoding_are_summed_exactly_by_every_thread(tmp_path, backend):
+    """Caffe's layout is summed in place; reordered fields, long labels and unknown fields go
+    through the full decoder; 3 threads over 2,001 records give the exact sum."""
+    shape, n = (3, 5, 7), 2001
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, size=(n, *shape), dtype=np.uint8)
+    items = []
+    for i, pixels in enumerate(images):
+        value = encode_datum(pixels.tobytes(), i % 1000, *shape, False)
+        if i % 7 == 1:
+            head = len(raw_datum_prefix(*shape)) + pixels.size  # then label and encoded:
+            value = value[head:] + value[:head]  # written first, valid protobuf, not Caffe's order
+        elif i % 7 == 2:
+            value += bytes.fromhex("48 05")  # unknown field 9, which decoders skip
+        items.append((f"{i:08d}_x".encode(), value))
+    _write(tmp_path / "db", backend, items)
+    expected = images.astype(np.uint64).sum(axis=0)
+    for jobs in (1, 3):
+        result = compute_mean(tmp_path / "db", jobs=jobs, show_progress=False)
+        assert result.count == n
+        np.testing.assert_array_equal(result.sums, expected)
+
+
+def test_a_raw_looking_record_flagged_encoded_is_not_summed_as_pixels(tmp_path):
+    shape = (3, 4, 4)
+    good = encode_datum(bytes(48), 0, *shape, False)
+    flagged = good[:-1] + b"\x01"  # the same bytes with encoded=true: a (broken) JPEG, not pixels
+    _write(tmp_path / "db", "lmdb", [(b"00000000_a", good), (b"00000001_b", flagged)])
+    with pytest.raises(ImgprepError, match="00000001_b.*does not decode"):
+        compute_mean(tmp_path / "db", jobs=1, show_progress=False)
+
+
+def test_a_record_of_another_size_is_named_from_any_thread(tmp_path):
+    items = [(f"{i:08d}_x".encode(), encode_datum(bytes(48), 0, 3, 4, 4, False)) for i in range(1500)]
+    items[1200] = (items[1200][0], encode_datum(bytes(75), 0, 3, 5, 5, False))
+    _write(tmp_path / "db", "lmdb", items)
+    with pytest.raises(ImgprepError, match="00001200_x is 5x5x3"):
+        compute_mean(tmp_path / "db", jobs=2, show_progress=False)
+
+
+def test_a_truncated_record_after_a_bare_one_is_a_clear_error(tmp_path):
+    """A record of just the pixels (no label, no encoded: valid) then one cut short."""
+    bare = raw_datum_prefix(3, 4, 4) + bytes(48)
+    _write(tmp_path / "db", "lmdb", [(b"00000000_a", bare), (b"00000001_b", bare[:-1])])
+    with pytest.raises(ImgprepError, match="00000001_b"):
+        compute_mean(tmp_path / "db", jobs=1, show_progress=False)
