@@ -1,6 +1,6 @@
 """Caffe's `Datum` and `BlobProto` messages in protobuf wire format, without protoc.
 
-Field numbers and types follow caffe.proto (SPEC §2, §3). Encoders write fields in field-number
+Field numbers and types follow Caffe's caffe.proto. Encoders write fields in field-number
 order, as protobuf's C++ serializer does, so imgprep's bytes equal Caffe's. Decoders accept any
 valid encoding (packed or unpacked repeated fields, unknown fields skipped) and raise
 `RecordError` with a specific message on anything malformed.

@@ -6,7 +6,7 @@ large) and JPEG qualities; each class is one photo with a tint of its own, so th
 network can learn the classes. The photos are upscaled, so the files are smoother (about 50 KB)
 than real ones; `grain` adds sensor-like noise, and 8 gives about ImageNet's file size and
 decoding cost (about 100 KB), which is what the benchmarks use. With `oddities=True` the train
-set also holds the files real ImageNet throws at a tool (SPEC §5): CMYK JPEG, PNG named .JPEG,
+set also holds the files real ImageNet throws at a tool: CMYK JPEG, PNG named .JPEG,
 RGBA PNG, EXIF-rotated JPEG, truncated JPEG, zero-byte file, random bytes named .JPEG.
 """
 

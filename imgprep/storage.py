@@ -1,7 +1,8 @@
 """LMDB and LevelDB behind one small interface: a batch writer and a key-ordered reader.
 
 The databases hold Caffe Datum records and nothing else; imgprep's own bookkeeping lives in
-sidecar files (see `build.py`). Caffe's LevelDB options are used (SPEC §2).
+sidecar files (see `manifest.py`). Caffe's LevelDB options are used: 64 KiB blocks, 256 MiB write
+buffer, 100 open files, Snappy compression.
 """
 
 from __future__ import annotations

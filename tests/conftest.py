@@ -14,7 +14,7 @@ IMGPREP = [sys.executable, "-m", "imgprep"]
 
 @pytest.fixture(scope="session", autouse=True)
 def cache_folder(tmp_path_factory):
-    """imgprep's cache (archive indexes) in the test session's folder, not the user's ~/.cache;
+    """imgprep's cache (archive indexes) in the pytest run's temporary folder, not the user's ~/.cache;
     subprocesses inherit it."""
     folder = tmp_path_factory.mktemp("cache")
     os.environ["XDG_CACHE_HOME"] = str(folder)

@@ -24,7 +24,7 @@ RESNET = ImageSpec(parse_resize("shorter:256"), encoded=True, quality=90)
 
 @pytest.fixture(scope="session")
 def download(sample_tree, tmp_path_factory):
-    """The session's sample tree (oddities included) packed as the three ILSVRC2012 downloads."""
+    """The shared sample tree (oddities included) packed as the three ILSVRC2012 downloads."""
     folder = tmp_path_factory.mktemp("download")
     write_download(sample_tree.root, folder)
     return folder
