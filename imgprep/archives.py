@@ -82,6 +82,9 @@ def _walk_tar(fileobj, base: int, limit: int, prefix: str, archive: str, entries
             break
         tar.members.clear()  # tarfile keeps every TarInfo; 1.28M of them would cost ~1 GB
         name = prefix + member_name(member.name)
+        if ".." in name.split("/"):
+            raise ImgprepError(f"{where} holds member {member.name!r}, whose '..' would place it outside the "
+                               "folder it is unpacked into; imgprep refuses such archives (as tar x skips such members)")
         if member.offset_data + member.size > limit:
             raise _truncated(where, name, base + member.offset_data + member.size, base + limit)
         if member.isreg() and not member.issparse():

@@ -78,8 +78,11 @@ def output_path(dst: Path, rel: str, made: set) -> Path:
     """Where output `rel` goes, its folders made where missing. A link (or file) on the way, or
     a link at the output itself, is a failure: no output ever lands outside DST. `made`
     remembers the folders already checked."""
+    parts = rel.split("/")
+    if any(part in ("", ".", "..") for part in parts):
+        raise ImageFailure("unsafe-output", f"{rel!r} is not a plain relative path; resize writes only inside DST")
     folder = dst
-    for part in rel.split("/")[:-1]:
+    for part in parts[:-1]:
         folder = folder / part
         if folder in made:
             continue

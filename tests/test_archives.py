@@ -211,3 +211,32 @@ def test_a_worker_without_the_index_makes_its_own(download, tmp_path):
                             capture_output=True, check=True)
     assert result.stdout == expected
     assert list((tmp_path / "other-cache" / "imgprep" / "archive-index").iterdir())
+
+
+def test_a_member_that_would_leave_the_folder_is_refused_and_nothing_is_written_outside(sample_tree, tmp_path):
+    import io
+    import tarfile
+
+    image = next((sample_tree.root / "val").glob("*.JPEG")).read_bytes()
+    for name in ("../evil.JPEG", "a/../../evil.JPEG"):
+        archive = tmp_path / "work" / "val.tar"
+        archive.parent.mkdir(exist_ok=True)
+        with tarfile.open(archive, "w") as tar:
+            for member in ("ok.JPEG", name):
+                info = tarfile.TarInfo(member)
+                info.size = len(image)
+                tar.addfile(info, io.BytesIO(image))
+        result = run_cli("resize", archive, tmp_path / "work" / "out" / "dst", "--resize", "shorter:32", check=False)
+        assert_clean_error(result, name, "outside")
+        assert not list(tmp_path.rglob("evil.JPEG")) and not (tmp_path / "work" / "out" / "dst").exists()
+        assert_clean_error(run_cli("make-lists", archive, "--out", tmp_path / "lists", check=False), name)
+
+
+def test_resize_writes_only_plain_relative_paths_inside_dst(tmp_path):
+    from imgprep.resize import output_path
+
+    for rel in ("../x.JPEG", "a/../../x.JPEG", "a//x.JPEG", "./x.JPEG"):
+        with pytest.raises(ImageFailure) as info:
+            output_path(tmp_path / "dst", rel, set())
+        assert info.value.reason == "unsafe-output"
+    assert not (tmp_path / "x.JPEG").exists()
