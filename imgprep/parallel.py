@@ -25,6 +25,8 @@ import itertools
 import mmap
 import os
 import re
+import signal
+import threading
 from collections import deque
 from concurrent.futures import Future
 from contextlib import contextmanager
@@ -318,22 +320,47 @@ def ordered_map(fn, chunks, jobs: int, scheduler: str | None = None, area_bytes:
         return
     from joblib.externals.loky import get_reusable_executor
 
-    executor = get_reusable_executor(max_workers=jobs)
+    with _sigint_blocked():
+        executor = get_reusable_executor(max_workers=jobs)
 
     def restart():  # a broken executor is replaced by the next call
         nonlocal executor
-        executor = get_reusable_executor(max_workers=jobs)
+        with _sigint_blocked():
+            executor = get_reusable_executor(max_workers=jobs)
+
+    def start(chunk, **extra):
+        with _sigint_blocked():  # workers started here never see the terminal's Ctrl-C
+            return executor.submit(fn, chunk, **extra, **kwargs)
 
     window = WINDOW_PER_WORKER * jobs
-    # window + 1 areas: the chunk being copied out, and `window` in flight
-    with _shared_areas(window + 1, area_bytes) as areas:
-        if not areas:
-            yield from _windowed(lambda chunk: executor.submit(fn, chunk, **kwargs), chunks, window, crashed, restart)
-            return
-        turn = itertools.cycle(areas)
+    try:
+        # window + 1 areas: the chunk being copied out, and `window` in flight
+        with _shared_areas(window + 1, area_bytes) as areas:
+            if not areas:
+                yield from _windowed(start, chunks, window, crashed, restart)
+                return
+            turn = itertools.cycle(areas)
 
-        def submit(chunk):
-            area, buffer = next(turn)
-            return _CopyingOut(executor.submit(fn, chunk, area=area, **kwargs), buffer)
+            def submit(chunk):
+                area, buffer = next(turn)
+                return _CopyingOut(start(chunk, area=area), buffer)
 
-        yield from _windowed(submit, chunks, window, crashed, restart)
+            yield from _windowed(submit, chunks, window, crashed, restart)
+    except (KeyboardInterrupt, GeneratorExit):  # Ctrl-C, or the consumer stopped: no worker lingers
+        executor.shutdown(wait=False, kill_workers=True)
+        raise
+
+
+@contextmanager
+def _sigint_blocked():
+    """SIGINT blocked in the main thread while worker processes (and loky's threads) may start: they
+    inherit the blocked signal, so Ctrl-C, which the terminal sends to the whole process group, reaches
+    only the main process, which stops them. A Ctrl-C that comes meanwhile is delivered on leaving."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)

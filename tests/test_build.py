@@ -4,6 +4,7 @@ import os
 import random
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -276,6 +277,25 @@ def test_ctrl_c_stops_cleanly_and_says_how_to_resume(larger_tree, tmp_path):
     err = err.decode()
     assert proc.returncode == 130 and "Traceback" not in err and "--resume" in err, err
     resumed = _start_build(larger_tree, out, "--jobs", "1", "--resume")
+    resumed.communicate()
+    assert resumed.returncode == 3 and json.loads((out / MANIFEST).read_text())["state"] == "complete"
+
+
+def test_ctrl_c_at_the_terminal_stops_workers_and_writer_without_a_traceback(larger_tree, tmp_path):
+    """The terminal sends Ctrl-C to the whole process group: workers included. Only the main process
+    acts on it; no worker prints a traceback, none is left behind, and --resume finishes the build."""
+    out = tmp_path / "db"
+    proc = _start_build(larger_tree, out, "--jobs", "2")
+    assert wait_for_progress(proc, 50)
+    workers = loky_workers(proc.pid)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    err = err.decode()
+    assert proc.returncode == 130 and "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    time.sleep(0.5)
+    assert workers and not [pid for pid in workers if os.path.exists(f"/proc/{pid}") and
+                            b"Z" not in open(f"/proc/{pid}/stat", "rb").read().split()[2]]
+    resumed = _start_build(larger_tree, out, "--jobs", "2", "--resume")
     resumed.communicate()
     assert resumed.returncode == 3 and json.loads((out / MANIFEST).read_text())["state"] == "complete"
 
