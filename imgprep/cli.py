@@ -18,6 +18,15 @@ from . import ImgprepError, __version__
 EXIT_IMAGES_FAILED = 3
 
 
+INTERRUPTED = {
+    "build-lmdb": "Interrupted. Every committed record is kept: run the same command with --resume to continue.",
+    "resize": "Interrupted. Finished images are kept: run the same command again to continue.",
+    "merge": "Interrupted. The output is incomplete: run the same command again to redo the merge.",
+    "make-lists": "Interrupted. Earlier lists are unchanged: run the same command again.",
+    "compute-mean": "Interrupted. Nothing was written: run the same command again.",
+}
+
+
 class Group(click.Group):
     """Turns ImgprepError (and OSError, a dead worker process) into `Error: message` and exit 1, and
     Ctrl-C into exit 130."""
@@ -33,8 +42,7 @@ class Group(click.Group):
             click.echo(f"Error: {e.strerror or e}{where}", err=True)
             ctx.exit(1)
         except KeyboardInterrupt:
-            click.echo("Interrupted. Finished work is kept: run the same command again to continue "
-                       "(build-lmdb: add --resume).", err=True)
+            click.echo(INTERRUPTED.get(ctx.invoked_subcommand, "Interrupted."), err=True)
             ctx.exit(130)
         except Exception as e:  # build-lmdb and resize survive a dying worker; anything else stops here
             from .parallel import died_how, worker_died

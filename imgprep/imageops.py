@@ -32,6 +32,17 @@ class ImageWarning(UserWarning):
     """Something odd in an image that was still used (e.g. a corrupt EXIF block), naming the file."""
 
 
+def _format_warning(message, category, filename, lineno, line=None, _default=warnings.formatwarning):
+    """`warning: <file>: <what>` for an ImageWarning (which line of imgprep issued it means nothing to
+    a user); Python's format for every other warning."""
+    if issubclass(category, ImageWarning):
+        return f"warning: {message}\n"
+    return _default(message, category, filename, lineno, line)
+
+
+warnings.formatwarning = _format_warning
+
+
 class ImageFailure(Exception):
     """An image that cannot be used; `reason` is a short code for the failure report."""
 

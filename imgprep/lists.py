@@ -162,6 +162,8 @@ def _check_line(line: str, num_labels: int | None, allow_outside_root: bool) -> 
         return "missing label (expected 'path label', separated by a space)"
     if "\0" in name:
         return "path contains a NUL byte, which no file name can hold"
+    if "\r" in name:
+        return "path contains a carriage return: a list with old Mac (CR-only) line ends? Save it with LF line ends"
     if not LABEL_RE.fullmatch(label_text):
         return f"label {label_text!r} is not an integer"
     label = int(label_text)

@@ -177,6 +177,7 @@ def test_every_command_has_help_with_an_example():
     ("a.JPEG \uff10", "not an integer"),  # fullwidth zero
     ("a.JPEG \u0663", "not an integer"),  # Arabic-Indic three
     ("a\0b.JPEG 1", "line 1: path contains a NUL byte"),
+    ("a.JPEG 0\rb.JPEG 1\rc.JPEG 2", "line 1: path contains a carriage return"),  # CR-only line ends
 ])
 def test_path_aliases_non_ascii_labels_and_nul_bytes_are_refused(tmp_path, text, message):
     path = tmp_path / "list.txt"
