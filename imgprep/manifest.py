@@ -119,10 +119,16 @@ class OutputLock:
     def __init__(self, out: Path):
         self.path = Path(out) / LOCK
         self.fd = None
+        self.created = False
 
     def __enter__(self):
+        flags = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC
         try:
-            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+            try:
+                self.fd = os.open(self.path, flags | os.O_CREAT | os.O_EXCL, 0o666)
+                self.created = True
+            except FileExistsError:
+                self.fd = os.open(self.path, flags)
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(self.fd)
@@ -136,7 +142,9 @@ class OutputLock:
             raise ImgprepError(f"cannot write to {self.path.parent}: {e.strerror}") from None
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, kind, *exc):
+        if self.created and kind is not None and issubclass(kind, ImgprepError):
+            self.path.unlink(missing_ok=True)  # a refusal leaves no trace of imgprep in the folder
         os.close(self.fd)
 
 

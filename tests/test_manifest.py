@@ -35,7 +35,7 @@ def test_overwrite_deletes_only_database_files_recognised_by_structure(sample_tr
     assert_clean_error(cli_build(sample_tree, fake, "--overwrite"), "neither a database nor an imgprep build")
     (fake / "data.mdb").write_text("not lmdb")
     assert_clean_error(cli_build(sample_tree, fake, "--overwrite"), "neither a database nor an imgprep build")
-    assert sorted(os.listdir(fake)) == ["CURRENT", "data.csv", "data.mdb", LOCK]
+    assert sorted(os.listdir(fake)) == ["CURRENT", "data.csv", "data.mdb"]  # not even a lock left behind
 
     caffe_made = tmp_path / "caffe_made"  # a real LMDB without a manifest, beside a user's file
     writer = open_writer(caffe_made, "lmdb")
