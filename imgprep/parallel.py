@@ -27,6 +27,7 @@ import os
 import re
 import signal
 import threading
+import time
 from collections import deque
 from concurrent.futures import Future
 from contextlib import contextmanager
@@ -321,12 +322,12 @@ def ordered_map(fn, chunks, jobs: int, scheduler: str | None = None, area_bytes:
     from joblib.externals.loky import get_reusable_executor
 
     with _sigint_blocked():
-        executor = get_reusable_executor(max_workers=jobs)
+        executor = get_reusable_executor(max_workers=jobs, initializer=_watch_parent)
 
     def restart():  # a broken executor is replaced by the next call
         nonlocal executor
         with _sigint_blocked():
-            executor = get_reusable_executor(max_workers=jobs)
+            executor = get_reusable_executor(max_workers=jobs, initializer=_watch_parent)
 
     def start(chunk, **extra):
         with _sigint_blocked():  # workers started here never see the terminal's Ctrl-C
@@ -349,6 +350,19 @@ def ordered_map(fn, chunks, jobs: int, scheduler: str | None = None, area_bytes:
     except (KeyboardInterrupt, GeneratorExit):  # Ctrl-C, or the consumer stopped: no worker lingers
         executor.shutdown(wait=False, kill_workers=True)
         raise
+
+
+def _watch_parent(interval: float = 0.5) -> None:
+    """Worker side: exits when the process that started it is gone (kill -9 of a build), instead of
+    idling on for loky's 5 minutes and keeping its shared memory mapped."""
+    parent = os.getppid()
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(interval)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="imgprep-parent-watch", daemon=True).start()
 
 
 @contextmanager

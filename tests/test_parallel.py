@@ -137,3 +137,42 @@ def test_a_dying_worker_anywhere_else_is_a_clean_cli_error(tmp_path):
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert result.output.startswith("Error: its worker process died (SIGKILL(-9)"), result.output
     assert "killed for memory, or crashed. Run the same command again" in result.output
+
+
+WATCHED_WORKER = """
+import os, subprocess, sys, time
+if sys.argv[1] == "parent":  # starts a worker, says its pid, then waits to be killed
+    worker = subprocess.Popen([sys.executable, "-c", __doc__, "worker"])
+    print(worker.pid, flush=True)
+    time.sleep(600)
+else:  # an idle worker, as loky's wait for their next task
+    from imgprep.parallel import _watch_parent
+    _watch_parent(interval=0.1)
+    time.sleep(600)
+"""
+
+
+def _running(pid: int) -> bool:
+    try:
+        return open(f"/proc/{pid}/stat", "rb").read().split()[2] != b"Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_an_idle_worker_leaves_when_its_build_is_killed():
+    """kill -9 of a build's main process: its idle workers exit within a second, instead of idling
+    on (loky's 5 minutes) with the build's shared memory mapped."""
+    script = f"__doc__ = {WATCHED_WORKER!r}\n{WATCHED_WORKER}"
+    parent = subprocess.Popen([sys.executable, "-c", script, "parent"], stdout=subprocess.PIPE)
+    worker = int(parent.stdout.readline())
+    time.sleep(0.5)
+    assert _running(worker)
+    parent.kill()
+    parent.wait()
+    deadline = time.monotonic() + 5
+    while _running(worker) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    alive = _running(worker)
+    if alive:
+        os.kill(worker, signal.SIGKILL)
+    assert not alive
