@@ -65,6 +65,23 @@ class RecordSource:
             labels.append(label)
         return data, np.array(labels, np.int32)
 
+    @staticmethod
+    def sizes(data: list[np.ndarray]) -> np.ndarray:
+        """(height, width) of each record `read` returned: a raw record's shape, an encoded one's
+        image header (read without decoding the image)."""
+        from io import BytesIO
+
+        from PIL import Image
+
+        out = np.zeros((len(data), 2), np.int64)
+        for i, array in enumerate(data):
+            if array.ndim == 3:
+                out[i] = array.shape[:2]
+                continue
+            with Image.open(BytesIO(array.tobytes())) as image:  # a bad header fails the batch: see culprit()
+                out[i] = image.size[::-1]
+        return out
+
     def _bad(self, key: bytes, value, error: Exception) -> ImgprepError:
         if value is None:
             return ImgprepError(f"{self.path}: record {key!r} went away while the loader was reading "
