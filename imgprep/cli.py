@@ -194,6 +194,7 @@ def make_lists_cmd(roots, out, synsets_file, derive_synsets, val_labels, val_id_
 PRESETS = {
     "caffe": {"resize": "squash:256x256", "encoded": False},
     "resnet": {"resize": "shorter:256", "encoded": True},
+    "resnet480": {"resize": "shorter:480", "encoded": True},
 }
 
 
@@ -250,7 +251,9 @@ def resize(src, dst, resize, quality, gray, max_aspect, jobs, overwrite, schedul
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--preset", type=click.Choice(sorted(PRESETS)),
               help="caffe: squash:256x256 raw records (Caffe's ImageNet recipe). resnet: shorter:256 "
-                   "JPEG records (ResNet recipe, fastest with DALI). Explicit options override it.")
+                   "JPEG records (ResNet recipe, fastest with DALI; the loader's caffe, inception, center and "
+                   "ten-crop policies). resnet480: shorter:480 JPEG records, for the loader's resnet policy "
+                   "(scale augmentation up to 480 without upscaling). Explicit options override it.")
 @click.option("--backend", type=click.Choice(["lmdb", "leveldb"]), default="lmdb", show_default=True)
 @_resize_option(None)
 @click.option("--encoded/--raw", default=None,
@@ -414,10 +417,15 @@ def inspect_cmd(db, list_file, verify, allow_partial):
               help="Also measure the loader with this share of the records decoded on CPU threads beside the "
                    "GPU decoder (e.g. 0.35 on a 16-core H100 machine).")
 @click.option("--cpu-threads", type=click.IntRange(1), default=None, help="CPU decode threads for --cpu-share.")
+@click.option("--policy", "policies", metavar="NAME[,NAME...]", default=None,
+              help="Measure the loader with each of these policies, one row each, side by side: caffe, resnet, "
+                   "inception (training), center, ten-crop (evaluation), or 'all'. The other rows use the first "
+                   "one's kind (training or evaluation). Default: caffe, or center with --eval.")
 @click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
 def bench_loader_cmd(db, batch, threads, device, seconds, eval_policy, compare, compare_list, torch_workers,
-                     cpu_share, cpu_threads, as_json):
-    """Measure the DALI loader on DB: images/s and ms per batch for the training policy.
+                     cpu_share, cpu_threads, policies, as_json):
+    """Measure the DALI loader on DB: images/s and ms per batch for the training policy (or --eval's,
+    or each --policy; ten-crop counts images, not views).
 
     Rows: the imgprep loader (shorter 256, random crop 224 + mirror, normalise; NCHW, fp16 on a
     GPU and fp32 on the CPU); the same LMDB read and decoded only (the ceiling); imgprep's
@@ -430,11 +438,17 @@ def bench_loader_cmd(db, batch, threads, device, seconds, eval_policy, compare, 
       imgprep bench-loader train_lmdb --batch 256 --seconds 20
       imgprep bench-loader train_lmdb --compare /data/ILSVRC2012/train --torch-workers 16
       imgprep bench-loader train_lmdb --threads 6 --cpu-share 0.35 --cpu-threads 10
+      imgprep bench-loader train_lmdb --policy all --seconds 5
     """
     from .bench import bench_loader, format_table, rows_to_dicts
+    from .policies import EVAL_POLICIES, TRAIN_POLICIES
 
+    names = None
+    if policies:
+        names = [n.strip() for n in policies.split(",") if n.strip()]
+        names = list(TRAIN_POLICIES + EVAL_POLICIES) if names == ["all"] else names
     rows = bench_loader(db, batch, threads, device, seconds, not eval_policy, compare, compare_list,
-                        torch_workers=torch_workers, cpu_share=cpu_share, cpu_threads=cpu_threads)
+                        torch_workers=torch_workers, cpu_share=cpu_share, cpu_threads=cpu_threads, policies=names)
     click.echo(json.dumps(rows_to_dicts(rows)) if as_json else format_table(rows))
 
 
