@@ -453,6 +453,42 @@ def bench_loader_cmd(db, batch, threads, device, seconds, eval_policy, compare, 
 
 
 @main.command()
+@click.argument("db", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("out", metavar="OUT.png", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--policy", default=None, metavar="NAME",
+              help="The loader policy to show: caffe, resnet, inception (training: three epochs' draws per "
+                   "record), center or ten-crop (evaluation: the crop, or the ten views). Default: caffe, or "
+                   "center with --eval.")
+@click.option("--train/--eval", "train", default=True, show_default=True,
+              help="Without --policy: the training policy (caffe) or the evaluation one (center).")
+@click.option("--count", type=click.IntRange(1, 64), default=8, show_default=True,
+              help="Records to show: the database's first ones, in key order (one row each).")
+@click.option("--seed", type=int, default=0, show_default=True, help="The loader's seed (the draws shown).")
+@click.option("--words", "words_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="synset_words.txt whose line i names label i (make-lists writes one beside the lists). "
+                   "Default: the shipped ILSVRC12 synsets, as make-lists labels them.")
+@click.option("--tile", type=click.IntRange(64, 512), default=160, show_default=True, help="Tile size in pixels.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT.png if it exists.")
+def preview(db, out, policy, train, count, seed, words_file, tile, overwrite):
+    """Write a contact sheet of DB's first records and the loader's output for them (OUT.png).
+
+    Each row: the stored record with its label, class words and size, then what the policy makes of
+    it, de-normalised (RGB 0..255, as a person sees it; PCA lighting included). Look at it before
+    training: a BGR/RGB swap (blue faces, orange sky), a rotated photo, a wrong label or crops that
+    miss the object are obvious at a glance. Runs in DALI's CPU mode.
+
+    \b
+    Examples:
+      imgprep preview train_lmdb train.png --policy resnet
+      imgprep preview val_lmdb val.png --policy ten-crop --count 4 --words lists/synset_words.txt
+    """
+    from .preview import write_preview
+
+    written = write_preview(db, out, policy, train, count, seed, words_file, tile, overwrite)
+    click.echo(f"preview: {written}")
+
+
+@main.command()
 @click.argument("workdir", type=click.Path(file_okay=False, path_type=Path), default=Path("build/demo"))
 @click.option("--seconds", type=float, default=3.0, show_default=True, help="Seconds per benchmark row.")
 def demo(workdir, seconds):
