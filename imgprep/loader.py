@@ -1,18 +1,19 @@
-"""A DALI loader for imgprep databases with the ResNet recipe's policy, owning the sample order.
+"""A DALI loader for imgprep databases, owning the sample order, with the policies of `policies`.
 
-Training: shorter side to 256, random 224x224 crop, random horizontal mirror. Evaluation:
-shorter side to 256, center 224x224 crop, placed as DALI places it: offset (W-224)/2 with a half
-pixel rounded up (Caffe's TEST phase rounds it down: where W-224 is odd, Caffe's crop sits one
-pixel further left, or up for H). Then normalisation (per-channel mean/std, or a Caffe
-`.binaryproto` mean image) and output as fp32/fp16, NCHW/NHWC, on the GPU ('mixed' JPEG
+Policies (`policies.py`): training "caffe" (shorter side 256, random 224x224 crop, random mirror; the
+default), "resnet" (scale augmentation [256, 480] + crop + mirror + PCA lighting), "inception"
+(RandomResizedCrop + mirror); evaluation "center" (shorter side 256, the center 224x224 crop, placed
+as DALI places it: offset (W-224)/2 with a half pixel rounded up, where Caffe's TEST phase rounds it
+down) and "ten-crop". Then normalisation (per-channel mean/std, or a Caffe `.binaryproto` mean image),
+RGB or Caffe's BGR channel order, and output as fp32/fp16, NCHW/NHWC, on the GPU ('mixed' JPEG
 decoding) when there is one and in DALI's CPU mode when not.
 
 The loader decides which records each batch holds (`order.EpochPlan`: epoch e visits
 `order.permutation(N, seed, e)`, rank i of K takes every K-th sample of it, as PyTorch's
 DistributedSampler does) and feeds them to DALI through `fn.external_source`, reading each
-record by key (`records.RecordSource`), from LMDB and LevelDB alike. Raw records are
-reinterpreted: they are handed over labelled HWC, as DALI's `readers.caffe` does, and turned
-back from Caffe's planar CHW BGR in the graph.
+record by key (`records.RecordSource`), from LMDB and LevelDB alike, with each sample's random
+draws (`policies.batch_params`). Raw records are reinterpreted: they are handed over labelled HWC,
+as DALI's `readers.caffe` does, and turned back from Caffe's planar CHW BGR in the graph.
 """
 
 from __future__ import annotations
@@ -264,10 +265,15 @@ class Loader:
     Restart: `state_dict()` is the position and what fixes the order (seed, N, K, batch size,
     drop_last, shuffle); `load_state_dict(state)` in a new process continues with exactly the records
     (and labels, in order) the interrupted run would have yielded next. The state is the same on
-    every rank. Augmentation is reproducible too: training crop positions and mirror flags are
-    drawn from (seed, epoch, position) (`order.augmentation`), not from DALI's random generators, so
-    a restart or another machine gets the same crops; the pixel values of a crop may differ in the
-    last bit between CPU and GPU decoders (and DALI versions).
+    every rank. Augmentation is reproducible too: every policy's draws (crop positions, mirror flags,
+    shorter sides, RandomResizedCrop windows, lighting) come from (seed, epoch, position)
+    (`order.augmentation`, `draws`), not from DALI's random generators, so a restart or another
+    machine gets the same crops; the pixel values of a crop may differ in the last bit between CPU
+    and GPU decoders (and DALI versions).
+
+    `policy` (see `policies`): None ("caffe" for training, "center" for evaluation), a name, or a
+    `policies.Policy`. "ten-crop" yields (B, 10, C, H, W) images. `channel_order="BGR"` gives Caffe's
+    channel order (with std 1, its 0..255 scale).
 
     `cpu_share` (GPU only; 0 by default) gives that share of each epoch's batches to a second
     pipeline that decodes JPEGs on `cpu_threads` CPU threads and crops/normalises on the GPU, beside
