@@ -88,6 +88,9 @@ def policy(name: str, **changes) -> Policy:
     if name not in _DEFAULTS:
         raise ImgprepError(f"unknown policy {name!r}: use one of {', '.join(_DEFAULTS)}")
     made = Policy(name, **{**_DEFAULTS[name], **changes})
+    if made.scale is not None and name != "resnet":
+        raise ImgprepError(f"scale augmentation is the 'resnet' policy's (policy('resnet', lighting=0.0) for it "
+                           f"without lighting); {name!r} takes no scale")
     if made.scale is not None:
         low, high = made.scale
         if not made.crop <= low <= high:

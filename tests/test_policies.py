@@ -314,6 +314,8 @@ def test_policy_mistakes_are_clear_errors(dbs, tmp_path):
         Loader(dbs["raw"], device=DEVICE, train=False, policy="resnet")
     with pytest.raises(ImgprepError, match="needs 224 <= low"):
         policy("resnet", scale=(200, 480))
+    with pytest.raises(ImgprepError, match="'inception' takes no scale"):
+        policy("inception", scale=(256, 480))
     with pytest.raises(ImgprepError, match="only a 224x224 mean"):
         Loader(dbs["raw"], device=DEVICE, policy="resnet",
                normalize=write_mean(tmp_path / "m.binaryproto", np.zeros((3, 256, 256))))
