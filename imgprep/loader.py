@@ -151,7 +151,7 @@ class _Feed:
     """The `fn.external_source` callable of one pipeline: the plan's batches assigned to its lane,
     one per call, from a position on. DALI calls it when it schedules a batch, so `scheduled` lists
     the (epoch, step) of every batch DALI runs ahead of what the loader handed out, in order.
-    `params(epoch, positions, data)` gives the policy's per-sample values of a batch."""
+    `params(epoch, positions, records, data)` gives the policy's per-sample values of a batch."""
 
     def __init__(self, plan: EpochPlan, source: RecordSource, params, lane: int, lane_of, keep: int = 4):
         self.plan, self.source, self.params, self.lane, self.lane_of = plan, source, params, lane, lane_of
@@ -183,7 +183,7 @@ class _Feed:
         records, positions, real = self.plan.batch(epoch, step)
         data, labels = self.source.read(records)
         labels[~real] = -1  # evaluation padding
-        batch = (data, labels.reshape(-1, 1), *self.params(epoch, positions, data))
+        batch = (data, labels.reshape(-1, 1), *self.params(epoch, positions, records, data))
         self._alive.append(batch)
         self.scheduled.append((epoch, step))
         self.cursor = self._ours(*self.plan.after(epoch, step))
@@ -470,9 +470,9 @@ class Loader:
 
 
 def _policy_params(chosen: Policy, seed: int, base_mean, channel_order: str, source: RecordSource):
-    """The feed's per-batch `params(epoch, positions, data)`: the policy's draws for those samples."""
-    def params(epoch, positions, data):
-        sizes = source.sizes(data) if "roi_start" in chosen.params() else None
+    """The feed's per-batch `params(epoch, positions, records, data)`: the policy's draws for those samples."""
+    def params(epoch, positions, records, data):
+        sizes = source.sizes(records, data) if "roi_start" in chosen.params() else None
         return batch_params(chosen, seed, epoch, positions, sizes, base_mean, channel_order)
     return params
 

@@ -321,3 +321,18 @@ def test_policy_mistakes_are_clear_errors(dbs, tmp_path):
                normalize=write_mean(tmp_path / "m.binaryproto", np.zeros((3, 256, 256))))
     with pytest.raises(ImgprepError, match="channel_order"):
         Loader(dbs["raw"], device=DEVICE, channel_order="GBR")
+
+
+def test_a_record_without_an_image_header_is_named_by_key_under_inception(dbs, tmp_path):
+    """RandomResizedCrop reads each record's image size from its header; a record without one is named."""
+    from imgprep.codec import encode_datum
+    from imgprep.storage import open_writer
+
+    with Reader(dbs["encoded"]) as reader:
+        good = list(reader.items())[:6]
+    writer = open_writer(tmp_path / "db", "lmdb")
+    writer.put_batch(good[:3] + [(b"00000003_broken.JPEG", encode_datum(b"not an image" * 30, 0, 3, 256, 256, True))])
+    writer.close()
+    with pytest.raises(ImgprepError, match="00000003_broken.JPEG"):
+        with Loader(tmp_path / "db", batch_size=4, device=DEVICE, num_threads=1, policy="inception") as loader:
+            list(loader)
