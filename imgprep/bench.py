@@ -214,7 +214,8 @@ def bench_loader(db, batch: int = 256, threads: int | None = None, device: str =
         for policy in chosen:
             rate, ms, n, gpu, device_name = _loader_rate(db, batch, threads, device, seconds, warmup, policy)
             label = ("training" if policy.train else "eval") if not policies else policy.name
-            note = ("fp16 NCHW" if gpu else "fp32 NCHW") + (f", {policy.views} views per image" if policy.views > 1 else "")
+            note = "fp16 NCHW" if gpu else "fp32 NCHW"
+            note += f", {policy.views} views per image" if policy.views > 1 else ""
             rows.append(BenchRow(f"imgprep loader ({label} policy, {device_name})", rate, ms, n, note))
     if cpu_share:
         with Loader(db, batch_size=batch, train=train, device=device, num_threads=threads,

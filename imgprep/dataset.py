@@ -173,8 +173,9 @@ class CaffeDataset(torch.utils.data.Dataset):
 
     Augmentation is reproducible: the crop and mirror of record i depend only on (seed, epoch, i)
     (`draw`; the "inception" window: `draws.resized_crop_windows` at position i), not on the worker or
-    the order. `policy`: "caffe" (the default for training), "inception", or "center" (evaluation). Call `set_epoch(e)` before each epoch; the epoch lives
-    in shared memory, so workers see it, persistent ones included.
+    the order. `policy`: "caffe" (the default for training), "inception", or "center" (evaluation).
+    Call `set_epoch(e)` before each epoch; the epoch lives in shared memory, so workers see it,
+    persistent ones included.
 
     Each process opens its own database handle on first use (DataLoader workers after the fork).
     LevelDB allows one process at a time: with it use num_workers=0 or 1 (more give a clear error;

@@ -338,8 +338,8 @@ class Loader:
             self._warn_if_upscaling()
             graph_args = dict(info=self.info, chosen=self.policy, norm=norm, dtype=dtype, layout=layout, gpu=gpu,
                               channel_order=channel_order)
-            params = _policy_params(self.policy, self.plan.seed, output_mean_std(norm, self.info.channels, channel_order)[0],
-                                    channel_order, source)
+            base_mean = output_mean_std(norm, self.info.channels, channel_order)[0]
+            params = _policy_params(self.policy, self.plan.seed, base_mean, channel_order, source)
             pipeline_args = dict(batch_size=batch_size, device_id=device_id if gpu else None, seed=seed,
                                  prefetch_queue_depth=prefetch)
             lanes = sorted({self._lane(step) for step in range(self.plan.steps)})  # [0] or [0, 1]: step 0 is lane 0

@@ -119,7 +119,8 @@ def policy_views(db, count: int, chosen, seed: int) -> list[list[np.ndarray]]:
         for epoch in range(epochs):
             loader.set_epoch(epoch)
             images, _ = next(iter(loader))
-            batches.append(_three_channels_batch(np.clip(np.rint(np.asarray(images, np.float32)), 0, 255).astype(np.uint8)))
+            pixels = np.clip(np.rint(np.asarray(images, np.float32)), 0, 255).astype(np.uint8)
+            batches.append(_three_channels_batch(pixels))
     if chosen.views > 1:
         return [list(views) for views in batches[0]]
     return [[batch[i] for batch in batches] for i in range(len(batches[0]))]

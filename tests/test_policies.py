@@ -72,7 +72,8 @@ def reference_uniform(seed, epoch, position, lane):
 def test_uniforms_are_the_documented_lanes():
     positions = np.array([0, 5, 10**6])
     for lane in (0, 3, 4, 16, 35):
-        assert uniforms(7, 2, positions, lane).tolist() == [reference_uniform(7, 2, p, lane) for p in positions.tolist()]
+        expected = [reference_uniform(7, 2, p, lane) for p in positions.tolist()]
+        assert uniforms(7, 2, positions, lane).tolist() == expected
 
 
 def test_scale_is_uniform_over_the_integers_256_to_480():
@@ -118,7 +119,8 @@ def torchvision_get_params(width, height, seed, epoch, position, scale=(0.08, 1.
     log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
     for k in range(10):
         target_area = area * (scale[0] + reference_uniform(seed, epoch, position, 16 + 2 * k) * (scale[1] - scale[0]))
-        aspect = math.exp(log_ratio[0] + reference_uniform(seed, epoch, position, 17 + 2 * k) * (log_ratio[1] - log_ratio[0]))
+        u = reference_uniform(seed, epoch, position, 17 + 2 * k)
+        aspect = math.exp(log_ratio[0] + u * (log_ratio[1] - log_ratio[0]))
         w = int(round(math.sqrt(target_area * aspect)))
         h = int(round(math.sqrt(target_area / aspect)))
         if 0 < w <= width and 0 < h <= height:
@@ -187,11 +189,13 @@ def test_scale_augmentation_crops_the_image_resized_to_the_drawn_shorter_side(db
     crop_x, crop_y, mirror = augmentation(6, 0, positions)
     assert len(set(sides.tolist())) > 4
     for image, label, side, cx, cy, m in zip(images, labels, sides, crop_x, crop_y, mirror):
-        resized = np.asarray(Image.fromarray(records[label][0]).resize((int(side), int(side)), Image.BILINEAR), np.float32)
+        resized = Image.fromarray(records[label][0]).resize((int(side), int(side)), Image.BILINEAR)
+        resized = np.asarray(resized, np.float32)
         left, top = (int(np.floor(c * (side - 224) + 0.5)) for c in (cx, cy))  # DALI rounds halves up
         expected = mirrored_crop(resized, top, left, 224, 224, m)
         assert np.abs(image - expected).mean() < 3.0
-        assert np.abs(image - mirrored_crop(resized, top, left, 224, 224, not m)).mean() > np.abs(image - expected).mean()
+        other = mirrored_crop(resized, top, left, 224, 224, not m)
+        assert np.abs(image - other).mean() > np.abs(image - expected).mean()
 
 
 def test_inception_resizes_the_drawn_window_to_224(dbs):

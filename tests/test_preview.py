@@ -13,7 +13,8 @@ def red_and_green_db(path):
     for label, rgb in enumerate(((255, 0, 0), (0, 255, 0))):
         bgr_planar = np.empty((3, 260, 300), np.uint8)
         bgr_planar[:] = np.array(rgb[::-1], np.uint8)[:, None, None]
-        records.append((b"%08d_%d.JPEG" % (label, label), encode_datum(bgr_planar.tobytes(), label, 3, 260, 300, False)))
+        value = encode_datum(bgr_planar.tobytes(), label, 3, 260, 300, False)
+        records.append((b"%08d_%d.JPEG" % (label, label), value))
     writer = open_writer(path, "lmdb")
     writer.put_batch(records)
     writer.close()
