@@ -22,7 +22,8 @@ from common import sample_tree, standard_args, table  # noqa: E402
 
 from imgprep.build import BuildOptions, build_database  # noqa: E402
 from imgprep.imageops import ImageSpec, parse_resize  # noqa: E402
-from imgprep.loader import _Feed  # noqa: E402
+from imgprep.loader import _Feed, _policy_params  # noqa: E402
+from imgprep.policies import policy  # noqa: E402
 from imgprep.order import EpochPlan  # noqa: E402
 from imgprep.records import RecordSource  # noqa: E402
 
@@ -36,15 +37,21 @@ def rate(step, seconds: float) -> float:
     return n / (time.perf_counter() - start)
 
 
+def caffe_feed(source: RecordSource, batch: int, seed: int, **kwargs) -> _Feed:
+    """The loader's feed with the caffe policy's draws (crop x, crop y, mirror per sample)."""
+    params = _policy_params(policy("caffe"), seed, (0.0, 0.0, 0.0), "RGB", source)
+    return _Feed(EpochPlan(len(source), batch, seed=seed), source, params, 0, lambda step: 0, **kwargs)
+
+
 def source_alone(source: RecordSource, batch: int, seed: int):
-    feed = _Feed(EpochPlan(len(source), batch, seed=seed), source, True, 0, lambda step: 0)
+    feed = caffe_feed(source, batch, seed)
     return lambda: len(feed()[0])
 
 
 def through_dali(source: RecordSource, batch: int, seed: int):
     from nvidia.dali import fn, pipeline_def, types
 
-    feed = _Feed(EpochPlan(len(source), batch, seed=seed), source, True, 0, lambda step: 0, keep=4)
+    feed = caffe_feed(source, batch, seed, keep=4)
 
     @pipeline_def(batch_size=batch, num_threads=1, device_id=None)
     def pipe():

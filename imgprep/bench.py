@@ -7,11 +7,12 @@ import gc
 import os
 import re
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from . import ImgprepError
-from .loader import IMAGENET_MEAN_RGB, IMAGENET_STD_RGB, Loader, database_info
+from .loader import IMAGENET_MEAN_RGB, IMAGENET_STD_RGB, Loader, UpscaleWarning, database_info
 
 
 @dataclass
@@ -183,26 +184,43 @@ def _time_loader(loader, batch, seconds, warmup) -> tuple[float, float, int]:
     return time_batches(lambda: next(it), batch, seconds, warmup)
 
 
+def _loader_rate(db, batch, threads, device, seconds, warmup, policy):
+    """(img/s, ms/batch, batches, on a GPU, device) of the loader's own pipeline with `policy`; on a GPU
+    with fp16 output, what a GPU trainer takes (a CPU trainer takes fp32, and x86 converts to fp16 slowly)."""
+    from .env import gpu_count
+
+    gpu = device == "gpu" or (device == "auto" and gpu_count() > 0)
+    with Loader(db, batch_size=batch, train=policy.train, device=device, num_threads=threads, policy=policy,
+                dtype="float16" if gpu else "float32") as loader:
+        rate, ms, n = time_batches(loader.pipeline.run, batch, seconds, warmup)
+        return rate, ms, n, gpu, loader.device
+
+
 def bench_loader(db, batch: int = 256, threads: int | None = None, device: str = "auto", seconds: float = 10.0,
                  train: bool = True, compare: Path | None = None, compare_list: Path | None = None,
                  warmup: int = 3, torch_workers: int | None = None, cpu_share: float = 0.0,
-                 cpu_threads: int | None = None) -> list[BenchRow]:
+                 cpu_threads: int | None = None, policies: list[str] | None = None) -> list[BenchRow]:
+    """The rows of `bench-loader`: one loader row per policy in `policies` (default: the training or
+    evaluation policy `train` picks), then the peers, with `train`'s policy or the first policy's."""
+    from .policies import parse_policy, policy as make_policy
+
     threads = threads or max(1, min(8, len(os.sched_getaffinity(0))))
     rows = []
-    loader = Loader(db, batch_size=batch, train=train, device=device, num_threads=threads)
-    gpu = loader.device == "gpu"
-    if gpu:  # what a GPU trainer takes; a CPU trainer takes fp32 (and x86 converts to fp16 slowly)
-        loader.close()
-        loader = Loader(db, batch_size=batch, train=train, device=device, num_threads=threads, dtype="float16")
-    policy = "training" if train else "eval"
-    rate, ms, n = time_batches(loader.pipeline.run, batch, seconds, warmup)
-    rows.append(BenchRow(f"imgprep loader ({policy} policy, {loader.device})", rate, ms, n,
-                         "fp16 NCHW" if gpu else "fp32 NCHW"))
-    loader.close()
+    chosen = [make_policy(name) for name in policies] if policies else [parse_policy(None, train)]
+    train = chosen[0].train
+    gpu = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UpscaleWarning)  # a rate is measured whatever the records' size
+        for policy in chosen:
+            rate, ms, n, gpu, device_name = _loader_rate(db, batch, threads, device, seconds, warmup, policy)
+            label = ("training" if policy.train else "eval") if not policies else policy.name
+            note = "fp16 NCHW" if gpu else "fp32 NCHW"
+            note += f", {policy.views} views per image" if policy.views > 1 else ""
+            rows.append(BenchRow(f"imgprep loader ({label} policy, {device_name})", rate, ms, n, note))
     if cpu_share:
         with Loader(db, batch_size=batch, train=train, device=device, num_threads=threads,
                     dtype="float16" if gpu else "float32", cpu_share=cpu_share, cpu_threads=cpu_threads,
-                    output="torch" if gpu else "numpy") as split:
+                    output="torch" if gpu else "numpy", policy=chosen[0]) as split:
             rate, ms, n = _time_loader(split, batch, seconds, warmup)
         rows.append(BenchRow(f"imgprep loader, {cpu_share:.0%} of records decoded on CPU threads", rate, ms, n,
                              f"{cpu_threads or threads} CPU decode threads beside {threads}"))

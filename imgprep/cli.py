@@ -202,6 +202,7 @@ def make_lists_cmd(roots, out, synsets_file, derive_synsets, val_labels, val_id_
 PRESETS = {
     "caffe": {"resize": "squash:256x256", "encoded": False},
     "resnet": {"resize": "shorter:256", "encoded": True},
+    "resnet480": {"resize": "shorter:480", "encoded": True},
 }
 
 
@@ -258,7 +259,9 @@ def resize(src, dst, resize, quality, gray, max_aspect, jobs, overwrite, schedul
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--preset", type=click.Choice(sorted(PRESETS)),
               help="caffe: squash:256x256 raw records (Caffe's ImageNet recipe). resnet: shorter:256 "
-                   "JPEG records (ResNet recipe, fastest with DALI). Explicit options override it.")
+                   "JPEG records (ResNet recipe, fastest with DALI; the loader's caffe, inception, center and "
+                   "ten-crop policies). resnet480: shorter:480 JPEG records, for the loader's resnet policy "
+                   "(scale augmentation up to 480 without upscaling). Explicit options override it.")
 @click.option("--backend", type=click.Choice(["lmdb", "leveldb"]), default="lmdb", show_default=True)
 @_resize_option(None)
 @click.option("--encoded/--raw", default=None,
@@ -422,10 +425,15 @@ def inspect_cmd(db, list_file, verify, allow_partial):
               help="Also measure the loader with this share of the records decoded on CPU threads beside the "
                    "GPU decoder (e.g. 0.35 on a 16-core H100 machine).")
 @click.option("--cpu-threads", type=click.IntRange(1), default=None, help="CPU decode threads for --cpu-share.")
+@click.option("--policy", "policies", metavar="NAME[,NAME...]", default=None,
+              help="Measure the loader with each of these policies, one row each, side by side: caffe, resnet, "
+                   "inception (training), center, ten-crop (evaluation), or 'all'. The other rows use the first "
+                   "one's kind (training or evaluation). Default: caffe, or center with --eval.")
 @click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
 def bench_loader_cmd(db, batch, threads, device, seconds, eval_policy, compare, compare_list, torch_workers,
-                     cpu_share, cpu_threads, as_json):
-    """Measure the DALI loader on DB: images/s and ms per batch for the training policy.
+                     cpu_share, cpu_threads, policies, as_json):
+    """Measure the DALI loader on DB: images/s and ms per batch for the training policy (or --eval's,
+    or each --policy; ten-crop counts images, not views).
 
     Rows: the imgprep loader (shorter 256, random crop 224 + mirror, normalise; NCHW, fp16 on a
     GPU and fp32 on the CPU); the same LMDB read and decoded only (the ceiling); imgprep's
@@ -438,12 +446,54 @@ def bench_loader_cmd(db, batch, threads, device, seconds, eval_policy, compare, 
       imgprep bench-loader train_lmdb --batch 256 --seconds 20
       imgprep bench-loader train_lmdb --compare /data/ILSVRC2012/train --torch-workers 16
       imgprep bench-loader train_lmdb --threads 6 --cpu-share 0.35 --cpu-threads 10
+      imgprep bench-loader train_lmdb --policy all --seconds 5
     """
     from .bench import bench_loader, format_table, rows_to_dicts
+    from .policies import EVAL_POLICIES, TRAIN_POLICIES
 
+    names = None
+    if policies:
+        names = [n.strip() for n in policies.split(",") if n.strip()]
+        names = list(TRAIN_POLICIES + EVAL_POLICIES) if names == ["all"] else names
     rows = bench_loader(db, batch, threads, device, seconds, not eval_policy, compare, compare_list,
-                        torch_workers=torch_workers, cpu_share=cpu_share, cpu_threads=cpu_threads)
+                        torch_workers=torch_workers, cpu_share=cpu_share, cpu_threads=cpu_threads, policies=names)
     click.echo(json.dumps(rows_to_dicts(rows)) if as_json else format_table(rows))
+
+
+@main.command()
+@click.argument("db", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("out", metavar="OUT.png", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--policy", default=None, metavar="NAME",
+              help="The loader policy to show: caffe, resnet, inception (training: three epochs' draws per "
+                   "record), center or ten-crop (evaluation: the crop, or the ten views). Default: caffe, or "
+                   "center with --eval.")
+@click.option("--train/--eval", "train", default=True, show_default=True,
+              help="Without --policy: the training policy (caffe) or the evaluation one (center).")
+@click.option("--count", type=click.IntRange(1, 64), default=8, show_default=True,
+              help="Records to show: the database's first ones, in key order (one row each).")
+@click.option("--seed", type=int, default=0, show_default=True, help="The loader's seed (the draws shown).")
+@click.option("--words", "words_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="synset_words.txt whose line i names label i (make-lists writes one beside the lists). "
+                   "Default: the shipped ILSVRC12 synsets, as make-lists labels them.")
+@click.option("--tile", type=click.IntRange(64, 512), default=160, show_default=True, help="Tile size in pixels.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT.png if it exists.")
+def preview(db, out, policy, train, count, seed, words_file, tile, overwrite):
+    """Write a contact sheet of DB's first records and the loader's output for them (OUT.png).
+
+    Each row: the stored record with its label, class words and size, then what the policy makes of
+    it, de-normalised (RGB 0..255, as a person sees it; PCA lighting included). Look at it before
+    training: a BGR/RGB swap (blue faces, orange sky), a rotated photo, a wrong label or crops that
+    miss the object are obvious at a glance. Runs in DALI's CPU mode.
+
+    \b
+    Examples:
+      imgprep preview train_lmdb train.png --policy resnet
+      imgprep preview val_lmdb val.png --policy ten-crop --count 4 --words lists/synset_words.txt
+    """
+    from .preview import write_preview
+
+    written = write_preview(db, out, policy, train, count, seed, words_file, tile, overwrite)
+    click.echo(f"preview: {written}")
 
 
 @main.command()

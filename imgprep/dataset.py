@@ -1,9 +1,11 @@
 """A plain PyTorch data source: a map-style `torch.utils.data.Dataset` over imgprep's and Caffe's
 LMDB/LevelDB databases, for trainers without DALI (or without a GPU that DALI supports).
 
-It applies the DALI loader's policy with Pillow(-SIMD) and numpy: training = shorter side to 256
-(skipped when a record already has it), a random 224x224 crop, a random horizontal mirror
-(p = 0.5); evaluation = shorter side to 256 and the center 224x224 crop. Then a normalisation as
+It applies the DALI loader's policies with Pillow(-SIMD) and numpy: training "caffe" = shorter side
+to 256 (skipped when a record already has it), a random 224x224 crop, a random horizontal mirror
+(p = 0.5), or "inception" = torchvision's RandomResizedCrop(224, scale (0.08, 1), ratio (3/4, 4/3))
+window of the stored image (`draws.resized_crop_windows`), resized to 224x224 (Pillow bilinear), and
+the mirror; evaluation "center" = shorter side to 256 and the center 224x224 crop. Then a normalisation as
 `Loader` takes it ("imagenet", "none", (mean_rgb, std_rgb) in 0..255, or a `.binaryproto` mean:
 a stored-size mean is subtracted at the source pixel before crop and mirror, as stock Caffe does;
 a crop-sized mean at the output position, as caffe-pro does). Items are (CHW float32 RGB tensor,
@@ -27,6 +29,7 @@ from .build import read_manifest
 from .codec import Datum, RecordError, decode_datum
 from .imageops import ImageFailure, ImageSpec, ResizePolicy, bgr_chw_to_rgb_hwc, center_crop, decode_upright
 from .loader import Normalisation, database_info
+from .draws import resized_crop_windows
 from .order import mix
 from .storage import Reader, detect_backend
 
@@ -43,6 +46,7 @@ class Policy:
     crop: int = 224
     resize_shorter: int = 256
     norm: Normalisation = field(default_factory=Normalisation)
+    resized_crop: bool = False  # the "inception" policy: RandomResizedCrop's window instead of shorter side + crop
 
     @property
     def subtract_at_source(self) -> bool:
@@ -102,6 +106,17 @@ def training_window(image: np.ndarray, crop: int, chosen: Draw) -> np.ndarray:
     return window[:, ::-1] if chosen.mirror else window
 
 
+def resized_crop(image: np.ndarray, crop: int, seed: int, epoch: int, index: int) -> np.ndarray:
+    """The "inception" policy's window of an (H, W, C) uint8 image, drawn for record `index` of `epoch`
+    (`draws.resized_crop_windows` at position `index`), resized to crop x crop (Pillow bilinear)."""
+    height, width = image.shape[:2]
+    top, left, h, w = resized_crop_windows(seed, epoch, np.array([index]), [height], [width])[0].tolist()
+    window = Image.fromarray(np.ascontiguousarray(image[top:top + h, left:left + w]).squeeze(-1) if image.shape[2] == 1
+                             else np.ascontiguousarray(image[top:top + h, left:left + w]))
+    resized = np.asarray(window.resize((crop, crop), Image.BILINEAR))
+    return resized[:, :, None] if resized.ndim == 2 else resized
+
+
 def apply_policy(image: np.ndarray, policy: Policy, chosen: Draw) -> np.ndarray:
     """(H, W, C) uint8 RGB at the policy's size (stored size with a stored-size mean) -> the
     (C, crop, crop) float32 output: crop, mirror (training), normalise."""
@@ -157,8 +172,10 @@ class CaffeDataset(torch.utils.data.Dataset):
             for images, labels in loader: ...
 
     Augmentation is reproducible: the crop and mirror of record i depend only on (seed, epoch, i)
-    (`draw`), not on the worker or the order. Call `set_epoch(e)` before each epoch; the epoch lives
-    in shared memory, so workers see it, persistent ones included.
+    (`draw`; the "inception" window: `draws.resized_crop_windows` at position i), not on the worker or
+    the order. `policy`: "caffe" (the default for training), "inception", or "center" (evaluation).
+    Call `set_epoch(e)` before each epoch; the epoch lives in shared memory, so workers see it,
+    persistent ones included.
 
     Each process opens its own database handle on first use (DataLoader workers after the fork).
     LevelDB allows one process at a time: with it use num_workers=0 or 1 (more give a clear error;
@@ -168,10 +185,17 @@ class CaffeDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, db, train: bool = True, crop: int = 224, resize_shorter: int = 256,
-                 normalize="imagenet", seed: int = 0, allow_partial: bool = False):
+                 normalize="imagenet", seed: int = 0, allow_partial: bool = False, policy: str | None = None):
         self.path = Path(db)
         self.backend = detect_backend(self.path)
-        self.policy = Policy(train, crop, resize_shorter, Normalisation.parse(normalize))
+        chosen = policy or ("caffe" if train else "center")
+        if chosen not in (("caffe", "inception") if train else ("center",)):
+            raise ImgprepError(f"CaffeDataset follows the caffe and inception training policies and the center "
+                               f"evaluation policy, not {chosen!r} with train={train}; the DALI loader has them all")
+        self.policy = Policy(train, crop, resize_shorter, Normalisation.parse(normalize), chosen == "inception")
+        if self.policy.resized_crop and self.policy.subtract_at_source:
+            raise ImgprepError(f"the 'inception' policy rescales each image, so only a {crop}x{crop} mean "
+                               f"(compute-mean --crop {crop}) applies")
         self.seed = seed
         self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
         manifest = read_manifest(self.path) or {}
@@ -249,9 +273,12 @@ class CaffeDataset(torch.utils.data.Dataset):
             raise ImgprepError(f"record {key[:60]!r} is no longer in {self.path}")
         try:
             datum = decode_datum(value)
-            resize = None if self.policy.subtract_at_source else self.policy.resize_shorter
+            policy, epoch = self.policy, self.epoch
+            resize = None if policy.subtract_at_source or policy.resized_crop else policy.resize_shorter
             image = record_image(datum, self.channels, resize)
-            chw = apply_policy(image, self.policy, draw(self.seed, self.epoch, index))
+            if policy.resized_crop:
+                image = resized_crop(image, policy.crop, self.seed, epoch, index)
+            chw = apply_policy(image, policy, draw(self.seed, epoch, index))
         except (RecordError, ImgprepError) as e:
             raise ImgprepError(f"record {key[:60]!r} of {self.path}: {e}") from None
         return torch.from_numpy(chw), datum.label

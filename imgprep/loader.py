@@ -1,23 +1,25 @@
-"""A DALI loader for imgprep databases with the ResNet recipe's policy, owning the sample order.
+"""A DALI loader for imgprep databases, owning the sample order, with the policies of `policies`.
 
-Training: shorter side to 256, random 224x224 crop, random horizontal mirror. Evaluation:
-shorter side to 256, center 224x224 crop, placed as DALI places it: offset (W-224)/2 with a half
-pixel rounded up (Caffe's TEST phase rounds it down: where W-224 is odd, Caffe's crop sits one
-pixel further left, or up for H). Then normalisation (per-channel mean/std, or a Caffe
-`.binaryproto` mean image) and output as fp32/fp16, NCHW/NHWC, on the GPU ('mixed' JPEG
+Policies (`policies.py`): training "caffe" (shorter side 256, random 224x224 crop, random mirror; the
+default), "resnet" (scale augmentation [256, 480] + crop + mirror + PCA lighting), "inception"
+(RandomResizedCrop + mirror); evaluation "center" (shorter side 256, the center 224x224 crop, placed
+as DALI places it: offset (W-224)/2 with a half pixel rounded up, where Caffe's TEST phase rounds it
+down) and "ten-crop". Then normalisation (per-channel mean/std, or a Caffe `.binaryproto` mean image),
+RGB or Caffe's BGR channel order, and output as fp32/fp16, NCHW/NHWC, on the GPU ('mixed' JPEG
 decoding) when there is one and in DALI's CPU mode when not.
 
 The loader decides which records each batch holds (`order.EpochPlan`: epoch e visits
 `order.permutation(N, seed, e)`, rank i of K takes every K-th sample of it, as PyTorch's
 DistributedSampler does) and feeds them to DALI through `fn.external_source`, reading each
-record by key (`records.RecordSource`), from LMDB and LevelDB alike. Raw records are
-reinterpreted: they are handed over labelled HWC, as DALI's `readers.caffe` does, and turned
-back from Caffe's planar CHW BGR in the graph.
+record by key (`records.RecordSource`), from LMDB and LevelDB alike, with each sample's random
+draws (`policies.batch_params`). Raw records are reinterpreted: they are handed over labelled HWC,
+as DALI's `readers.caffe` does, and turned back from Caffe's planar CHW BGR in the graph.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,13 +31,18 @@ from .build import read_manifest
 from .codec import RecordError, datum_payload
 from .imageops import parse_resize
 from .mean import load_mean
-from .order import EmptyShard, EpochPlan, augmentation, split_steps
+from .order import EmptyShard, EpochPlan, split_steps
+from .policies import CHANNEL_ORDERS, Policy, batch_params, graph, output_mean_std, parse_policy
 from .records import RecordSource
 from .storage import Reader, detect_backend
 
 IMAGENET_MEAN_RGB = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 IMAGENET_STD_RGB = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 STATE_FORMAT = 1
+
+
+class UpscaleWarning(UserWarning):
+    """A policy resizes records to a larger shorter side than they were built with."""
 
 
 @dataclass(frozen=True)
@@ -143,13 +150,13 @@ class Normalisation:
 class _Feed:
     """The `fn.external_source` callable of one pipeline: the plan's batches assigned to its lane,
     one per call, from a position on. DALI calls it when it schedules a batch, so `scheduled` lists
-    the (epoch, step) of every batch DALI runs ahead of what the loader handed out, in order."""
+    the (epoch, step) of every batch DALI runs ahead of what the loader handed out, in order.
+    `params(epoch, positions, records, data)` gives the policy's per-sample values of a batch."""
 
-    def __init__(self, plan: EpochPlan, source: RecordSource, train: bool, lane: int, lane_of, keep: int = 4):
-        self.plan, self.source, self.train, self.lane, self.lane_of = plan, source, train, lane, lane_of
+    def __init__(self, plan: EpochPlan, source: RecordSource, params, lane: int, lane_of, keep: int = 4):
+        self.plan, self.source, self.params, self.lane, self.lane_of = plan, source, params, lane, lane_of
         self.scheduled: deque[tuple[int, int]] = deque()
         self.cursor = self._ours(0, 0)
-        self._augmentation: dict[int, tuple[np.ndarray, ...]] = {}
         # DALI reads the arrays in place (no_copy) until the batch is done: hold the last few batches
         self._alive: deque = deque(maxlen=keep)
 
@@ -176,112 +183,11 @@ class _Feed:
         records, positions, real = self.plan.batch(epoch, step)
         data, labels = self.source.read(records)
         labels[~real] = -1  # evaluation padding
-        window = slice(step * self.plan.batch_size, step * self.plan.batch_size + len(records))
-        crop_x, crop_y, mirror = (a[window] for a in self._epoch_augmentation(epoch))
-        batch = data, labels.reshape(-1, 1), crop_x, crop_y, mirror
+        batch = (data, labels.reshape(-1, 1), *self.params(epoch, positions, records, data))
         self._alive.append(batch)
         self.scheduled.append((epoch, step))
         self.cursor = self._ours(*self.plan.after(epoch, step))
         return batch
-
-    def _epoch_augmentation(self, epoch: int) -> tuple[np.ndarray, ...]:
-        """Crop positions and mirror flags of this rank's samples in `epoch` (the center, unmirrored,
-        for evaluation), computed once per epoch."""
-        if epoch not in self._augmentation:
-            if self.train:
-                self._augmentation[epoch] = augmentation(self.plan.seed, epoch, self.plan.rank_positions(epoch))
-            else:
-                n = self.plan.samples
-                self._augmentation[epoch] = (np.full(n, 0.5, np.float32),) * 2 + (np.zeros(n, np.int32),)
-            for old in [e for e in self._augmentation if e != epoch and e != epoch - 1]:
-                del self._augmentation[old]
-        return self._augmentation[epoch]
-
-
-def _graph(info: DatabaseInfo, crop, resize_shorter, norm: Normalisation, dtype, layout, gpu, feed,
-           decode_on_cpu=False):
-    """The policy graph over the records `feed` hands over (data, label, crop_x, crop_y, mirror per
-    sample). With `decode_on_cpu` a GPU graph decodes on CPU threads and crops and normalises on the GPU."""
-    from nvidia.dali import fn, types
-
-    value, label, crop_x, crop_y, mirror = fn.external_source(
-        source=feed, num_outputs=5, batch=True, no_copy=True,
-        dtype=[types.UINT8, types.INT32, types.FLOAT, types.FLOAT, types.INT32])
-    gray = info.channels == 1
-    mean_image = norm.mean_image
-    subtract_at_source = mean_image is not None and mean_image.shape[1:] != (crop, crop)
-    if mean_image is not None:
-        _check_mean(mean_image, info, crop, gray)
-    needs_resize = info.shorter_side != resize_shorter and not subtract_at_source
-    # DALI places the window at round(crop_pos * (size - crop)), halves up; Caffe's TEST phase floors
-    # the center offset (see the module docstring).
-    window = dict(crop=(crop, crop), crop_pos_x=crop_x, crop_pos_y=crop_y)
-    # On CPU, decoding only the crop window (libjpeg-turbo skips the rest) is measurably faster when no
-    # resize comes between decode and crop; on the GPU decoding the window is slower than decoding whole
-    # images (measured on an H100 with DALI 2.4), so the GPU decodes whole.
-    cpu_decoder = not gpu or decode_on_cpu
-    decode_window = info.encoded and cpu_decoder and not needs_resize and not subtract_at_source
-    output_type = types.GRAY if gray else types.RGB
-    if decode_window:
-        images = fn.decoders.image_crop(value, device="cpu", output_type=output_type, **window)
-        window = {}
-    elif info.encoded:
-        images = fn.decoders.image(value, device="cpu" if cpu_decoder else "mixed", output_type=output_type)
-    else:
-        if gpu:
-            value = value.gpu()
-        images = fn.transpose(fn.reshape(value, src_dims=[2, 0, 1], layout="CHW"), perm=[1, 2, 0],
-                              output_layout="HWC")
-        if not gray:
-            images = fn.color_space_conversion(images, image_type=types.BGR, output_type=types.RGB)
-    if gpu and info.encoded and cpu_decoder:
-        images = images.gpu()
-
-    def constant(array):  # on the images' device: a CPU constant would be copied over every batch
-        return types.Constant(np.asarray(array, np.float32), device="gpu" if gpu else "cpu")
-
-    if subtract_at_source:  # stock Caffe: mean of the stored size, before crop and mirror
-        images = fn.cast(images, dtype=types.FLOAT) - constant(_hwc_rgb(mean_image))
-    elif needs_resize:  # records already at the policy's size skip a no-op resample
-        images = fn.resize(images, resize_shorter=resize_shorter, antialias=True)
-    channels = 1 if gray else 3
-    mean = norm.mean * channels if len(norm.mean) == 1 else norm.mean
-    std = norm.std * channels if len(norm.std) == 1 else norm.std
-    out_dtype = types.FLOAT16 if dtype == "float16" else types.FLOAT
-    chw = layout == "NCHW"
-    if mean_image is not None and not subtract_at_source:
-        # caffe-pro: a crop-sized mean, subtracted at the output position (after crop and mirror)
-        images = fn.crop_mirror_normalize(images, mirror=mirror, dtype=types.FLOAT,
-                                          output_layout="CHW" if chw else "HWC", **window)
-        target = mean_image[::-1].copy() if chw else _hwc_rgb(mean_image)
-        images = (images - constant(target)) / constant(np.reshape(std, (-1, 1, 1) if chw else (1, 1, -1)))
-        images = fn.cast(images, dtype=out_dtype)
-    else:
-        images = fn.crop_mirror_normalize(images, mirror=mirror, dtype=out_dtype,
-                                          mean=list(mean) if not subtract_at_source else [0.0] * channels,
-                                          std=list(std), output_layout="CHW" if chw else "HWC", **window)
-    if gpu:
-        label = label.gpu()
-    return images, label
-
-
-def _hwc_rgb(mean_chw_bgr: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(mean_chw_bgr[::-1].transpose(1, 2, 0), dtype=np.float32)
-
-
-def _check_mean(mean_image, info: DatabaseInfo, crop, gray):
-    c, h, w = mean_image.shape
-    if c != (1 if gray else 3):
-        raise ImgprepError(f"mean file has {c} channels; the database has {1 if gray else 3}")
-    if (h, w) == (crop, crop):
-        return
-    if info.stored_size is None:
-        raise ImgprepError(f"mean file is {w}x{h}: a stored-size mean (stock Caffe) needs records of one size, "
-                           f"and {info.path}'s differ; use a {crop}x{crop} mean (compute-mean --crop {crop})")
-    if (h, w) != info.stored_size:
-        sh, sw = info.stored_size
-        raise ImgprepError(f"mean file is {w}x{h} but the records are {sw}x{sh} and the crop is {crop}x{crop}; "
-                           "Caffe needs the mean to match one of them")
 
 
 class _Stream:
@@ -359,10 +265,15 @@ class Loader:
     Restart: `state_dict()` is the position and what fixes the order (seed, N, K, batch size,
     drop_last, shuffle); `load_state_dict(state)` in a new process continues with exactly the records
     (and labels, in order) the interrupted run would have yielded next. The state is the same on
-    every rank. Augmentation is reproducible too: training crop positions and mirror flags are
-    drawn from (seed, epoch, position) (`order.augmentation`), not from DALI's random generators, so
-    a restart or another machine gets the same crops; the pixel values of a crop may differ in the
-    last bit between CPU and GPU decoders (and DALI versions).
+    every rank. Augmentation is reproducible too: every policy's draws (crop positions, mirror flags,
+    shorter sides, RandomResizedCrop windows, lighting) come from (seed, epoch, position)
+    (`order.augmentation`, `draws`), not from DALI's random generators, so a restart or another
+    machine gets the same crops; the pixel values of a crop may differ in the last bit between CPU
+    and GPU decoders (and DALI versions).
+
+    `policy` (see `policies`): None ("caffe" for training, "center" for evaluation), a name, or a
+    `policies.Policy`. "ten-crop" yields (B, 10, C, H, W) images. `channel_order="BGR"` gives Caffe's
+    channel order (with std 1, its 0..255 scale).
 
     `cpu_share` (GPU only; 0 by default) gives that share of each epoch's batches to a second
     pipeline that decodes JPEGs on `cpu_threads` CPU threads and crops/normalises on the GPU, beside
@@ -380,7 +291,8 @@ class Loader:
                  seed: int = 0, shard_id: int | None = None, num_shards: int | None = None,
                  num_threads: int | None = None, drop_last: bool = False, output: str = "numpy",
                  prefetch: int = 2, cpu_share: float = 0.0, cpu_threads: int | None = None,
-                 shuffle: bool | None = None, allow_partial: bool = False):
+                 shuffle: bool | None = None, allow_partial: bool = False, policy: str | Policy | None = None,
+                 channel_order: str = "RGB"):
         from .env import gpu_count
 
         if dtype not in ("float32", "float16") or layout not in ("NCHW", "NHWC"):
@@ -391,6 +303,9 @@ class Loader:
             raise ImgprepError("cpu_share must be in [0, 1)")
         if batch_size < 1:
             raise ImgprepError("batch_size must be at least 1")
+        if channel_order not in CHANNEL_ORDERS:
+            raise ImgprepError(f"channel_order must be 'RGB' or 'BGR', not {channel_order!r}")
+        self.policy = parse_policy(policy, train, crop, resize_shorter)
         _build_manifest(Path(db), allow_partial)  # a partial build is refused before the keys are read
         if device == "auto":
             device = "gpu" if gpu_count() > 0 else "cpu"
@@ -419,18 +334,32 @@ class Loader:
             if device_id is None and gpu:
                 device_id = int(os.environ.get("LOCAL_RANK", 0))
             threads = num_threads or max(1, min(8, len(os.sched_getaffinity(0))))
-            graph = dict(info=self.info, crop=crop, resize_shorter=resize_shorter,
-                         norm=Normalisation.parse(normalize), dtype=dtype, layout=layout, gpu=gpu)
+            norm = Normalisation.parse(normalize)
+            self._warn_if_upscaling()
+            graph_args = dict(info=self.info, chosen=self.policy, norm=norm, dtype=dtype, layout=layout, gpu=gpu,
+                              channel_order=channel_order)
+            base_mean = output_mean_std(norm, self.info.channels, channel_order)[0]
+            params = _policy_params(self.policy, self.plan.seed, base_mean, channel_order, source)
             pipeline_args = dict(batch_size=batch_size, device_id=device_id if gpu else None, seed=seed,
                                  prefetch_queue_depth=prefetch)
             lanes = sorted({self._lane(step) for step in range(self.plan.steps)})  # [0] or [0, 1]: step 0 is lane 0
             for lane in lanes:
-                feed = _Feed(self.plan, source, train, lane, self._lane, keep=prefetch + 2)
+                feed = _Feed(self.plan, source, params, lane, self._lane, keep=prefetch + 2)
                 n_threads = threads if lane == 0 else cpu_threads or threads
-                self._streams.append(_Stream(_build_pipeline(graph, pipeline_args, n_threads, feed, lane == 1), feed))
+                self._streams.append(_Stream(_build_pipeline(graph_args, pipeline_args, n_threads, feed, lane == 1),
+                                             feed))
         except BaseException:
             self.close()
             raise
+
+    def _warn_if_upscaling(self) -> None:
+        """Once per loader: the policy resizes records to a shorter side larger than they have."""
+        largest, stored = self.policy.largest_shorter_side, self.info.shorter_side
+        if largest and stored and largest > stored:
+            warnings.warn(f"the {self.policy.name!r} policy resizes to a shorter side of up to {largest}, but "
+                          f"{self.info.path}'s records have {stored}: they are upscaled. Build records at least "
+                          f"that large (imgprep build-lmdb --preset resnet480 for shorter side 480)",
+                          UpscaleWarning, stacklevel=3)
 
     def _lane(self, step: int) -> int:
         return split_steps(self._cpu_share, step) if self._cpu_share else 0
@@ -540,12 +469,20 @@ class Loader:
         return _to_numpy(tensor_list)
 
 
-def _build_pipeline(graph: dict, pipeline_args: dict, threads: int, feed: _Feed, decode_on_cpu: bool):
+def _policy_params(chosen: Policy, seed: int, base_mean, channel_order: str, source: RecordSource):
+    """The feed's per-batch `params(epoch, positions, records, data)`: the policy's draws for those samples."""
+    def params(epoch, positions, records, data):
+        sizes = source.sizes(records, data) if "roi_start" in chosen.params() else None
+        return batch_params(chosen, seed, epoch, positions, sizes, base_mean, channel_order)
+    return params
+
+
+def _build_pipeline(graph_args: dict, pipeline_args: dict, threads: int, feed: _Feed, decode_on_cpu: bool):
     from nvidia.dali import pipeline_def
 
     @pipeline_def(num_threads=threads, **pipeline_args)
     def pipeline():
-        return _graph(**graph, feed=feed, decode_on_cpu=decode_on_cpu)
+        return graph(**graph_args, feed=feed, decode_on_cpu=decode_on_cpu)
 
     built = pipeline()
     built.build()

@@ -65,6 +65,26 @@ class RecordSource:
             labels.append(label)
         return data, np.array(labels, np.int32)
 
+    def sizes(self, indices: np.ndarray, data: list[np.ndarray]) -> np.ndarray:
+        """(height, width) of the records at `indices`, whose data `read` returned: a raw record's
+        shape, an encoded one's image header (read without decoding the image)."""
+        from io import BytesIO
+
+        from PIL import Image
+
+        out = np.zeros((len(data), 2), np.int64)
+        for i, (index, array) in enumerate(zip(indices.tolist(), data)):
+            if array.ndim == 3:
+                out[i] = array.shape[:2]
+                continue
+            try:
+                with Image.open(BytesIO(array.tobytes())) as image:
+                    out[i] = image.size[::-1]
+            except Exception as e:  # noqa: BLE001 - whatever Pillow says, the record is named
+                raise ImgprepError(f"{self.path}: record {self.key(index)!r} is not a decodable image "
+                                   f"(no image size in its header: {e})") from None
+        return out
+
     def _bad(self, key: bytes, value, error: Exception) -> ImgprepError:
         if value is None:
             return ImgprepError(f"{self.path}: record {key!r} went away while the loader was reading "

@@ -102,3 +102,13 @@ def test_the_torchvision_style_transforms_are_torchvisions():
                                expected.transpose(2, 0, 1), atol=1e-5)
     for resized_crop in (False, True):
         assert PillowTransform(True, resized_crop, mean, std)(image).shape == (3, 224, 224)
+
+
+def test_bench_loader_measures_each_policy_side_by_side(val_db):
+    rows = json.loads(run_cli("bench-loader", val_db, "--batch", "4", "--seconds", "0.2", "--threads", "1",
+                              "--policy", "all", "--torch-workers", "0", "--json").stdout)
+    loader_rows = [row for row in rows if row["source"].startswith("imgprep loader (")]
+    assert [row["source"] for row in loader_rows] == [f"imgprep loader ({name} policy, cpu)" for name in
+                                                      ("caffe", "resnet", "inception", "center", "ten-crop")]
+    assert all(row["images_per_s"] > 0 for row in loader_rows) and "10 views" in loader_rows[-1]["note"]
+    assert_clean_error(run_cli("bench-loader", val_db, "--policy", "alexnet", check=False), "unknown policy 'alexnet'")

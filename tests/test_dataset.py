@@ -286,3 +286,28 @@ def test_draw_follows_its_documented_formula():
         r = [mix((mix(stream ^ index) + k) % 2**64) for k in range(3)]
         chosen = draw(seed, epoch, index)
         assert (chosen.y, chosen.x, chosen.mirror) == ((r[0] >> 11) / 2**53, (r[1] >> 11) / 2**53, bool(r[2] >> 63))
+
+
+def test_inception_policy_resizes_the_drawn_window_of_the_stored_image(dbs):
+    """RandomResizedCrop's window from `draws` at position = record index, resized to 224, mirrored by `draw`."""
+    from PIL import Image
+
+    from imgprep.dataset import draw
+    from imgprep.draws import resized_crop_windows
+
+    stored = stored_rgb(dbs["raw"])
+    dataset = CaffeDataset(dbs["raw"], train=True, normalize="none", seed=4, policy="inception")
+    dataset.set_epoch(2)
+    shares = []
+    for index in range(8):
+        image, label = dataset[index]
+        rgb = stored[label].astype(np.uint8)
+        top, left, h, w = resized_crop_windows(4, 2, np.array([index]), [256], [256])[0].tolist()
+        expected = np.asarray(Image.fromarray(rgb[top:top + h, left:left + w]).resize((224, 224), Image.BILINEAR),
+                              np.float32)
+        expected = expected[:, ::-1] if draw(4, 2, index).mirror else expected
+        np.testing.assert_array_equal(image.numpy().transpose(1, 2, 0), expected)
+        shares.append(h * w / 256 ** 2)
+    assert len(set(shares)) > 4 and 0.08 <= min(shares) and max(shares) <= 1
+    with pytest.raises(ImgprepError, match="not 'resnet'"):
+        CaffeDataset(dbs["raw"], policy="resnet")

@@ -19,3 +19,42 @@ def test_tiny_network_learns_from_the_loader(sample_tree, tmp_path):
     losses = train(tmp_path / "db", steps=40, batch=32)
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert last < 0.6 * first, losses
+
+
+def test_train_resnet50_evaluates_center_and_ten_crop_per_image(sample_tree, tmp_path):
+    """The example's `evaluate` against numpy: ten-crop averages the softmax of an image's ten views;
+    padding (label -1) is skipped."""
+    torch = pytest.importorskip("torch")
+    import numpy as np
+    from imgprep.loader import Loader
+    from train_resnet50 import evaluate
+
+    options = BuildOptions(jobs=1, spec=ImageSpec(parse_resize("shorter:256"), encoded=True))
+    build_database(sample_tree.lists / "val.txt", sample_tree.root / "val", tmp_path / "db", options,
+                   show_progress=False)
+    weights = torch.from_numpy(np.random.default_rng(0).normal(0, 3, (3, 1000)).astype(np.float32))
+    present = sorted({int(line.split()[-1]) for line in (sample_tree.lists / "val.txt").read_text().splitlines()})
+    bias = torch.full((1000,), -100.0)
+    bias[present] = 0.0  # the sample's ten classes compete, so top-5 hits some and misses some
+
+    class Linear(torch.nn.Module):  # logits from the channel means: views of one image differ
+        def forward(self, x):
+            return x.mean(dim=(2, 3)) @ weights + bias
+
+    def reference(images, labels):
+        images, labels = images.numpy(), labels.numpy()
+        views = images if images.ndim == 5 else images[:, None]
+        logits = views.mean(axis=(3, 4)) @ weights.numpy() + bias.numpy()
+        p = np.exp(logits - logits.max(-1, keepdims=True))
+        p = (p / p.sum(-1, keepdims=True)).mean(1)
+        top5 = np.argsort(-p, axis=1)[:, :5]
+        real = labels >= 0
+        return (top5[real, 0] == labels[real]).sum(), (top5[real] == labels[real, None]).any(1).sum(), real.sum()
+
+    for mode in ("center", "ten-crop"):
+        with Loader(tmp_path / "db", batch_size=4, train=False, policy=mode, output="torch", device="cpu",
+                    num_shards=4, shard_id=1) as loader:
+            got = evaluate(Linear(), loader, torch.device("cpu"))
+            counts = np.sum([reference(images, labels) for images, labels in loader], axis=0)
+        assert got == pytest.approx((counts[0] / counts[2], counts[1] / counts[2]))
+        assert 0 < counts[1] < counts[2]

@@ -299,26 +299,32 @@ CPU_SIDE = {"external_source"}
 
 
 @pytest.mark.parametrize("name", ["encoded", "encoded_leveldb", "raw", "raw_leveldb", "raw_shorter"])
-def test_gpu_graph_places_every_stage_after_the_reader_on_the_gpu(dbs, tmp_path, name):
-    """The GPU graph cannot run here, but DALI checks device placement while the graph is defined."""
+@pytest.mark.parametrize("policy", ["caffe", "resnet", "inception", "center", "ten-crop"])
+def test_gpu_graph_places_every_stage_after_the_reader_on_the_gpu(dbs, tmp_path, name, policy):
+    """The GPU graph cannot run here, but DALI checks device placement while the graph is defined:
+    every policy, every record kind, every normalisation, both channel orders."""
     from nvidia.dali import Pipeline
-    from imgprep.loader import Normalisation, _Feed, _graph, database_info
+    from imgprep.loader import Normalisation, _Feed, database_info
     from imgprep.order import EpochPlan
+    from imgprep.policies import graph, policy as make_policy
     from imgprep.records import RecordSource
 
     info = database_info(dbs[name])
+    chosen = make_policy(policy)
     norms = [Normalisation.parse("imagenet"), Normalisation.parse(((120.0,), (60.0,))),
              Normalisation.parse(write_mean(tmp_path / "m224.binaryproto", np.zeros((3, 224, 224))))]
-    if info.stored_size == (256, 256):
+    if info.stored_size == (256, 256) and policy not in ("resnet", "inception"):
         norms.append(Normalisation.parse(write_mean(tmp_path / "m256.binaryproto", np.zeros((3, 256, 256)))))
-    cases = [(norm, cpu_decode) for norm in norms for cpu_decode in ((False, True) if info.encoded else (False,))]
+    cases = [(norm, cpu_decode, order) for norm in norms for cpu_decode in ((False, True) if info.encoded else (False,))
+             for order in ("RGB", "BGR")]
     source = RecordSource(info.path, info.backend)
     try:
-        for norm, cpu_decode in cases:
-            feed = _Feed(EpochPlan(info.records, 8), source, True, 0, lambda step: 0)
+        for norm, cpu_decode, order in cases:
+            feed = _Feed(EpochPlan(info.records, 8), source, lambda *a: [], 0, lambda step: 0)
             pipe = Pipeline(batch_size=8, num_threads=1, device_id=0)
             with pipe:
-                images, labels = _graph(info, 224, 256, norm, "float16", "NCHW", True, feed, decode_on_cpu=cpu_decode)
+                images, labels = graph(info, chosen, norm, "float16", "NCHW", True, feed, decode_on_cpu=cpu_decode,
+                                       channel_order=order)
             assert (images.device, labels.device) == ("gpu", "gpu")
             ops = graph_ops(images, labels)
             decoders = {op for op in ops if op[0].startswith("decoders.")}
@@ -329,7 +335,7 @@ def test_gpu_graph_places_every_stage_after_the_reader_on_the_gpu(dbs, tmp_path,
             else:
                 assert not decoders
             stray = {op for op in ops - decoders if op[1] == "cpu" and op[0] not in CPU_SIDE}
-            assert not stray, f"CPU stages in the GPU graph ({name}, cpu_decode={cpu_decode}): {stray}"
+            assert not stray, f"CPU stages in the GPU graph ({name}, {policy}, cpu_decode={cpu_decode}): {stray}"
     finally:
         source.close()
 

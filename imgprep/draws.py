@@ -1,0 +1,106 @@
+"""The training policies' random draws: pure functions of (seed, epoch, position), like the crops
+and mirrors of `order.augmentation`, so a restarted run, another rank or another machine draws the
+same scale, window and lighting for the same sample.
+
+Every draw is a uniform from `order`'s lanes,
+
+    stream     = mix(mix(seed) + epoch)
+    u(p, lane) = (mix(mix(stream ^ p) + lane + 1) >> 11) / 2**53        in [0, 1)
+
+with the lanes: 0 crop x, 1 crop y, 2 mirror (u < 0.5; `order.augmentation`), 3 the shorter side of
+scale augmentation, 4..7 the lighting's normals, 16 + 2k and 17 + 2k the area and aspect ratio of
+RandomResizedCrop's attempt k (k = 0..9).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .order import _mix_int, _uniform
+
+# Krizhevsky et al.'s PCA of ImageNet's RGB pixels (0..1 scale), as fb.resnet.torch uses it
+PCA_EIGVAL = np.array([0.2175, 0.0188, 0.0045])
+PCA_EIGVEC = np.array([[-0.5675, 0.7192, 0.4009],
+                       [-0.5808, -0.0045, -0.8140],
+                       [-0.5836, -0.6948, 0.4203]])
+LANE_SCALE, LANE_LIGHT, LANE_RESIZED_CROP = 3, 4, 16
+ATTEMPTS = 10
+
+
+def _stream(seed: int, epoch: int) -> int:
+    return _mix_int(_mix_int(seed) + epoch)
+
+
+def uniforms(seed: int, epoch: int, positions: np.ndarray, lane: int) -> np.ndarray:
+    """u(p, lane) for each position p (float64 in [0, 1))."""
+    return _uniform(_stream(seed, epoch), np.asarray(positions), lane)
+
+
+def shorter_sides(seed: int, epoch: int, positions: np.ndarray, low: int, high: int) -> np.ndarray:
+    """Scale augmentation: the shorter side, an integer uniform in [low, high] (both included, as
+    fb.resnet.torch's torch.random(low, high)): low + floor(u(p, 3) * (high - low + 1))."""
+    u = uniforms(seed, epoch, positions, LANE_SCALE)
+    return (low + np.floor(u * (high - low + 1))).astype(np.int64)
+
+
+def normals(seed: int, epoch: int, positions: np.ndarray, count: int = 3) -> np.ndarray:
+    """(len(positions), count) standard normals by Box-Muller from lanes 4, 5, ...: pair j uses
+    u1 = u(p, 4 + 2j), u2 = u(p, 5 + 2j) and gives sqrt(-2 ln(1 - u1)) * (cos, sin)(2 pi u2)."""
+    out = []
+    for pair in range(-(-count // 2)):
+        u1 = uniforms(seed, epoch, positions, LANE_LIGHT + 2 * pair)
+        u2 = uniforms(seed, epoch, positions, LANE_LIGHT + 2 * pair + 1)
+        radius = np.sqrt(-2.0 * np.log1p(-u1))
+        out += [radius * np.cos(2 * np.pi * u2), radius * np.sin(2 * np.pi * u2)]
+    return np.stack(out[:count], axis=1)
+
+
+def lighting(seed: int, epoch: int, positions: np.ndarray, std: float = 0.1) -> np.ndarray:
+    """Krizhevsky's PCA lighting as an RGB offset per sample, in 0..255 pixels: with alpha =
+    std * normals(...) (one per eigenvector), offset = 255 * PCA_EIGVEC @ (alpha * PCA_EIGVAL).
+    The offset is added to every pixel of the sample (shape (len(positions), 3), float64)."""
+    alpha = std * normals(seed, epoch, positions, 3)
+    return 255.0 * (alpha * PCA_EIGVAL) @ PCA_EIGVEC.T
+
+
+def resized_crop_windows(seed: int, epoch: int, positions: np.ndarray, heights: np.ndarray, widths: np.ndarray,
+                         scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)) -> np.ndarray:
+    """torchvision's RandomResizedCrop.get_params, drawn from lanes: (top, left, height, width) per
+    sample, int64 (len(positions), 4). Attempt k = 0..9 of a W x H image:
+
+        area  = W * H * (scale[0] + u(p, 16 + 2k) * (scale[1] - scale[0]))
+        r     = exp(log(ratio[0]) + u(p, 17 + 2k) * (log(ratio[1]) - log(ratio[0])))
+        w, h  = round(sqrt(area * r)), round(sqrt(area / r))        (round half to even, as Python's)
+
+    and the first attempt with 0 < w <= W and 0 < h <= H is taken, at top = floor(u(p, 1) * (H - h + 1)),
+    left = floor(u(p, 0) * (W - w + 1)). When all ten fail, torchvision's fallback: the center crop of
+    the whole image, its aspect ratio clamped into `ratio`."""
+    positions = np.asarray(positions)
+    heights, widths = np.asarray(heights, np.int64), np.asarray(widths, np.int64)
+    n = len(positions)
+    out = np.zeros((n, 4), np.int64)
+    found = np.zeros(n, bool)
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    for k in range(ATTEMPTS):
+        area = heights * widths * (scale[0] + uniforms(seed, epoch, positions, LANE_RESIZED_CROP + 2 * k)
+                                   * (scale[1] - scale[0]))
+        r = np.exp(log_lo + uniforms(seed, epoch, positions, LANE_RESIZED_CROP + 2 * k + 1) * (log_hi - log_lo))
+        w, h = np.rint(np.sqrt(area * r)).astype(np.int64), np.rint(np.sqrt(area / r)).astype(np.int64)
+        fits = ~found & (w > 0) & (w <= widths) & (h > 0) & (h <= heights)
+        out[fits, 2], out[fits, 3] = h[fits], w[fits]
+        found |= fits
+    # the fallback, where no attempt fitted
+    in_ratio = widths / heights
+    w, h = widths.copy(), heights.copy()
+    narrow, wide = in_ratio < min(ratio), in_ratio > max(ratio)
+    h[narrow] = np.rint(w[narrow] / min(ratio)).astype(np.int64)
+    w[wide] = np.rint(h[wide] * max(ratio)).astype(np.int64)
+    rest = ~found
+    out[rest, 2], out[rest, 3] = h[rest], w[rest]
+    top = np.floor(uniforms(seed, epoch, positions, 1) * (heights - out[:, 2] + 1)).astype(np.int64)
+    left = np.floor(uniforms(seed, epoch, positions, 0) * (widths - out[:, 3] + 1)).astype(np.int64)
+    out[:, 0] = np.where(found, top, (heights - out[:, 2]) // 2)
+    out[:, 1] = np.where(found, left, (widths - out[:, 3]) // 2)
+    return out

@@ -1,0 +1,266 @@
+"""The loader's policies: what happens to each record between the database and the trainer.
+
+Training (each random part drawn per sample from (seed, epoch, position) by `order.augmentation`
+and `draws`, handed to DALI through `fn.external_source`, so restarts reproduce it):
+
+- "caffe": shorter side to 256 (skipped where the records have it), a random 224x224 crop, a random
+  mirror: Caffe's and caffe-pro's data layers.
+- "resnet": He et al. (2016), section 3.4: the shorter side drawn uniformly from [256, 480], a random
+  224x224 crop, a random mirror, and Krizhevsky's PCA lighting (alpha ~ N(0, 0.1)). Each part can be
+  switched: `policy("resnet", scale=None, lighting=0.0, mirror=False)`.
+- "inception": torchvision's RandomResizedCrop(224, scale=(0.08, 1), ratio=(3/4, 4/3)) and a random
+  mirror (`draws.resized_crop_windows`).
+
+Evaluation: "center" (shorter side 256, the center 224x224 crop) and "ten-crop" (shorter side 256,
+the four corner crops and the center crop, then the same five mirrored: views ordered top-left,
+top-right, bottom-left, bottom-right, center, and those five mirrored; each sample is a (10, C, H, W)
+stack, or (10, H, W, C) for NHWC).
+
+`graph` builds the DALI graph of a policy; `batch_params` is the pure per-batch part the loader's
+feed hands to it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import ImgprepError
+from .draws import lighting, resized_crop_windows, shorter_sides
+from .order import augmentation
+
+TRAIN_POLICIES = ("caffe", "resnet", "inception")
+EVAL_POLICIES = ("center", "ten-crop")
+TEN_CROP_POSITIONS = ((0.0, 0.0), (1.0, 0.0), (0.0, 1.0), (1.0, 1.0), (0.5, 0.5))  # (x, y) as DALI's crop_pos
+CHANNEL_ORDERS = ("RGB", "BGR")
+
+
+@dataclass(frozen=True)
+class Policy:
+    """A policy by name with its parameters; `policy(name, **changes)` makes one."""
+
+    name: str
+    crop: int = 224
+    resize_shorter: int = 256  # caffe, center, ten-crop: the shorter side before cropping
+    scale: tuple[int, int] | None = None  # resnet: the shorter side's range; None: resize_shorter
+    lighting: float = 0.0  # the standard deviation of the PCA lighting's alphas; 0: off
+    mirror: bool = True  # training policies: a random horizontal mirror
+    area: tuple[float, float] = (0.08, 1.0)  # inception: the crop's share of the image's area
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)  # inception: the crop's aspect ratio (width / height)
+
+    @property
+    def train(self) -> bool:
+        return self.name in TRAIN_POLICIES
+
+    @property
+    def views(self) -> int:
+        return 10 if self.name == "ten-crop" else 1
+
+    @property
+    def largest_shorter_side(self) -> int | None:
+        """The largest shorter side the policy resizes to (None: it crops the stored image)."""
+        if self.name == "inception":
+            return None
+        return self.scale[1] if self.scale else self.resize_shorter
+
+    def params(self) -> tuple[str, ...]:
+        """The per-sample values the feed hands to the graph, in order."""
+        names = ()
+        if self.name in ("caffe", "resnet"):
+            names = ("crop_x", "crop_y", "mirror")
+        elif self.name == "inception":
+            names = ("roi_start", "roi_end", "mirror")
+        if self.scale:
+            names += ("shorter",)
+        if self.lighting:
+            names += ("mean",)
+        return names
+
+
+_DEFAULTS = {"caffe": {}, "resnet": {"scale": (256, 480), "lighting": 0.1}, "inception": {},
+             "center": {}, "ten-crop": {}}
+
+
+def policy(name: str, **changes) -> Policy:
+    """The named policy with its defaults, `changes` applied (e.g. `policy("resnet", lighting=0.0)`)."""
+    if name not in _DEFAULTS:
+        raise ImgprepError(f"unknown policy {name!r}: use one of {', '.join(_DEFAULTS)}")
+    made = Policy(name, **{**_DEFAULTS[name], **changes})
+    if made.scale is not None and name != "resnet":
+        raise ImgprepError(f"scale augmentation is the 'resnet' policy's (policy('resnet', lighting=0.0) for it "
+                           f"without lighting); {name!r} takes no scale")
+    if made.scale is not None:
+        low, high = made.scale
+        if not made.crop <= low <= high:
+            raise ImgprepError(f"scale {made.scale}: needs {made.crop} <= low <= high (the crop must fit)")
+    if not made.train and (made.scale or made.lighting):
+        raise ImgprepError(f"the {name!r} policy evaluates; scale and lighting are training augmentations")
+    if made.lighting < 0:
+        raise ImgprepError(f"lighting {made.lighting}: a standard deviation, >= 0")
+    return made
+
+
+def parse_policy(chosen, train: bool, crop: int = 224, resize_shorter: int = 256) -> Policy:
+    """The loader's `policy=` argument: None ("caffe" for training, "center" for evaluation), a name,
+    or a Policy. A training policy needs train=True, an evaluation one train=False."""
+    if chosen is None:
+        chosen = "caffe" if train else "center"
+    if isinstance(chosen, str):
+        chosen = policy(chosen, crop=crop, resize_shorter=resize_shorter)
+    if not isinstance(chosen, Policy):
+        raise ImgprepError(f"policy must be a name ({', '.join(_DEFAULTS)}) or a policies.Policy, not {chosen!r}")
+    if chosen.train != train:
+        kind = "training" if chosen.train else "evaluation"
+        raise ImgprepError(f"{chosen.name!r} is an {kind} policy: use it with train={chosen.train}")
+    return chosen
+
+
+def output_mean_std(norm, channels: int, channel_order: str) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and std in the output's channel order (a mean image's paths subtract it
+    apart: their per-channel mean is 0)."""
+    mean = (0.0,) if norm.mean_image is not None else norm.mean
+    mean = np.resize(np.asarray(mean, np.float64), channels)
+    std = np.resize(np.asarray(norm.std, np.float64), channels)
+    if channel_order == "BGR":
+        mean, std = mean[::-1], std[::-1]
+    return mean, std
+
+
+def batch_params(chosen: Policy, seed: int, epoch: int, positions: np.ndarray, sizes: np.ndarray | None,
+                 base_mean: np.ndarray, channel_order: str = "RGB") -> list[np.ndarray]:
+    """The per-sample values of `chosen.params()` for the samples at `positions` of `epoch`.
+    `sizes` (n, 2): the records' (height, width), needed by "inception". With lighting, "mean" is the
+    per-channel mean minus the sample's lighting offset: crop_mirror_normalize's (x - mean) / std is
+    then (x + offset - mean) / std."""
+    names = chosen.params()
+    values = {}
+    if "mirror" in names:
+        crop_x, crop_y, mirror = augmentation(seed, epoch, positions)
+        values.update(crop_x=crop_x, crop_y=crop_y, mirror=mirror if chosen.mirror else np.zeros_like(mirror))
+    if "shorter" in names:
+        values["shorter"] = shorter_sides(seed, epoch, positions, *chosen.scale).astype(np.float32)
+    if "roi_start" in names:
+        heights, widths = sizes[:, 0], sizes[:, 1]
+        top, left, h, w = resized_crop_windows(seed, epoch, positions, heights, widths, chosen.area, chosen.ratio).T
+        values["roi_start"] = np.stack([top / heights, left / widths], axis=1).astype(np.float32)
+        values["roi_end"] = np.stack([(top + h) / heights, (left + w) / widths], axis=1).astype(np.float32)
+    if "mean" in names:
+        offset = lighting(seed, epoch, positions, chosen.lighting)
+        if channel_order == "BGR":
+            offset = offset[:, ::-1]
+        values["mean"] = (base_mean[None, :] - offset).astype(np.float32)
+    return [np.ascontiguousarray(values[name]) for name in names]
+
+
+def check_mean(mean_image, info, chosen: Policy, gray: bool) -> None:
+    """A .binaryproto mean fits the records and the policy (stored size: caffe/center/ten-crop only)."""
+    c, h, w = mean_image.shape
+    crop = chosen.crop
+    if c != (1 if gray else 3):
+        raise ImgprepError(f"mean file has {c} channels; the database has {1 if gray else 3}")
+    if (h, w) == (crop, crop):
+        return
+    if chosen.name in ("resnet", "inception"):
+        raise ImgprepError(f"mean file is {w}x{h}: the {chosen.name!r} policy rescales each image, so only a "
+                           f"{crop}x{crop} mean (compute-mean --crop {crop}) applies")
+    if info.stored_size is None:
+        raise ImgprepError(f"mean file is {w}x{h}: a stored-size mean (stock Caffe) needs records of one size, "
+                           f"and {info.path}'s differ; use a {crop}x{crop} mean (compute-mean --crop {crop})")
+    if (h, w) != info.stored_size:
+        sh, sw = info.stored_size
+        raise ImgprepError(f"mean file is {w}x{h} but the records are {sw}x{sh} and the crop is {crop}x{crop}; "
+                           "Caffe needs the mean to match one of them")
+
+
+def graph(info, chosen: Policy, norm, dtype, layout, gpu, feed, decode_on_cpu=False, channel_order="RGB"):
+    """The DALI graph of `chosen` over the records `feed` hands over (data, label, then the values of
+    `chosen.params()` per sample). With `decode_on_cpu` a GPU graph decodes on CPU threads and does
+    the rest on the GPU."""
+    from nvidia.dali import fn, types
+
+    names = chosen.params()
+    kinds = {"mirror": types.INT32}
+    outputs = fn.external_source(source=feed, num_outputs=2 + len(names), batch=True, no_copy=True,
+                                 dtype=[types.UINT8, types.INT32] + [kinds.get(n, types.FLOAT) for n in names])
+    value, label, drawn = outputs[0], outputs[1], dict(zip(names, outputs[2:]))
+    gray, bgr, crop = info.channels == 1, channel_order == "BGR", chosen.crop
+    if gray and chosen.lighting:
+        raise ImgprepError("PCA lighting needs RGB records; the database is grayscale")
+    mean_image = norm.mean_image
+    if mean_image is not None:
+        check_mean(mean_image, info, chosen, gray)
+    subtract_at_source = mean_image is not None and mean_image.shape[1:] != (crop, crop)
+    fixed_resize = chosen.name in ("caffe", "center", "ten-crop") and not chosen.scale
+    needs_resize = fixed_resize and info.shorter_side != chosen.resize_shorter and not subtract_at_source
+    # DALI places the window at round(crop_pos * (size - crop)), halves up; Caffe's TEST phase floors
+    # the center offset.
+    if "crop_x" in drawn:
+        window = dict(crop=(crop, crop), crop_pos_x=drawn["crop_x"], crop_pos_y=drawn["crop_y"])
+    else:
+        window = dict(crop=(crop, crop), crop_pos_x=0.5, crop_pos_y=0.5)
+    # On CPU, decoding only the crop window (libjpeg-turbo skips the rest) is measurably faster when no
+    # resize comes between decode and crop; on the GPU decoding the window is slower than decoding whole
+    # images (measured on an H100 with DALI 2.4), so the GPU decodes whole.
+    cpu_decoder = not gpu or decode_on_cpu
+    decode_window = (info.encoded and cpu_decoder and fixed_resize and chosen.name != "ten-crop"
+                     and not needs_resize and not subtract_at_source)
+    output_type = types.GRAY if gray else types.RGB
+    if decode_window:
+        images = fn.decoders.image_crop(value, device="cpu", output_type=output_type, **window)
+        window = {}
+    elif info.encoded:
+        images = fn.decoders.image(value, device="cpu" if cpu_decoder else "mixed", output_type=output_type)
+    else:
+        if gpu:
+            value = value.gpu()
+        images = fn.transpose(fn.reshape(value, src_dims=[2, 0, 1], layout="CHW"), perm=[1, 2, 0],
+                              output_layout="HWC")
+        if not gray and not bgr:  # raw records are BGR
+            images = fn.color_space_conversion(images, image_type=types.BGR, output_type=types.RGB)
+    if gpu and info.encoded and cpu_decoder:
+        images = images.gpu()
+    if info.encoded and bgr and not gray:
+        images = fn.color_space_conversion(images, image_type=types.RGB, output_type=types.BGR)
+
+    def constant(array):  # on the images' device: a CPU constant would be copied over every batch
+        return types.Constant(np.asarray(array, np.float32), device="gpu" if gpu else "cpu")
+
+    channels = 1 if gray else 3
+    mean_chw = None if mean_image is None else (mean_image if bgr or gray else mean_image[::-1])  # output order
+    if subtract_at_source:  # stock Caffe: mean of the stored size, before crop and mirror
+        images = fn.cast(images, dtype=types.FLOAT) - constant(mean_chw.transpose(1, 2, 0))
+    elif chosen.name == "resnet" and chosen.scale:
+        images = fn.resize(images, resize_shorter=drawn["shorter"], antialias=True)
+    elif chosen.name == "inception":
+        images = fn.resize(images, size=(crop, crop), roi_start=drawn["roi_start"], roi_end=drawn["roi_end"],
+                           roi_relative=True, antialias=True)
+        window = {}
+    elif needs_resize or (chosen.name == "resnet" and info.shorter_side != chosen.resize_shorter):
+        images = fn.resize(images, resize_shorter=chosen.resize_shorter, antialias=True)
+    base_mean, std = output_mean_std(norm, channels, channel_order)
+    mean = drawn["mean"] if "mean" in drawn else [float(m) for m in base_mean]
+    out_dtype = types.FLOAT16 if dtype == "float16" else types.FLOAT
+    chw = layout == "NCHW"
+
+    def normalise(mirror, where):
+        if mean_image is not None and not subtract_at_source:
+            # caffe-pro: a crop-sized mean, subtracted at the output position (after crop and mirror)
+            out = fn.crop_mirror_normalize(images, mirror=mirror, dtype=types.FLOAT, mean=mean, std=[1.0] * channels,
+                                           output_layout="CHW" if chw else "HWC", **where)
+            target = mean_chw if chw else mean_chw.transpose(1, 2, 0)
+            out = (out - constant(target)) / constant(np.reshape(std, (-1, 1, 1) if chw else (1, 1, -1)))
+            return fn.cast(out, dtype=out_dtype)
+        return fn.crop_mirror_normalize(images, mirror=mirror, dtype=out_dtype, mean=mean,
+                                        std=[float(s) for s in std], output_layout="CHW" if chw else "HWC", **where)
+
+    if chosen.name == "ten-crop":
+        views = [normalise(mirror, dict(crop=(crop, crop), crop_pos_x=x, crop_pos_y=y))
+                 for mirror in (0, 1) for x, y in TEN_CROP_POSITIONS]
+        images = fn.stack(*views, axis=0)
+    else:
+        images = normalise(drawn.get("mirror", 0), window)
+    if gpu:
+        label = label.gpu()
+    return images, label

@@ -1,0 +1,51 @@
+import numpy as np
+from PIL import Image
+
+from conftest import assert_clean_error, run_cli
+from imgprep.codec import encode_datum
+from imgprep.preview import CAPTION, PAD, TITLE, contact_sheet
+from imgprep.storage import open_writer
+
+
+def red_and_green_db(path):
+    """Two raw 300x260 records as Caffe stores them (BGR planar): pure red (label 0), pure green (label 1)."""
+    records = []
+    for label, rgb in enumerate(((255, 0, 0), (0, 255, 0))):
+        bgr_planar = np.empty((3, 260, 300), np.uint8)
+        bgr_planar[:] = np.array(rgb[::-1], np.uint8)[:, None, None]
+        value = encode_datum(bgr_planar.tobytes(), label, 3, 260, 300, False)
+        records.append((b"%08d_%d.JPEG" % (label, label), value))
+    writer = open_writer(path, "lmdb")
+    writer.put_batch(records)
+    writer.close()
+    return path
+
+
+def tile_colour(sheet, row, column, tile):
+    x = PAD + column * (tile + PAD) + tile // 2
+    y = TITLE + row * (tile + CAPTION + PAD) + tile // 2
+    return sheet.getpixel((x, y))
+
+
+def test_preview_writes_the_grid_with_stored_and_policy_tiles_in_their_true_colours(tmp_path):
+    db = red_and_green_db(tmp_path / "db")
+    out = tmp_path / "sheet.png"
+    result = run_cli("preview", db, out, "--policy", "ten-crop", "--tile", "64")
+    assert str(out) in result.stdout
+    sheet = Image.open(out).convert("RGB")
+    assert sheet.size == (PAD + 11 * (64 + PAD), TITLE + 2 * (64 + CAPTION + PAD))  # stored + ten views, 2 rows
+    for column in range(11):
+        assert tile_colour(sheet, 0, column, 64) == (255, 0, 0) and tile_colour(sheet, 1, column, 64) == (0, 255, 0)
+    train = tmp_path / "train.png"
+    run_cli("preview", db, train, "--tile", "64")  # caffe: the stored record and three epochs' crops
+    assert Image.open(train).size == (PAD + 4 * (64 + PAD), TITLE + 2 * (64 + CAPTION + PAD))
+    assert_clean_error(run_cli("preview", db, train, check=False), "exists; pass --overwrite")
+    run_cli("preview", db, train, "--eval", "--overwrite", "--count", "1")
+    assert Image.open(train).size == (PAD + 2 * (160 + PAD), TITLE + 160 + CAPTION + PAD)
+
+
+def test_a_channel_swap_is_visible_on_the_sheet():
+    red = np.zeros((50, 50, 3), np.uint8)
+    red[..., 0] = 255
+    sheet = contact_sheet([(red, "0: red", [red, red[..., ::-1]])], "swap", tile=64)
+    assert tile_colour(sheet, 0, 1, 64) == (255, 0, 0) and tile_colour(sheet, 0, 2, 64) == (0, 0, 255)
