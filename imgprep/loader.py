@@ -211,12 +211,13 @@ class _Stream:
     def _failure(self, error: Exception) -> ImgprepError:
         if not self.feed.scheduled:
             return ImgprepError(f"DALI failed before reading a batch: {_last_line(error)}")
-        epoch, step = self.feed.scheduled[0]
-        records = self.feed.plan.batch(epoch, step)[0]
         source = self.feed.source
-        culprit = source.culprit(records)
-        if culprit:
-            return ImgprepError(f"{source.path}: {culprit}")
+        # DALI may report a batch's failure on a later run: look through every batch it was handed
+        for epoch, step in self.feed.scheduled:
+            culprit = source.culprit(self.feed.plan.batch(epoch, step)[0])
+            if culprit:
+                return ImgprepError(f"{source.path}: {culprit}")
+        records = self.feed.plan.batch(*self.feed.scheduled[0])[0]
         keys = ", ".join(repr(source.key(i)) for i in records[:8]) + (" ..." if len(records) > 8 else "")
         return ImgprepError(f"{source.path}: DALI failed on the batch holding records {keys}: {_last_line(error)}")
 
@@ -340,8 +341,10 @@ class Loader:
                               channel_order=channel_order)
             base_mean = output_mean_std(norm, self.info.channels, channel_order)[0]
             params = _policy_params(self.policy, self.plan.seed, base_mean, channel_order, source)
+            # DALI's static executor: 17-20% faster in CPU mode (2 cores, DALI 2.4), but it reuses its output
+            # buffers, so CPU batches are copied out (`_to_numpy`). GPU batches are copied anyway.
             pipeline_args = dict(batch_size=batch_size, device_id=device_id if gpu else None, seed=seed,
-                                 prefetch_queue_depth=prefetch)
+                                 prefetch_queue_depth=prefetch, exec_dynamic=gpu)
             lanes = sorted({self._lane(step) for step in range(self.plan.steps)})  # [0] or [0, 1]: step 0 is lane 0
             for lane in lanes:
                 feed = _Feed(self.plan, source, params, lane, self._lane, keep=prefetch + 2)
@@ -495,10 +498,11 @@ def _on_gpu(tensor_list) -> bool:
     return isinstance(tensor_list, TensorListGPU)
 
 
-def _to_numpy(tensor_list) -> np.ndarray:
+def _to_numpy(tensor_list, copy: bool = True) -> np.ndarray:
+    """A numpy batch; copied out of a CPU pipeline's buffers, which its executor reuses."""
     if _on_gpu(tensor_list):
-        tensor_list = tensor_list.as_cpu()
-    return np.asarray(tensor_list.as_tensor())
+        return np.asarray(tensor_list.as_cpu().as_tensor())
+    return np.array(tensor_list.as_tensor(), copy=copy)
 
 
 def _to_torch(tensor_list):
@@ -521,5 +525,5 @@ def _to_jax(tensor_list):
     import jax.numpy as jnp
 
     if not _on_gpu(tensor_list):
-        return jnp.asarray(_to_numpy(tensor_list))
+        return jnp.asarray(_to_numpy(tensor_list, copy=False))
     return jax.dlpack.from_dlpack(tensor_list.as_tensor()).copy()
