@@ -397,7 +397,8 @@ class Loader:
         plan = self.plan
         return {"format": STATE_FORMAT, "epoch": self._epoch, "step": self._step, "seed": plan.seed,
                 "records": plan.records, "num_shards": plan.num_shards, "batch_size": plan.batch_size,
-                "drop_last": plan.drop_last, "shuffle": plan.shuffle, "train": self.train}
+                "drop_last": plan.drop_last, "shuffle": plan.shuffle, "train": self.train,
+                "policy": repr(self.policy)}  # its draws are part of what a restart reproduces
 
     def load_state_dict(self, state: dict) -> None:
         """Continues from `state` (from `state_dict()`, possibly another process's or rank's)."""
@@ -409,7 +410,7 @@ class Loader:
         if differ:
             raise ImgprepError("the saved loader state is for another order: " + ", ".join(differ))
         epoch, step = state["epoch"], state["step"]
-        if not (isinstance(epoch, int) and isinstance(step, int) and epoch >= 0 and 0 <= step < self.plan.steps):
+        if not (type(epoch) is int and type(step) is int and epoch >= 0 and 0 <= step < self.plan.steps):
             raise ImgprepError(f"saved position epoch {epoch!r}, step {step!r} is not in this loader's "
                                f"epochs of {self.plan.steps} steps")
         self._epoch, self._step = epoch, step

@@ -491,6 +491,11 @@ def test_state_of_another_order_is_refused(dbs):
             loader.load_state_dict({**state, "batch_size": 16})
         with pytest.raises(ImgprepError, match="not in this loader's epochs"):
             loader.load_state_dict({**state, "step": 10_000})
+        with pytest.raises(ImgprepError, match="not in this loader's epochs"):
+            loader.load_state_dict({**state, "epoch": True})
+    with Loader(dbs["encoded"], batch_size=8, device=DEVICE, num_threads=1, policy="inception") as other:
+        with pytest.raises(ImgprepError, match="policy"):  # its draws differ: not the run that saved it
+            other.load_state_dict(state)
 
 
 def test_corrupt_records_are_named_by_key(dbs, tmp_path):
