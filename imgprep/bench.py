@@ -137,7 +137,10 @@ def folder_step(samples, batch: int, workers: int, train: bool, transform):
 
 
 _DALI_HINTS = {"File mapping failed": "DALI's file reader cannot read an empty file",
-               "No files found": "no images in the folder's class subfolders"}
+               "No files found": "no images in the folder's class subfolders",
+               "nvImageCodec failure": "a file there is not an image DALI can decode (corrupt, truncated or "
+                                       "another format); imgprep build-lmdb lists such files in its failure report",
+               "Unrecognized image format": "a file there is not an image DALI can decode"}
 
 
 def explain_failure(error: BaseException) -> str:

@@ -1,4 +1,5 @@
 import json
+import os
 
 import pytest
 
@@ -48,15 +49,21 @@ def test_a_peer_that_cannot_run_says_why_and_shows_no_rate(sample_tree, val_db, 
     failed = [row for row in rows.values() if row["images_per_s"] is None]
     assert len(failed) == 3
     assert all(f"cannot run: no images in {tmp_path / 'empty'}'s class subfolders" in row["note"] for row in failed)
-    # the sample's train folder holds a zero-byte file, a truncated one, random bytes
-    rows = peer_rows(val_db, "--compare", sample_tree.root / "train", "--torch-workers", "1")
-    dali = next(row for name, row in rows.items() if name.startswith("DALI file reader"))
-    assert dali["images_per_s"] is None and "DALI's readers.file stopped: File mapping failed" in dali["note"]
-    assert "empty file" in dali["note"] and "no longer valid" not in dali["note"]
-    for name in (n for n in rows if n.startswith("torchvision")):
-        assert rows[name]["images_per_s"] is None and "Pillow cannot read" in rows[name]["note"], rows[name]
-    table = format_table([BenchRow(**row) for row in rows.values()])
-    assert "| - | - | - | cannot run: a DataLoader worker failed: Pillow cannot read" in table and "| 0 |" not in table
+    # folders of nothing but a zero-byte file, or random bytes named .JPEG: every read fails, whatever the order
+    for name, data, dali_says in (("zero-byte", b"", ["readers.file stopped: File mapping failed", "empty file"]),
+                                  ("junk", os.urandom(5000), ["not an image DALI can decode"])):
+        (tmp_path / name / "n01440764").mkdir(parents=True)
+        for i in range(8):  # one batch
+            (tmp_path / name / "n01440764" / f"x{i}.JPEG").write_bytes(data)
+        rows = peer_rows(val_db, "--compare", tmp_path / name, "--torch-workers", "1")
+        dali = next(row for peer, row in rows.items() if peer.startswith("DALI file reader"))
+        assert dali["images_per_s"] is None and "no longer valid" not in dali["note"], dali
+        assert all(words in dali["note"] for words in dali_says), dali["note"]
+        for peer in (n for n in rows if n.startswith("torchvision")):
+            assert rows[peer]["images_per_s"] is None and "Pillow cannot read" in rows[peer]["note"], rows[peer]
+        table = format_table([BenchRow(**row) for row in rows.values()])
+        assert "| - | - | - | cannot run: a DataLoader worker failed: Pillow cannot read" in table
+        assert "| 0 |" not in table
 
 
 def test_caffe_dataset_row_on_leveldb_with_several_workers_says_why(sample_tree, tmp_path):
