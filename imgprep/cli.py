@@ -127,7 +127,7 @@ def doctor():
 @click.option("--archives", is_flag=True,
               help="Write the images as the ImageNet download instead of a tree: ILSVRC2012_img_train.tar (a "
                    "tar per class), ILSVRC2012_img_val.tar and ILSVRC2012_devkit_t12.tar.gz (ground truth and "
-                   "meta.mat; needs scipy).")
+                   "meta.mat).")
 def sample(out, classes, train_per_class, val_per_class, seed, oddities, grain, archives):
     """Write a small ILSVRC12-shaped tree OUT from the bundled photos.
 
@@ -163,7 +163,7 @@ def sample(out, classes, train_per_class, val_per_class, seed, oddities, grain, 
                    "ILSVRC2012_validation_ground_truth.txt, or 'filename wnid' lines. Found in ROOT "
                    "by name if not given.")
 @click.option("--val-id-table", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="For devkit ground truth: the devkit's meta.mat (needs scipy) or an "
+              help="For devkit ground truth: the devkit's meta.mat or an "
                    "ILSVRC2012_ID,wnid CSV.")
 def make_lists_cmd(roots, out, synsets_file, derive_synsets, val_labels, val_id_table):
     """Write train.txt / val.txt ('relative/path label') for an ILSVRC12 tree or the download.
@@ -177,7 +177,7 @@ def make_lists_cmd(roots, out, synsets_file, derive_synsets, val_labels, val_id_
 
     Labels are the wnid's index in the ASCII-sorted synset list (Caffe's convention, not the
     devkit's ILSVRC2012_ID - 1). Val labels come from ROOT/val/<wnid>/ folders, a labels file, or
-    the devkit's ground truth and meta.mat (read inside the devkit archive; needs scipy). With the
+    the devkit's ground truth and meta.mat (read inside the devkit archive). With the
     shipped synsets, a warning names the classes that are missing or short when the lists are not
     the full ILSVRC2012 (1,281,167 train images in 1,000 classes, 50,000 val).
 
