@@ -30,7 +30,8 @@ from .codec import Datum, RecordError, decode_datum
 from .imageops import ImageFailure, ImageSpec, ResizePolicy, bgr_chw_to_rgb_hwc, center_crop, decode_upright
 from .loader import Normalisation, database_info
 from .draws import resized_crop_windows
-from .order import mix
+from .order import augmentation
+from .records import KeyIndex
 from .storage import Reader, detect_backend
 
 LEVELDB_WORKERS = ("LevelDB allows one process at a time, and each DataLoader worker is a process: use "
@@ -65,15 +66,11 @@ class Draw:
 
 
 def draw(seed: int, epoch: int, index: int) -> Draw:
-    """The augmentation of record `index` in `epoch`: a pure function of its arguments, the same on
-    every machine, process and numpy version. With `mix` and `stream` as imgprep.order defines them
-    (stream = mix(mix(seed) + epoch)), r_k = mix(mix(stream ^ index) + k) for k = 0, 1, 2; the crop's
-    vertical and horizontal fractions are (r_0 >> 11) / 2**53 and (r_1 >> 11) / 2**53, and the image
-    is mirrored when r_2's top bit is set."""
-    stream = mix(mix(mix(np.array([seed & (2**64 - 1)], np.uint64)) + np.uint64(epoch)) ^ np.uint64(index))
-    r = mix(stream + np.arange(3, dtype=np.uint64))
-    unit = (r >> np.uint64(11)).astype(np.float64) * 2.0**-53
-    return Draw(float(unit[0]), float(unit[1]), bool(r[2] >> np.uint64(63)))
+    """The augmentation of record `index` in `epoch`: the loader's documented crop and mirror draws
+    (`imgprep.order.augmentation`) at position `index`, so a pure function of its arguments, the same
+    on every machine, process and numpy version."""
+    crop_x, crop_y, mirror = augmentation(seed, epoch, np.array([index]))
+    return Draw(float(crop_y[0]), float(crop_x[0]), bool(mirror[0]))
 
 
 def record_image(datum: Datum, channels: int, resize_shorter: int | None) -> np.ndarray:
@@ -143,22 +140,6 @@ def _mean_rgb(mean_chw_bgr: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(mean_chw_bgr[::-1].transpose(1, 2, 0), dtype=np.float32)
 
 
-class _KeyIndex:
-    """The database's keys in key order, as one bytes object and offsets: a forked DataLoader worker
-    shares these pages, where a list of a million bytes objects would be copied by refcount writes."""
-
-    def __init__(self, keys):
-        keys = list(keys)
-        self.blob = b"".join(keys)
-        self.offsets = np.cumsum([0] + [len(k) for k in keys], dtype=np.int64)
-
-    def __len__(self) -> int:
-        return len(self.offsets) - 1
-
-    def __getitem__(self, index: int) -> bytes:
-        return self.blob[self.offsets[index]:self.offsets[index + 1]]
-
-
 class CaffeDataset(torch.utils.data.Dataset):
     """Map-style Dataset over an LMDB or LevelDB of Caffe Datum records (imgprep's or Caffe's):
     item i is the record at position i in key order, as (CHW float32 RGB tensor, int label).
@@ -209,7 +190,7 @@ class CaffeDataset(torch.utils.data.Dataset):
         else:
             info = database_info(self.path)
         with Reader(self.path, self.backend) as reader:
-            self.keys = _KeyIndex(reader.keys())
+            self.keys = KeyIndex(reader.keys())
             first = reader.get(self.keys[0]) if len(self.keys) else None
         if first is None:
             raise ImgprepError(f"{self.path} holds no records")

@@ -281,11 +281,12 @@ def test_draw_follows_its_documented_formula():
         z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) % 2**64
         return z ^ (z >> 31)
 
+    # the loader's draws (imgprep.order.augmentation) at position = index
     for seed, epoch, index in ((0, 0, 0), (5, 2, 7), (2**40, 89, 1_281_166)):
         stream = mix((mix(seed) + epoch) % 2**64)
-        r = [mix((mix(stream ^ index) + k) % 2**64) for k in range(3)]
+        u = [(mix((mix(stream ^ index) + lane + 1) % 2**64) >> 11) / 2**53 for lane in range(3)]
         chosen = draw(seed, epoch, index)
-        assert (chosen.y, chosen.x, chosen.mirror) == ((r[0] >> 11) / 2**53, (r[1] >> 11) / 2**53, bool(r[2] >> 63))
+        assert (chosen.x, chosen.y, chosen.mirror) == (float(np.float32(u[0])), float(np.float32(u[1])), u[2] < 0.5)
 
 
 def test_inception_policy_resizes_the_drawn_window_of_the_stored_image(dbs):
