@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 
 from . import ImgprepError
-from .build import read_manifest
+from .manifest import read_manifest, require_complete
 from .codec import Datum, RecordError, decode_datum
 from .imageops import ImageFailure, ImageSpec, ResizePolicy, bgr_chw_to_rgb_hwc, center_crop, decode_upright
 from .loader import Normalisation, database_info
@@ -179,16 +179,9 @@ class CaffeDataset(torch.utils.data.Dataset):
                                f"(compute-mean --crop {crop}) applies")
         self.seed = seed
         self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
-        manifest = read_manifest(self.path) or {}
-        if manifest and manifest.get("state") != "complete":
-            if not allow_partial:
-                raise ImgprepError(
-                    f"{self.path} is an incomplete build (state {manifest.get('state')!r}): finish it by running "
-                    "the same build-lmdb command again with --resume, or pass allow_partial=True to read the "
-                    "records it holds now")
-            info = None
-        else:
-            info = database_info(self.path)
+        manifest = read_manifest(self.path)
+        require_complete(self.path, manifest, allow_partial)
+        info = database_info(self.path) if manifest is None or manifest["state"] == "complete" else None
         with Reader(self.path, self.backend) as reader:
             self.keys = KeyIndex(reader.keys())
             first = reader.get(self.keys[0]) if len(self.keys) else None

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from . import ImgprepError
-from .build import read_manifest
+from .manifest import read_manifest, require_complete
 from .codec import RecordError, datum_payload
 from .imageops import parse_resize
 from .mean import load_mean
@@ -105,12 +105,9 @@ def database_info(path, allow_partial: bool = False, records: int | None = None)
 def _build_manifest(path: Path, allow_partial: bool) -> dict:
     """The build manifest ({} for a database imgprep did not build); a partial build is an error
     unless `allow_partial`."""
-    manifest = read_manifest(path) or {}
-    state = manifest.get("state")
-    if manifest and state != "complete" and not allow_partial:
-        raise ImgprepError(f"{path} is an incomplete build (state {state!r}); finish it with "
-                           "`imgprep build-lmdb ... --resume`, or pass allow_partial=True to read the records it holds")
-    return manifest
+    manifest = read_manifest(path)
+    require_complete(path, manifest, allow_partial)
+    return manifest or {}
 
 
 def shard_from_env(shard_id: int | None, num_shards: int | None) -> tuple[int, int]:

@@ -222,7 +222,7 @@ def require_complete(path, manifest: dict | None, allow_partial: bool) -> None:
     else:
         hint = "finish it by running the same build-lmdb command with --resume"
     raise ImgprepError(f"{path} is an incomplete build (state {manifest['state']!r}); {hint}, "
-                       "or pass --allow-partial to use the records it holds")
+                       "or pass --allow-partial (allow_partial=True from Python) to use the records it holds")
 
 
 def record_count(reader, manifest: dict | None) -> int:
