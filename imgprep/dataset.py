@@ -25,12 +25,12 @@ import torch
 from PIL import Image
 
 from . import ImgprepError
-from .manifest import read_manifest, require_complete
 from .codec import Datum, RecordError, decode_datum
 from .imageops import ImageFailure, ImageSpec, ResizePolicy, bgr_chw_to_rgb_hwc, center_crop, decode_upright
 from .loader import Normalisation, database_info
 from .draws import resized_crop_windows
 from .order import augmentation
+from . import policies
 from .records import KeyIndex
 from .storage import Reader, detect_backend
 
@@ -174,47 +174,22 @@ class CaffeDataset(torch.utils.data.Dataset):
             raise ImgprepError(f"CaffeDataset follows the caffe and inception training policies and the center "
                                f"evaluation policy, not {chosen!r} with train={train}; the DALI loader has them all")
         self.policy = Policy(train, crop, resize_shorter, Normalisation.parse(normalize), chosen == "inception")
-        if self.policy.resized_crop and self.policy.subtract_at_source:
-            raise ImgprepError(f"the 'inception' policy rescales each image, so only a {crop}x{crop} mean "
-                               f"(compute-mean --crop {crop}) applies")
         self.seed = seed
         self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
-        manifest = read_manifest(self.path)
-        require_complete(self.path, manifest, allow_partial)
-        info = database_info(self.path) if manifest is None or manifest["state"] == "complete" else None
         with Reader(self.path, self.backend) as reader:
             self.keys = KeyIndex(reader.keys())
-            first = reader.get(self.keys[0]) if len(self.keys) else None
-        if first is None:
-            raise ImgprepError(f"{self.path} holds no records")
-        try:
-            self.channels = info.channels if info else (decode_datum(first).channels or 3)
-        except RecordError as e:
-            raise ImgprepError(f"{self.path} does not hold Caffe Datum records ({e})") from None
+        # refuses a partial build unless allowed, an empty database and non-Datum records
+        info = database_info(self.path, allow_partial=allow_partial, records=len(self.keys))
+        self.channels = info.channels
         norm = self.policy.norm
         if norm.mean_image is None and {len(norm.mean), len(norm.std)} - {1, self.channels}:
             raise ImgprepError(f"normalize gives {len(norm.mean)} means and {len(norm.std)} standard deviations "
                                f"for {self.channels}-channel records")
-        self._check_mean(info)
+        if norm.mean_image is not None:  # the loader's check
+            policies.check_mean(norm.mean_image, info, policies.policy(chosen, crop=crop,
+                                resize_shorter=resize_shorter), self.channels == 1)
         self._reader = None
         self._reader_pid = None
-
-    def _check_mean(self, info) -> None:
-        mean = self.policy.norm.mean_image
-        if mean is None:
-            return
-        if mean.shape[0] != self.channels:
-            raise ImgprepError(f"mean file has {mean.shape[0]} channels; the database has {self.channels}")
-        crop = self.policy.crop
-        if self.policy.subtract_at_source and info is not None and info.stored_size != mean.shape[1:]:
-            _, h, w = mean.shape
-            if info.stored_size is None:
-                raise ImgprepError(f"mean file is {w}x{h}: a stored-size mean (stock Caffe) needs records of one "
-                                   f"size, and {self.path}'s differ; use a {crop}x{crop} mean "
-                                   f"(compute-mean --crop {crop})")
-            sh, sw = info.stored_size
-            raise ImgprepError(f"mean file is {w}x{h} but the records are {sw}x{sh} and the crop is "
-                               f"{crop}x{crop}; Caffe needs the mean to match one of them")
 
     def __len__(self) -> int:
         return len(self.keys)
