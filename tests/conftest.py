@@ -87,3 +87,23 @@ def larger_tree(tmp_path_factory):
     tree.lists = root.parent / "lists"
     make_lists(root, tree.lists, show_progress=False)
     return tree
+
+
+def index_labelled_dbs(sample_tree, base, kinds, limit=None, jobs=2, seed=11):
+    """Databases of the sample's plain train images (oddities left out), each labelled with its
+    entry's index in the list, so a label names its record. `kinds`: (name, resize, encoded, backend).
+    Returns {name: path, "count": N, "sources": {label: source image path}}."""
+    from imgprep.build import BuildOptions, build_database
+    from imgprep.imageops import ImageSpec, parse_resize
+
+    entries = [line.rsplit(" ", 1)[0] for line in (sample_tree.lists / "train.txt").read_text().splitlines()]
+    good = [p for p in entries if p not in sample_tree.oddities][:limit]
+    listing = base / "index-labelled.txt"
+    listing.write_text("".join(f"{p} {i}\n" for i, p in enumerate(good)))
+    made = {"count": len(good), "sources": {i: sample_tree.root / "train" / p for i, p in enumerate(good)}}
+    for name, resize, encoded, backend in kinds:
+        options = BuildOptions(backend=backend, jobs=jobs, shuffle=True, seed=seed,
+                               spec=ImageSpec(parse_resize(resize), encoded=encoded, quality=95))
+        build_database(listing, sample_tree.root / "train", base / name, options, show_progress=False)
+        made[name] = base / name
+    return made

@@ -10,8 +10,9 @@ torch = pytest.importorskip("torch")
 
 from torch.utils.data import DataLoader, DistributedSampler  # noqa: E402
 
+from conftest import index_labelled_dbs
 from imgprep import ImgprepError  # noqa: E402
-from imgprep.build import MANIFEST, BuildOptions, build_database  # noqa: E402
+from imgprep.build import MANIFEST  # noqa: E402
 from imgprep.codec import decode_datum, encode_blob  # noqa: E402
 from imgprep.dataset import CaffeDataset  # noqa: E402
 from imgprep.imageops import ImageSpec, decode_upright, parse_resize  # noqa: E402
@@ -25,22 +26,10 @@ RECORDS = 40
 def dbs(sample_tree, tmp_path_factory):
     """Databases of RECORDS plain sample images whose label is the entry's index, so labels identify
     records; `sources` maps label -> source file."""
-    base = tmp_path_factory.mktemp("datasetdbs")
-    entries = [line.rsplit(" ", 1)[0] for line in (sample_tree.lists / "train.txt").read_text().splitlines()]
-    good = [p for p in entries if p not in sample_tree.oddities][:RECORDS]
-    unique = base / "unique.txt"
-    unique.write_text("".join(f"{p} {i}\n" for i, p in enumerate(good)))
-    made = {"sources": {i: sample_tree.root / "train" / p for i, p in enumerate(good)}}
-    for name, resize, encoded, backend in (("encoded", "shorter:256", True, "lmdb"),
-                                           ("encoded_leveldb", "shorter:256", True, "leveldb"),
-                                           ("originals", "none", True, "lmdb"),
-                                           ("raw", "squash:256x256", False, "lmdb"),
-                                           ("raw_shorter", "shorter:256", False, "lmdb")):
-        options = BuildOptions(backend=backend, jobs=2, shuffle=True, seed=11,
-                               spec=ImageSpec(parse_resize(resize), encoded=encoded, quality=95))
-        build_database(unique, sample_tree.root / "train", base / name, options, show_progress=False)
-        made[name] = base / name
-    return made
+    return index_labelled_dbs(sample_tree, tmp_path_factory.mktemp("datasetdbs"), (
+        ("encoded", "shorter:256", True, "lmdb"), ("encoded_leveldb", "shorter:256", True, "leveldb"),
+        ("originals", "none", True, "lmdb"), ("raw", "squash:256x256", False, "lmdb"),
+        ("raw_shorter", "shorter:256", False, "lmdb")), limit=RECORDS)
 
 
 def stored_rgb(db):

@@ -6,10 +6,10 @@ import sys
 import numpy as np
 import pytest
 
+from conftest import index_labelled_dbs
 from imgprep import ImgprepError
-from imgprep.build import BuildOptions, build_database
 from imgprep.codec import encode_blob
-from imgprep.imageops import ImageSpec, center_crop, decode_to_rgb, parse_resize
+from imgprep.imageops import center_crop, decode_to_rgb
 from imgprep.loader import IMAGENET_MEAN_RGB, IMAGENET_STD_RGB, Loader
 from imgprep.storage import Reader
 from imgprep.codec import decode_datum
@@ -23,22 +23,10 @@ DEVICE = os.environ.get("IMGPREP_TEST_DEVICE", "cpu")
 @pytest.fixture(scope="module")
 def dbs(sample_tree, tmp_path_factory):
     """Databases whose label is the entry's own index, so labels identify records."""
-    base = tmp_path_factory.mktemp("loaderdbs")
-    entries = [line.rsplit(" ", 1)[0] for line in (sample_tree.lists / "train.txt").read_text().splitlines()]
-    good = [p for p in entries if p not in sample_tree.oddities]
-    unique = base / "unique.txt"
-    unique.write_text("".join(f"{p} {i}\n" for i, p in enumerate(good)))
-    made = {}
-    for name, spec, backend in (("encoded", "shorter:256", "lmdb"), ("encoded_leveldb", "shorter:256", "leveldb"),
-                                ("raw", "squash:256x256", "lmdb"), ("raw_leveldb", "squash:256x256", "leveldb"),
-                                ("raw_shorter", "shorter:256", "lmdb")):
-        encoded = name.startswith("encoded")
-        options = BuildOptions(backend=backend, jobs=2, shuffle=True, seed=11,
-                               spec=ImageSpec(parse_resize(spec), encoded=encoded, quality=95))
-        build_database(unique, sample_tree.root / "train", base / name, options, show_progress=False)
-        made[name] = base / name
-    made["count"] = len(good)
-    return made
+    return index_labelled_dbs(sample_tree, tmp_path_factory.mktemp("loaderdbs"), (
+        ("encoded", "shorter:256", True, "lmdb"), ("encoded_leveldb", "shorter:256", True, "leveldb"),
+        ("raw", "squash:256x256", False, "lmdb"), ("raw_leveldb", "squash:256x256", False, "leveldb"),
+        ("raw_shorter", "shorter:256", False, "lmdb")))
 
 
 def stored_rgb(db):

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import index_labelled_dbs
 from imgprep import ImgprepError
-from imgprep.build import BuildOptions, build_database
 from imgprep.codec import decode_datum, encode_blob
 from imgprep.draws import (PCA_EIGVAL, PCA_EIGVEC, lighting, normals, resized_crop_windows, shorter_sides,
                            uniforms)
-from imgprep.imageops import ImageSpec, decode_to_rgb, parse_resize
+from imgprep.imageops import decode_to_rgb
 from imgprep.loader import Loader, UpscaleWarning
 from imgprep.order import augmentation
 from imgprep.policies import policy
@@ -29,18 +29,8 @@ pytestmark = pytest.mark.filterwarnings("ignore::imgprep.loader.UpscaleWarning")
 @pytest.fixture(scope="module")
 def dbs(sample_tree, tmp_path_factory):
     """30 records, labelled by their list index: raw squash-256 (BGR planar) and shorter-256 JPEG."""
-    base = tmp_path_factory.mktemp("policydbs")
-    entries = [line.rsplit(" ", 1)[0] for line in (sample_tree.lists / "train.txt").read_text().splitlines()]
-    good = [p for p in entries if p not in sample_tree.oddities][:30]
-    listing = base / "list.txt"
-    listing.write_text("".join(f"{p} {i}\n" for i, p in enumerate(good)))
-    made = {"count": len(good)}
-    for name, spec, encoded in (("raw", "squash:256x256", False), ("encoded", "shorter:256", True)):
-        options = BuildOptions(backend="lmdb", jobs=1, shuffle=True, seed=3,
-                               spec=ImageSpec(parse_resize(spec), encoded=encoded, quality=95))
-        build_database(listing, sample_tree.root / "train", base / name, options, show_progress=False)
-        made[name] = base / name
-    return made
+    return index_labelled_dbs(sample_tree, tmp_path_factory.mktemp("policydbs"), (
+        ("raw", "squash:256x256", False, "lmdb"), ("encoded", "shorter:256", True, "lmdb")), limit=30, jobs=1, seed=3)
 
 
 def stored(db):
