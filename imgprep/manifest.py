@@ -85,6 +85,11 @@ def read_manifest(out: Path) -> dict | None:
     return check_manifest(out, manifest)
 
 
+def _link_refused(path) -> ImgprepError:
+    return ImgprepError(f"{path} is a symbolic link; imgprep writes only files it made there. "
+                        "Remove the link, then run the command again")
+
+
 def open_own(path: Path, append: bool = False):
     """Opens a file imgprep makes in OUT for writing (text, bytes kept as written), never through a
     symbolic link someone else put there."""
@@ -93,8 +98,7 @@ def open_own(path: Path, append: bool = False):
         fd = os.open(path, flags, 0o666)
     except OSError as e:
         if e.errno == errno.ELOOP:
-            raise ImgprepError(f"{path} is a symbolic link; imgprep writes only files it made there. "
-                               "Remove the link, then run the command again") from None
+            raise _link_refused(path) from None
         raise ImgprepError(f"cannot write {path}: {e.strerror}") from None
     return open(fd, "a" if append else "w", encoding="utf-8", errors="surrogateescape")
 
@@ -137,8 +141,7 @@ class OutputLock:
             if self.fd is not None:
                 os.close(self.fd)
             if e.errno == errno.ELOOP:
-                raise ImgprepError(f"{self.path} is a symbolic link; imgprep writes only files it made there. "
-                                   "Remove the link, then run the command again") from None
+                raise _link_refused(self.path) from None
             raise ImgprepError(f"cannot write to {self.path.parent}: {e.strerror}") from None
         return self
 
@@ -191,8 +194,7 @@ def refuse_links(out: Path) -> None:
     names = [*OWN_FILES, *LMDB_FILES, "CURRENT"] + [p.name for p in _database_files(out, kind)]
     for name in names:
         if os.path.islink(out / name):
-            raise ImgprepError(f"{out / name} is a symbolic link; imgprep writes only files it made there. "
-                               "Remove the link, then run the command again")
+            raise _link_refused(out / name)
 
 
 def clear_output(out: Path) -> list[str]:
