@@ -47,7 +47,7 @@ class RecordSource:
         self._reader = Reader(path, backend)
         try:
             self._keys = KeyIndex(self._reader.keys())
-            self._txn = self._reader.env.begin(buffers=True) if self._reader.env is not None else None
+            self._txn = self._reader.snapshot() if self._reader.env is not None else None
         except BaseException:
             self._reader.close()
             raise

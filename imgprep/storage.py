@@ -11,6 +11,7 @@ import errno
 import os
 import resource
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import lmdb
@@ -138,27 +139,81 @@ def open_writer(path, backend: str, map_size: int = INITIAL_MAP_SIZE):
     raise ImgprepError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
 
 
-_SHARED: dict[tuple[str, str], list] = {}  # (backend, realpath) -> [handle, users]
+class _Shared:
+    """One process's read handle on one database file, shared by that process's Readers; `transactions`
+    counts the read transactions open on it (a child forked meanwhile inherits them)."""
+
+    def __init__(self, handle, pid: int):
+        self.handle, self.pid, self.users, self.transactions = handle, pid, 0, 0
 
 
-def _acquire(path: Path, backend: str, open_handle):
-    """One read handle per database per process, shared: LevelDB allows one open handle per
-    process, and py-lmdb one environment per path."""
-    key = (backend, os.path.realpath(path))
-    entry = _SHARED.get(key)
-    if entry is None:
-        entry = _SHARED[key] = [open_handle(), 0]
-    entry[1] += 1
-    return entry[0]
+_SHARED: dict[tuple, _Shared] = {}  # (backend, realpath, file identity, pid) -> handle
+_IDENTITY_FILE = {"lmdb": "data.mdb", "leveldb": "LOCK"}
 
 
-def _release(path: Path, backend: str) -> None:
-    key = (backend, os.path.realpath(path))
-    entry = _SHARED[key]
-    entry[1] -= 1
-    if entry[1] == 0:
-        entry[0].close()
+def _identity(real: str, backend: str) -> tuple[int, int] | None:
+    """(device, inode) of the database's data.mdb (LMDB) or LOCK (LevelDB). `build-lmdb --overwrite`
+    deletes a database's files and writes new ones, so a rebuilt database is another inode, and that
+    inode cannot be reused while a handle holds the old file open. Size and modification time are left
+    out: they change with every commit of a build still being written, which readers may follow, and a
+    second LMDB environment on the same file in one process is what LMDB forbids."""
+    try:
+        st = os.stat(os.path.join(real, _IDENTITY_FILE[backend]))
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _acquire(path: Path, backend: str, open_handle) -> _Shared:
+    """This process's read handle on the database now at `path`, shared by its Readers (LevelDB allows
+    one handle per process, py-lmdb one environment per file). A handle belongs to one database file
+    (a database rebuilt since gets a new handle) and to the process that opened it (a forked child
+    opens its own: LMDB forbids using an environment across fork)."""
+    real, pid = os.path.realpath(path), os.getpid()
+    identity = _identity(real, backend)
+    shared = _SHARED.get((backend, real, identity, pid))
+    if shared is None:
+        _leave_inherited(path, backend, real, identity, pid)
+        if backend == "leveldb" and any(k[:2] == (backend, real) and k[3] == pid for k in _SHARED):
+            raise ImgprepError(f"{path} was rebuilt while this process still holds the old database open (a "
+                               "Loader or CaffeDataset made before the rebuild); LevelDB allows one handle per "
+                               "process: close() those first")
+        shared = _Shared(open_handle(), pid)
+        _SHARED[(backend, real, _identity(real, backend), pid)] = shared  # LevelDB makes a missing LOCK
+    shared.users += 1
+    return shared
+
+
+def _leave_inherited(path: Path, backend: str, real: str, identity, pid: int) -> None:
+    """Lets this forked process open its own handle where it inherited its parent's on the same file:
+    an LMDB environment with no read transaction open is closed here (that touches only this
+    process's mappings, not the parent's readers); one with a transaction open, or a LevelDB, the
+    parent still holds, and a clear error says so."""
+    for key in [k for k in _SHARED if k[:3] == (backend, real, identity) and k[3] != pid]:
+        shared = _SHARED[key]
+        if backend == "leveldb":
+            raise ImgprepError(f"{path}: this process was forked from one that holds the LevelDB open, and LevelDB "
+                               "allows one process at a time: close() it there first (a CaffeDataset read in the "
+                               "main process before a DataLoader starts its worker), or build an LMDB")
+        if shared.transactions:
+            raise ImgprepError(f"{path}: this process was forked while its parent was reading the LMDB (an open "
+                               "Loader); LMDB forbids using its handle across fork, and closing it here would end "
+                               "the parent's read: open the database after the fork, or start processes with "
+                               "'spawn'")
+        shared.handle.close()
         del _SHARED[key]
+
+
+def _release(shared: _Shared) -> None:
+    """One Reader fewer on `shared`; the last one closes it. A handle inherited from the parent of a
+    forked process is the parent's: the child leaves it alone."""
+    if shared.pid != os.getpid():
+        return
+    shared.users -= 1
+    if shared.users == 0:
+        shared.handle.close()
+        for key in [k for k, v in _SHARED.items() if v is shared]:
+            del _SHARED[key]
 
 
 class Reader:
@@ -167,16 +222,33 @@ class Reader:
     def __init__(self, path: str | os.PathLike, backend: str | None = None):
         self.path = Path(path)
         self.backend = backend or detect_backend(self.path)
+        self._shared, self._open = None, 0  # the shared handle; snapshots this Reader holds on it
         try:
             if self.backend == "lmdb":
-                self.env = _acquire(self.path, "lmdb", self._open_lmdb)
-                self.db = None
+                self._shared = _acquire(self.path, "lmdb", self._open_lmdb)
+                self.env, self.db = self._shared.handle, None
             else:
-                self.env = None
-                self.db = _acquire(self.path, "leveldb",
-                                   lambda: plyvel.DB(str(self.path), create_if_missing=False))
+                self._shared = _acquire(self.path, "leveldb", lambda: plyvel.DB(str(self.path), create_if_missing=False))
+                self.env, self.db = None, self._shared.handle
         except (lmdb.Error, plyvel.Error, OSError) as e:
             raise _storage_error(self.path, f"open {self.backend}", e) from None
+
+    @contextmanager
+    def _transaction(self, buffers: bool = False):
+        """A read transaction on the LMDB, for the duration of the `with` (counted: see `_Shared`)."""
+        self._shared.transactions += 1
+        try:
+            with self.env.begin(buffers=buffers) as txn:
+                yield txn
+        finally:
+            self._shared.transactions -= 1
+
+    def snapshot(self):
+        """An LMDB read transaction (buffers=True) held until the Reader closes: one view of the
+        database however long it is read."""
+        self._shared.transactions += 1
+        self._open += 1
+        return self.env.begin(buffers=True)
 
     def _open_lmdb(self):
         try:
@@ -202,7 +274,7 @@ class Reader:
         """(key, value) pairs in key order, from `start` on. With `buffers`, LMDB yields memoryviews
         into the map (no copy), valid only until the next item is taken."""
         if self.env is not None:
-            with self.env.begin(buffers=buffers) as txn:
+            with self._transaction(buffers=buffers) as txn:
                 cursor = txn.cursor()
                 found = cursor.set_range(start) if start else cursor.first()
                 if found:
@@ -212,29 +284,28 @@ class Reader:
 
     def keys(self):
         if self.env is not None:
-            with self.env.begin() as txn:
+            with self._transaction() as txn:
                 yield from txn.cursor().iternext(keys=True, values=False)
         else:
             yield from self.db.iterator(include_value=False)
 
     def get(self, key: bytes) -> bytes | None:
         if self.env is not None:
-            with self.env.begin() as txn:
+            with self._transaction() as txn:
                 return txn.get(key)
         return self.db.get(key)
 
     def last_key(self) -> bytes | None:
         if self.env is not None:
-            with self.env.begin() as txn:
+            with self._transaction() as txn:
                 cursor = txn.cursor()
                 return cursor.key() if cursor.last() else None
         with self.db.iterator(reverse=True, include_value=False) as it:
             return next(it, None)
 
     def close(self) -> None:
-        if self.env is not None:
-            _release(self.path, "lmdb")
-            self.env = None
-        if self.db is not None:
-            _release(self.path, "leveldb")
-            self.db = None
+        if self._shared is not None:
+            self._shared.transactions -= self._open
+            _release(self._shared)
+        self._shared = self.env = self.db = None
+        self._open = 0

@@ -301,3 +301,88 @@ def test_inception_policy_resizes_the_drawn_window_of_the_stored_image(dbs):
     assert len(set(shares)) > 4 and 0.08 <= min(shares) and max(shares) <= 1
     with pytest.raises(ImgprepError, match="not 'resnet'"):
         CaffeDataset(dbs["raw"], policy="resnet")
+
+
+@pytest.mark.parametrize("backend", ["lmdb", "leveldb"])
+def test_a_database_rebuilt_with_overwrite_is_read_anew_while_a_handle_on_the_old_one_is_open(sample_tree, tmp_path,
+                                                                                               backend):
+    """build-lmdb --overwrite deletes a database's files and writes new ones: a CaffeDataset or Loader made
+    afterwards reads the new database even where this process still holds the old one open, which keeps
+    reading its own records (LevelDB, which allows one handle per process, says to close it first)."""
+    from conftest import run_cli
+    from imgprep.loader import Loader
+
+    db = tmp_path / "db"
+    lists, root = sample_tree.lists, sample_tree.root
+
+    def build(split, *flags):
+        result = run_cli("build-lmdb", lists / f"{split}.txt", root / split, db, "--backend", backend, "--resize",
+                         "squash:32x32", "--raw", "--jobs", "2", *flags, check=False)
+        assert result.returncode in (0, 3), result.stderr  # 3: the sample's broken images are reported failures
+
+    def stored_labels():
+        with Reader(db) as reader:
+            return sorted(decode_datum(v).label for _, v in reader.items())
+
+    build("train")
+    train_labels = stored_labels()
+    old = CaffeDataset(db, crop=32, resize_shorter=32)
+    first = old[0][1]
+    build("val", "--overwrite")
+    if backend == "leveldb":
+        with pytest.raises(ImgprepError, match="rebuilt while this process still holds the old database open"):
+            CaffeDataset(db, crop=32, resize_shorter=32)
+        old.close()
+    val_labels = stored_labels()
+    assert len(val_labels) == json.loads((db / MANIFEST).read_text())["records"] != len(train_labels)
+    new = CaffeDataset(db, crop=32, resize_shorter=32, normalize="none")
+    assert len(new) == len(val_labels) and sorted(new[i][1] for i in range(len(new))) == val_labels
+    with Loader(db, batch_size=8, train=False, crop=32, resize_shorter=32, device="cpu", num_threads=1) as loader:
+        assert sorted(label for _, labels in loader for label in labels.tolist()) == val_labels
+    if backend == "lmdb":
+        assert len(old) == len(train_labels) and old[0][1] == first  # the old handle reads its own database
+
+
+class ReadersOfEachItem(torch.utils.data.Dataset):
+    """A CaffeDataset's items, with the process that read each one and the pids LMDB's reader table
+    registers for a read in that process."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        _, label = self.dataset[index]
+        reader = self.dataset._open_here()
+        with reader.env.begin():
+            table = reader.env.readers()
+        return label, os.getpid(), [int(line.split()[0]) for line in table.splitlines()[1:]]
+
+
+def test_dataloader_workers_forked_after_the_parent_read_open_their_own_lmdb_handle(dbs):
+    """LMDB forbids using an environment across fork: a worker forked after the main process read items
+    opens its own, so its reads are registered under its own pid, and the main process reads on."""
+    from imgprep.records import RecordSource
+
+    dataset = CaffeDataset(dbs["raw"], train=False)
+    dataset[0]  # the main process opens its handle
+    items = list(DataLoader(ReadersOfEachItem(dataset), batch_size=None, num_workers=2,
+                            multiprocessing_context="fork"))
+    assert sorted(label for label, _, _ in items) == list(range(RECORDS))
+    assert all(pid != os.getpid() and pid in pids for _, pid, pids in items)
+    assert dataset[1][1] == items[1][0]
+    source = RecordSource(dbs["raw"], "lmdb")  # an open Loader's read transaction: closing it in a child would end it
+    try:
+        with pytest.raises(ImgprepError, match="forked while its parent was reading the LMDB"):
+            list(DataLoader(CaffeDataset(dbs["raw"], train=False), batch_size=8, num_workers=1,
+                            multiprocessing_context="fork"))
+    finally:
+        source.close()
+    leveldb = CaffeDataset(dbs["encoded_leveldb"], train=False)
+    leveldb[0]
+    with pytest.raises(ImgprepError, match="forked from one that holds the LevelDB open"):
+        list(DataLoader(leveldb, batch_size=8, num_workers=1, multiprocessing_context="fork"))
+    leveldb.close()
+    assert len(list(DataLoader(leveldb, batch_size=8, num_workers=1, multiprocessing_context="fork"))) == 5
