@@ -29,6 +29,7 @@ from .codec import Datum, RecordError, decode_datum
 from .imageops import ImageFailure, ImageSpec, ResizePolicy, bgr_chw_to_rgb_hwc, center_crop, decode_upright
 from .loader import Normalisation, database_info
 from .draws import resized_crop_windows
+from .options import OptionError, check_pixels, whole
 from .order import augmentation
 from . import policies
 from .records import KeyIndex
@@ -171,23 +172,17 @@ class CaffeDataset(torch.utils.data.Dataset):
         self.backend = detect_backend(self.path)
         chosen = policy or ("caffe" if train else "center")
         if chosen not in (("caffe", "inception") if train else ("center",)):
-            raise ImgprepError(f"CaffeDataset follows the caffe and inception training policies and the center "
-                               f"evaluation policy, not {chosen!r} with train={train}; the DALI loader has them all")
+            raise OptionError(f"CaffeDataset follows the caffe and inception training policies and the center "
+                              f"evaluation policy, not {chosen!r} with train={train}; the DALI loader has them all")
         self.policy = Policy(train, crop, resize_shorter, Normalisation.parse(normalize), chosen == "inception")
-        self.seed = seed
+        self.seed = whole("seed", seed, 0)
         self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
         with Reader(self.path, self.backend) as reader:
             self.keys = KeyIndex(reader.keys())
         # refuses a partial build unless allowed, an empty database and non-Datum records
         info = database_info(self.path, allow_partial=allow_partial, records=len(self.keys))
         self.channels = info.channels
-        norm = self.policy.norm
-        if norm.mean_image is None and {len(norm.mean), len(norm.std)} - {1, self.channels}:
-            raise ImgprepError(f"normalize gives {len(norm.mean)} means and {len(norm.std)} standard deviations "
-                               f"for {self.channels}-channel records")
-        if norm.mean_image is not None:  # the loader's check
-            policies.check_mean(norm.mean_image, info, policies.policy(chosen, crop=crop,
-                                resize_shorter=resize_shorter), self.channels == 1)
+        check_pixels(info, policies.policy(chosen, crop=crop, resize_shorter=resize_shorter), self.policy.norm)
         self._reader = None
         self._reader_pid = None
 

@@ -19,6 +19,7 @@ as DALI's `readers.caffe` does, and turned back from Caffe's planar CHW BGR in t
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from collections import deque
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from .manifest import read_manifest, require_complete
 from .codec import RecordError, datum_payload
 from .imageops import parse_resize
 from .mean import load_mean
+from .options import OptionError, check_pixels, shards, whole
 from .order import EmptyShard, EpochPlan, split_steps
 from .policies import CHANNEL_ORDERS, Policy, batch_params, graph, output_mean_std, parse_policy
 from .records import RecordSource
@@ -108,17 +110,6 @@ def _build_manifest(path: Path, allow_partial: bool) -> dict:
     manifest = read_manifest(path)
     require_complete(path, manifest, allow_partial)
     return manifest or {}
-
-
-def shard_from_env(shard_id: int | None, num_shards: int | None) -> tuple[int, int]:
-    """Explicit values, else torchrun's RANK / WORLD_SIZE, else a single shard."""
-    if shard_id is None and num_shards is None:
-        shard_id = int(os.environ.get("RANK", 0))
-        num_shards = int(os.environ.get("WORLD_SIZE", 1))
-    shard_id, num_shards = shard_id or 0, num_shards or 1
-    if not 0 <= shard_id < num_shards:
-        raise ImgprepError(f"shard_id {shard_id} is not in 0..{num_shards - 1}")
-    return shard_id, num_shards
 
 
 @dataclass
@@ -207,7 +198,7 @@ class _Stream:
 
     def _failure(self, error: Exception) -> ImgprepError:
         if not self.feed.scheduled:
-            return ImgprepError(f"DALI failed before reading a batch: {_last_line(error)}")
+            return ImgprepError(f"DALI failed before reading a batch: {dali_reason(error)}")
         source = self.feed.source
         # DALI may report a batch's failure on a later run: look through every batch it was handed
         for epoch, step in self.feed.scheduled:
@@ -216,14 +207,25 @@ class _Stream:
                 return ImgprepError(f"{source.path}: {culprit}")
         records = self.feed.plan.batch(*self.feed.scheduled[0])[0]
         keys = ", ".join(repr(source.key(i)) for i in records[:8]) + (" ..." if len(records) > 8 else "")
-        return ImgprepError(f"{source.path}: DALI failed on the batch holding records {keys}: {_last_line(error)}")
+        return ImgprepError(f"{source.path}: DALI failed on the batch holding records {keys}: {dali_reason(error)}")
 
     def __getattr__(self, name):
         return getattr(self.pipeline, name)
 
 
-def _last_line(error: Exception) -> str:
-    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+def dali_reason(error: Exception) -> str:
+    """DALI's own reason for a failure: "DALI's OPERATOR stopped: CAUSE", without its C++ context, the
+    graph's Python traceback and the 'Current pipeline object is no longer valid' epilogue that ends
+    its message; for any other error, its last line."""
+    text = str(error).strip()
+    if "encountered:" in text:
+        operator = re.search(r"operator `(?:nvidia\.dali\.fn\.)?([\w.]+)`", text)
+        cause = text.split("encountered:", 1)[1]
+        cause = re.split(r"C\+\+ context:|Current pipeline object is no longer valid", cause)[0]
+        cause = re.sub(r'Assert on "[^"]*" failed: ', "", " ".join(cause.split())).rstrip(". ")
+        where = f"DALI's {operator.group(1)}" if operator else "DALI's pipeline"
+        return f"{where} stopped: {cause[:400]}"
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
     return lines[-1][:300] if lines else type(error).__name__
 
 
@@ -294,15 +296,18 @@ class Loader:
         from .env import gpu_count
 
         if dtype not in ("float32", "float16") or layout not in ("NCHW", "NHWC"):
-            raise ImgprepError("dtype must be float32 or float16, layout NCHW or NHWC")
+            raise OptionError("dtype must be float32 or float16, layout NCHW or NHWC")
         if output not in ("numpy", "torch", "jax"):
-            raise ImgprepError("output must be 'numpy', 'torch' or 'jax'")
+            raise OptionError("output must be 'numpy', 'torch' or 'jax'")
         if not 0.0 <= cpu_share < 1.0:
-            raise ImgprepError("cpu_share must be in [0, 1)")
-        if batch_size < 1:
-            raise ImgprepError("batch_size must be at least 1")
+            raise OptionError("cpu_share must be in [0, 1)")
+        batch_size, prefetch = whole("batch_size", batch_size), whole("prefetch", prefetch)
+        seed = whole("seed", seed, 0)
+        for name, value in (("num_threads", num_threads), ("cpu_threads", cpu_threads)):
+            if value is not None:
+                whole(name, value)
         if channel_order not in CHANNEL_ORDERS:
-            raise ImgprepError(f"channel_order must be 'RGB' or 'BGR', not {channel_order!r}")
+            raise OptionError(f"channel_order must be 'RGB' or 'BGR', not {channel_order!r}")
         self.policy = parse_policy(policy, train, crop, resize_shorter)
         _build_manifest(Path(db), allow_partial)  # a partial build is refused before the keys are read
         if device == "auto":
@@ -310,7 +315,7 @@ class Loader:
         if device == "gpu" and gpu_count() == 0:
             raise ImgprepError("device='gpu' but DALI sees no CUDA GPU; use device='cpu' or 'auto'")
         self.device = device
-        self.shard_id, self.num_shards = shard_from_env(shard_id, num_shards)
+        self.shard_id, self.num_shards = shards(shard_id, num_shards)
         self.batch_size, self.drop_last, self.output, self.train = batch_size, drop_last, output, train
         self._streams: list[_Stream] = []
         self._sources: list[RecordSource] = []
@@ -333,6 +338,7 @@ class Loader:
                 device_id = int(os.environ.get("LOCAL_RANK", 0))
             threads = num_threads or max(1, min(8, len(os.sched_getaffinity(0))))
             norm = Normalisation.parse(normalize)
+            check_pixels(self.info, self.policy, norm)
             self._warn_if_upscaling()
             graph_args = dict(info=self.info, chosen=self.policy, norm=norm, dtype=dtype, layout=layout, gpu=gpu,
                               channel_order=channel_order)
@@ -406,6 +412,9 @@ class Loader:
                   if k not in ("epoch", "step") and state.get(k) != mine[k]]
         if differ:
             raise ImgprepError("the saved loader state is for another order: " + ", ".join(differ))
+        missing = [k for k in ("epoch", "step") if k not in state]
+        if missing:
+            raise ImgprepError(f"the saved loader state has no {' or '.join(missing)}: {str(state)[:200]}")
         epoch, step = state["epoch"], state["step"]
         if not (type(epoch) is int and type(step) is int and epoch >= 0 and 0 <= step < self.plan.steps):
             raise ImgprepError(f"saved position epoch {epoch!r}, step {step!r} is not in this loader's "

@@ -228,7 +228,8 @@ class Reader:
                 self._shared = _acquire(self.path, "lmdb", self._open_lmdb)
                 self.env, self.db = self._shared.handle, None
             else:
-                self._shared = _acquire(self.path, "leveldb", lambda: plyvel.DB(str(self.path), create_if_missing=False))
+                self._shared = _acquire(self.path, "leveldb",
+                                        lambda: plyvel.DB(str(self.path), create_if_missing=False))
                 self.env, self.db = None, self._shared.handle
         except (lmdb.Error, plyvel.Error, OSError) as e:
             raise _storage_error(self.path, f"open {self.backend}", e) from None

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, DistributedSampler  # noqa: E402
 from conftest import index_labelled_dbs
 from imgprep import ImgprepError  # noqa: E402
 from imgprep.build import MANIFEST  # noqa: E402
-from imgprep.codec import decode_datum, encode_blob  # noqa: E402
+from imgprep.codec import decode_datum, encode_blob, encode_datum  # noqa: E402
 from imgprep.dataset import CaffeDataset  # noqa: E402
 from imgprep.imageops import ImageSpec, decode_upright, parse_resize  # noqa: E402
 from imgprep.loader import IMAGENET_MEAN_RGB, IMAGENET_STD_RGB  # noqa: E402
@@ -386,3 +386,34 @@ def test_dataloader_workers_forked_after_the_parent_read_open_their_own_lmdb_han
         list(DataLoader(leveldb, batch_size=8, num_workers=1, multiprocessing_context="fork"))
     leveldb.close()
     assert len(list(DataLoader(leveldb, batch_size=8, num_workers=1, multiprocessing_context="fork"))) == 5
+
+
+def test_loader_and_dataset_check_their_shared_arguments_alike(dbs, tmp_path):
+    """One validation (imgprep.options) for both: the same ValueError naming the argument. On a grayscale
+    database the RGB default normalisation is refused by both, where the loader used to take the red mean."""
+    from imgprep.loader import Loader
+    from imgprep.options import OptionError
+
+    gray = tmp_path / "gray"
+    pixels = np.random.default_rng(0).integers(0, 256, (4, 1, 40, 40), dtype=np.uint8)
+    writer = open_writer(gray, "lmdb")
+    writer.put_batch([(b"%08d" % i, encode_datum(p.tobytes(), i, 1, 40, 40, False)) for i, p in enumerate(pixels)])
+    writer.close()
+    for db, kwargs, message in ((dbs["raw"], {"crop": 0}, "crop must be a whole number >= 1, not 0"),
+                                (dbs["raw"], {"crop": 300}, "crop 300 is larger than resize_shorter 256"),
+                                (dbs["raw"], {"seed": -1}, "seed must be a whole number >= 0"),
+                                (gray, {"crop": 32, "resize_shorter": 40},
+                                 r"normalize gives 3 means and 3 standard deviations for 1-channel records "
+                                 r"\(the records are grayscale")):
+        for make in (CaffeDataset, lambda db, **kw: Loader(db, device="cpu", **kw)):
+            with pytest.raises(OptionError, match=message) as caught:
+                make(db, train=False, **kwargs)
+            assert isinstance(caught.value, ValueError)
+    norm = ((100.0,), (50.0,))
+    dataset = CaffeDataset(gray, train=False, crop=32, resize_shorter=40, normalize=norm)
+    with Loader(gray, batch_size=4, train=False, crop=32, resize_shorter=40, normalize=norm, device="cpu") as loader:
+        images, labels = next(iter(loader))
+    expected = (pixels[:, :, 4:36, 4:36].astype(np.float32) - 100) / 50
+    assert images.shape == (4, 1, 32, 32)
+    np.testing.assert_allclose(images, expected[labels], atol=1e-5)
+    np.testing.assert_allclose(np.stack([dataset[i][0].numpy() for i in range(4)]), expected, atol=1e-5)

@@ -549,3 +549,65 @@ def test_encoded_records_without_sizes_as_caffe_may_write_them(dbs, tmp_path):
     assert bare.info.stored_size is None and len(got) == 12
     for label, image in got:
         np.testing.assert_array_equal(image, reference[label])
+
+
+def test_bad_arguments_are_clear_errors_naming_the_argument(dbs, monkeypatch):
+    from imgprep.options import OptionError
+
+    db = dbs["raw"]
+    for kwargs, message in (({"num_shards": 0, "shard_id": 0}, "num_shards must be a whole number >= 1, not 0"),
+                            ({"num_shards": -2, "shard_id": 0}, "num_shards must be a whole number >= 1, not -2"),
+                            ({"num_shards": 2, "shard_id": 2}, r"shard_id 2 is not in 0..1"),
+                            ({"num_shards": 2}, "pass shard_id and num_shards together"),
+                            ({"batch_size": 0}, "batch_size must be a whole number >= 1, not 0"),
+                            ({"crop": 0}, "crop must be a whole number >= 1, not 0"),
+                            ({"resize_shorter": 0, "policy": "center", "train": False}, "resize_shorter must be"),
+                            ({"seed": 1.5}, "seed must be a whole number")):
+        with pytest.raises(OptionError, match=message) as caught:
+            Loader(db, device=DEVICE, num_threads=1, **kwargs)
+        assert isinstance(caught.value, ValueError) and isinstance(caught.value, ImgprepError)
+    for environment, message in (({"WORLD_SIZE": "0"}, "WORLD_SIZE='0' in the environment"),
+                                 ({"RANK": "abc", "WORLD_SIZE": "2"}, "RANK='abc' in the environment"),
+                                 ({"RANK": "2", "WORLD_SIZE": "2"}, "RANK=2 in the environment is not below "
+                                                                    "WORLD_SIZE=2")):
+        with monkeypatch.context() as patched:
+            for name, value in environment.items():
+                patched.setenv(name, value)
+            with pytest.raises(OptionError, match=message):
+                Loader(db, device=DEVICE, num_threads=1)
+            with Loader(db, device=DEVICE, num_threads=1, shard_id=0, num_shards=1) as loader:  # explicit: env unread
+                assert (loader.shard_id, loader.num_shards) == (0, 1)
+    with Loader(db, batch_size=8, device=DEVICE, num_threads=1) as loader:
+        state = loader.state_dict()
+        for key in ("step", "epoch"):
+            with pytest.raises(ImgprepError, match=f"the saved loader state has no {key}"):
+                loader.load_state_dict({k: v for k, v in state.items() if k != key})
+
+
+def test_a_crop_larger_than_the_images_is_a_clear_error(dbs, tmp_path):
+    """Checked before DALI runs where the size is known (the resized shorter side, or a stored-size mean's
+    records); otherwise DALI's own reason (the window out of bounds) is kept, never only 'Current pipeline
+    object is no longer valid'."""
+    from imgprep.codec import encode_datum
+    from imgprep.options import OptionError
+    from imgprep.storage import open_writer
+
+    with pytest.raises(OptionError, match="crop 300 is larger than resize_shorter 256"):
+        Loader(dbs["raw"], crop=300, device=DEVICE)
+    with pytest.raises(OptionError, match=r"crop 300 is larger than resize_shorter 256: the 'ten-crop' policy"):
+        Loader(dbs["encoded"], crop=300, train=False, policy="ten-crop", device=DEVICE)
+    mean = write_mean(tmp_path / "m.binaryproto", np.zeros((3, 256, 256)))
+    with pytest.raises(OptionError, match=r"crop 300 is larger than the records \(256x256\)"):
+        Loader(dbs["raw"], crop=300, resize_shorter=320, normalize=mean, device=DEVICE)
+    # a foreign raw database whose records differ in size: taken to hold the first one's size, 256x256
+    records = [(b"%08d" % i, encode_datum(np.zeros((3, side, side), np.uint8).tobytes(), i, 3, side, side, False))
+               for i, side in enumerate((256, 256, 256, 100))]
+    writer = open_writer(tmp_path / "mixed", "lmdb")
+    writer.put_batch(records)
+    writer.close()
+    with pytest.raises(ImgprepError) as caught:
+        with Loader(tmp_path / "mixed", batch_size=4, train=False, device=DEVICE, num_threads=1) as loader:
+            list(loader)
+    message = str(caught.value)
+    assert "crop_mirror_normalize stopped: Slice can't be placed out of bounds" in message, message
+    assert "100 x 100" in message and "no longer valid" not in message
