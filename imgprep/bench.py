@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import gc
 import os
-import re
 import time
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from . import ImgprepError
-from .loader import IMAGENET_MEAN_RGB, IMAGENET_STD_RGB, Loader, UpscaleWarning, database_info
+from .loader import IMAGENET_MEAN_RGB, IMAGENET_STD_RGB, Loader, UpscaleWarning, dali_reason, database_info
 
 
 @dataclass
@@ -119,11 +118,11 @@ def _data_loader(dataset, batch: int, workers: int, train: bool):
                                        drop_last=True)
 
 
-def dataset_step(db: Path, batch: int, workers: int, train: bool):
+def dataset_step(db: Path, batch: int, workers: int, train: bool, allow_partial: bool = False):
     """imgprep's CaffeDataset (Pillow decoding, the loader's policy) through a DataLoader."""
     from .dataset import LEVELDB_WORKERS, CaffeDataset
 
-    dataset = CaffeDataset(db, train=train)
+    dataset = CaffeDataset(db, train=train, allow_partial=allow_partial)
     if dataset.backend == "leveldb" and workers > 1:
         raise ImgprepError(LEVELDB_WORKERS.replace("num_workers=0 or 1", "--torch-workers 0 or 1"))
     return _cycling(_data_loader(dataset, batch, workers, train), dataset.set_epoch)
@@ -148,13 +147,9 @@ def explain_failure(error: BaseException) -> str:
     'pipeline no longer valid' epilogue, a DataLoader worker's error without the traceback."""
     text = str(error).strip()
     if "encountered:" in text:
-        operator = re.search(r"operator `(?:nvidia\.dali\.fn\.)?([\w.]+)`", text)
-        cause = text.split("encountered:", 1)[1]
-        cause = re.split(r"C\+\+ context:|Current pipeline object is no longer valid", cause)[0]
-        cause = re.sub(r'Assert on "[^"]*" failed: ', "", " ".join(cause.split())).rstrip(". ")
-        hint = next((h for k, h in _DALI_HINTS.items() if k in cause), None)
-        where = f"DALI's {operator.group(1)}" if operator else "DALI's pipeline"
-        return f"{where} stopped: {cause}" + (f" ({hint})" if hint else "")
+        reason = dali_reason(error)
+        hint = next((h for k, h in _DALI_HINTS.items() if k in reason), None)
+        return reason + (f" ({hint})" if hint else "")
     if text.startswith("Caught ") and "Original Traceback" in text:
         return "a DataLoader worker failed: " + text.splitlines()[-1].removeprefix("imgprep.ImgprepError: ")
     lines = [line for line in text.splitlines() if line.strip()]
@@ -187,14 +182,15 @@ def _time_loader(loader, batch, seconds, warmup) -> tuple[float, float, int]:
     return time_batches(lambda: next(it), batch, seconds, warmup)
 
 
-def _loader_rate(db, batch, threads, device, seconds, warmup, policy):
+def _loader_rate(db, batch, threads, device, seconds, warmup, policy, allow_partial=False):
     """(img/s, ms/batch, batches, on a GPU, device) of the loader's own pipeline with `policy`; on a GPU
-    with fp16 output, what a GPU trainer takes (a CPU trainer takes fp32, and x86 converts to fp16 slowly)."""
+    with fp16 output, what a GPU trainer takes (a CPU trainer takes fp32, and x86 converts to fp16 slowly).
+    One shard, whatever torchrun's RANK and WORLD_SIZE say."""
     from .env import gpu_count
 
     gpu = device == "gpu" or (device == "auto" and gpu_count() > 0)
     with Loader(db, batch_size=batch, train=policy.train, device=device, num_threads=threads, policy=policy,
-                dtype="float16" if gpu else "float32") as loader:
+                dtype="float16" if gpu else "float32", shard_id=0, num_shards=1, allow_partial=allow_partial) as loader:
         rate, ms, n = time_batches(loader.pipeline.run, batch, seconds, warmup)
         return rate, ms, n, gpu, loader.device
 
@@ -202,9 +198,11 @@ def _loader_rate(db, batch, threads, device, seconds, warmup, policy):
 def bench_loader(db, batch: int = 256, threads: int | None = None, device: str = "auto", seconds: float = 10.0,
                  train: bool = True, compare: Path | None = None, compare_list: Path | None = None,
                  warmup: int = 3, torch_workers: int | None = None, cpu_share: float = 0.0,
-                 cpu_threads: int | None = None, policies: list[str] | None = None) -> list[BenchRow]:
+                 cpu_threads: int | None = None, policies: list[str] | None = None,
+                 allow_partial: bool = False) -> list[BenchRow]:
     """The rows of `bench-loader`: one loader row per policy in `policies` (default: the training or
-    evaluation policy `train` picks), then the peers, with `train`'s policy or the first policy's."""
+    evaluation policy `train` picks), then the peers, with `train`'s policy or the first policy's. The
+    loader reads the whole database, as one shard; an incomplete build is refused unless `allow_partial`."""
     from .policies import parse_policy, policy as make_policy
 
     threads = threads or max(1, min(8, len(os.sched_getaffinity(0))))
@@ -215,7 +213,8 @@ def bench_loader(db, batch: int = 256, threads: int | None = None, device: str =
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UpscaleWarning)  # a rate is measured whatever the records' size
         for policy in chosen:
-            rate, ms, n, gpu, device_name = _loader_rate(db, batch, threads, device, seconds, warmup, policy)
+            rate, ms, n, gpu, device_name = _loader_rate(db, batch, threads, device, seconds, warmup, policy,
+                                                         allow_partial)
             label = ("training" if policy.train else "eval") if not policies else policy.name
             note = "fp16 NCHW" if gpu else "fp32 NCHW"
             note += f", {policy.views} views per image" if policy.views > 1 else ""
@@ -223,18 +222,19 @@ def bench_loader(db, batch: int = 256, threads: int | None = None, device: str =
     if cpu_share:
         with Loader(db, batch_size=batch, train=train, device=device, num_threads=threads,
                     dtype="float16" if gpu else "float32", cpu_share=cpu_share, cpu_threads=cpu_threads,
-                    output="torch" if gpu else "numpy", policy=chosen[0]) as split:
+                    output="torch" if gpu else "numpy", policy=chosen[0], shard_id=0, num_shards=1,
+                    allow_partial=allow_partial) as split:
             rate, ms, n = _time_loader(split, batch, seconds, warmup)
         rows.append(BenchRow(f"imgprep loader, {cpu_share:.0%} of records decoded on CPU threads", rate, ms, n,
                              f"{cpu_threads or threads} CPU decode threads beside {threads}"))
-    info = database_info(db)
+    info = database_info(db, allow_partial)
     if info.encoded and info.backend == "lmdb":
         _measure_peer(rows, "same LMDB, read + decode only",
                       lambda: decode_only_pipeline(Path(db), batch, threads, gpu).run, batch, seconds, warmup,
                       note="the decode ceiling")
     workers = torch_workers if torch_workers is not None else threads
     _measure_peer(rows, f"imgprep CaffeDataset, same DB, DataLoader with {workers} workers",
-                  lambda: dataset_step(Path(db), batch, workers, train), batch, seconds, 1)
+                  lambda: dataset_step(Path(db), batch, workers, train, allow_partial), batch, seconds, 1)
     if compare is not None:
         _compare_originals(rows, Path(compare), compare_list, batch, threads, workers, gpu, train, seconds, warmup)
     return rows

@@ -430,8 +430,9 @@ def inspect_cmd(db, list_file, verify, allow_partial):
                    "inception (training), center, ten-crop (evaluation), or 'all'. The other rows use the first "
                    "one's kind (training or evaluation). Default: caffe, or center with --eval.")
 @click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
+@allow_partial_option
 def bench_loader_cmd(db, batch, threads, device, seconds, eval_policy, compare, compare_list, torch_workers,
-                     cpu_share, cpu_threads, policies, as_json):
+                     cpu_share, cpu_threads, policies, as_json, allow_partial):
     """Measure the DALI loader on DB: images/s and ms per batch for the training policy (or --eval's,
     or each --policy; ten-crop counts images, not views).
 
@@ -456,7 +457,8 @@ def bench_loader_cmd(db, batch, threads, device, seconds, eval_policy, compare, 
         names = [n.strip() for n in policies.split(",") if n.strip()]
         names = list(TRAIN_POLICIES + EVAL_POLICIES) if names == ["all"] else names
     rows = bench_loader(db, batch, threads, device, seconds, not eval_policy, compare, compare_list,
-                        torch_workers=torch_workers, cpu_share=cpu_share, cpu_threads=cpu_threads, policies=names)
+                        torch_workers=torch_workers, cpu_share=cpu_share, cpu_threads=cpu_threads, policies=names,
+                        allow_partial=allow_partial)
     click.echo(json.dumps(rows_to_dicts(rows)) if as_json else format_table(rows))
 
 
@@ -477,7 +479,8 @@ def bench_loader_cmd(db, batch, threads, device, seconds, eval_policy, compare, 
                    "Default: the shipped ILSVRC12 synsets, as make-lists labels them.")
 @click.option("--tile", type=click.IntRange(64, 512), default=160, show_default=True, help="Tile size in pixels.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT.png if it exists.")
-def preview(db, out, policy, train, count, seed, words_file, tile, overwrite):
+@allow_partial_option
+def preview(db, out, policy, train, count, seed, words_file, tile, overwrite, allow_partial):
     """Write a contact sheet of DB's first records and the loader's output for them (OUT.png).
 
     Each row: the stored record with its label, class words and size, then what the policy makes of
@@ -492,7 +495,7 @@ def preview(db, out, policy, train, count, seed, words_file, tile, overwrite):
     """
     from .preview import write_preview
 
-    written = write_preview(db, out, policy, train, count, seed, words_file, tile, overwrite)
+    written = write_preview(db, out, policy, train, count, seed, words_file, tile, overwrite, allow_partial)
     click.echo(f"preview: {written}")
 
 

@@ -107,13 +107,15 @@ def _wrap(text: str, width: int, font, draw) -> list[str]:
     return lines + [line] if line else lines
 
 
-def policy_views(db, count: int, chosen, seed: int) -> list[list[np.ndarray]]:
+def policy_views(db, count: int, chosen, seed: int, allow_partial: bool = False) -> list[list[np.ndarray]]:
     """The loader's de-normalised output for the first `count` records (key order), per record: one
-    view per epoch 0..2 for a training policy, the policy's views for an evaluation one."""
+    view per epoch 0..2 for a training policy, the policy's views for an evaluation one. One shard
+    (whatever torchrun's RANK and WORLD_SIZE say): the views are of the records shown beside them."""
     from .loader import Loader
 
     with Loader(db, batch_size=count, train=chosen.train, policy=chosen, device="cpu", num_threads=1,
-                normalize="none", layout="NHWC", shuffle=False, seed=seed) as loader:
+                normalize="none", layout="NHWC", shuffle=False, seed=seed, shard_id=0, num_shards=1,
+                allow_partial=allow_partial) as loader:
         epochs = TRAINING_EPOCHS if chosen.train else 1
         batches = []
         for epoch in range(epochs):
@@ -131,9 +133,10 @@ def _three_channels_batch(images: np.ndarray) -> np.ndarray:
 
 
 def write_preview(db, out, policy=None, train: bool = True, count: int = 8, seed: int = 0, words_file=None,
-                  tile: int = 160, overwrite: bool = False) -> Path:
+                  tile: int = 160, overwrite: bool = False, allow_partial: bool = False) -> Path:
     """Writes the contact sheet of `db`'s first `count` records under `policy` (a name or
-    policies.Policy; default "caffe", or "center" when not `train`) as a PNG at `out`."""
+    policies.Policy; default "caffe", or "center" when not `train`) as a PNG at `out`. An incomplete
+    build is refused unless `allow_partial`."""
     from .loader import database_info
     from .policies import parse_policy, policy as make_policy
 
@@ -143,11 +146,11 @@ def write_preview(db, out, policy=None, train: bool = True, count: int = 8, seed
     if out.suffix.lower() != ".png":
         raise ImgprepError(f"{out}: the contact sheet is a PNG; name it ....png")
     chosen = make_policy(policy) if isinstance(policy, str) else parse_policy(policy, train)
-    info = database_info(db)
+    info = database_info(db, allow_partial)
     count = max(1, min(count, info.records))
     names = class_names(words_file)
     records = stored_records(db, count)
-    views = policy_views(db, count, chosen, seed)
+    views = policy_views(db, count, chosen, seed, allow_partial)
     rows = []
     for (label, rgb), record_views in zip(records, views):
         name = names[label] if 0 <= label < len(names) else "(no such class in the synsets)"

@@ -119,3 +119,23 @@ def test_bench_loader_measures_each_policy_side_by_side(val_db):
                                                       ("caffe", "resnet", "inception", "center", "ten-crop")]
     assert all(row["images_per_s"] > 0 for row in loader_rows) and "10 views" in loader_rows[-1]["note"]
     assert_clean_error(run_cli("bench-loader", val_db, "--policy", "alexnet", check=False), "unknown policy 'alexnet'")
+
+
+def test_bench_loader_ignores_torchrun_variables_and_takes_allow_partial(val_db, tmp_path):
+    """It measures the whole database as one shard whatever RANK and WORLD_SIZE say, and an incomplete
+    build is refused with the --allow-partial it offers."""
+    import shutil
+
+    from imgprep.build import MANIFEST
+
+    args = ("--batch", "4", "--seconds", "0.2", "--threads", "1", "--torch-workers", "0", "--json")
+    env = {**os.environ, "RANK": "abc", "WORLD_SIZE": "0"}
+    rows = json.loads(run_cli("bench-loader", val_db, *args, env=env).stdout)
+    assert rows[0]["images_per_s"] > 0
+    partial = tmp_path / "partial"
+    shutil.copytree(val_db, partial)
+    manifest = json.loads((partial / MANIFEST).read_text())
+    (partial / MANIFEST).write_text(json.dumps({**manifest, "state": "building"}))
+    assert_clean_error(run_cli("bench-loader", partial, *args, check=False), "incomplete build", "--allow-partial")
+    rows = json.loads(run_cli("bench-loader", partial, *args, "--allow-partial").stdout)
+    assert all(row["images_per_s"] > 0 for row in rows), rows  # the loader, the decode ceiling, CaffeDataset

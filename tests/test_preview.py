@@ -49,3 +49,36 @@ def test_a_channel_swap_is_visible_on_the_sheet():
     red[..., 0] = 255
     sheet = contact_sheet([(red, "0: red", [red, red[..., ::-1]])], "swap", tile=64)
     assert tile_colour(sheet, 0, 1, 64) == (255, 0, 0) and tile_colour(sheet, 0, 2, 64) == (0, 0, 255)
+
+
+def test_under_torchrun_variables_each_row_shows_its_own_records_views(tmp_path):
+    """preview reads the whole database whatever RANK and WORLD_SIZE say (a torchrun shell, a PyTorchJob
+    pod): the stored record and the policy's views in a row are the same record."""
+    import os
+
+    db = red_and_green_db(tmp_path / "db")
+    for rank, world in (("1", "2"), ("abc", "0")):
+        out = tmp_path / f"sheet-{rank}.png"
+        run_cli("preview", db, out, "--tile", "64", env={**os.environ, "RANK": rank, "WORLD_SIZE": world})
+        sheet = Image.open(out).convert("RGB")
+        assert sheet.size == (PAD + 4 * (64 + PAD), TITLE + 2 * (64 + CAPTION + PAD))
+        for column in range(4):
+            assert tile_colour(sheet, 0, column, 64) == (255, 0, 0) and tile_colour(sheet, 1, column, 64) == (0, 255, 0)
+
+
+def test_preview_of_an_incomplete_build_needs_allow_partial(sample_tree, tmp_path):
+    import json
+
+    from imgprep.build import MANIFEST, BuildOptions, build_database
+    from imgprep.imageops import ImageSpec, parse_resize
+
+    db = tmp_path / "db"
+    build_database(sample_tree.lists / "val.txt", sample_tree.root / "val", db,
+                   BuildOptions(jobs=2, spec=ImageSpec(parse_resize("squash:64x64"), encoded=False)),
+                   show_progress=False)
+    manifest = json.loads((db / MANIFEST).read_text())
+    (db / MANIFEST).write_text(json.dumps({**manifest, "state": "building"}))
+    out = tmp_path / "sheet.png"
+    assert_clean_error(run_cli("preview", db, out, "--eval", check=False), "incomplete build", "--allow-partial")
+    run_cli("preview", db, out, "--eval", "--count", "2", "--allow-partial")
+    assert Image.open(out).size == (PAD + 2 * (160 + PAD), TITLE + 2 * (160 + CAPTION + PAD))
