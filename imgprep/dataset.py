@@ -161,7 +161,8 @@ class CaffeDataset(torch.utils.data.Dataset):
 
     Each process opens its own database handle on first use (DataLoader workers after the fork).
     LevelDB allows one process at a time: with it use num_workers=0 or 1 (more give a clear error;
-    after reading items in this process, `close()` before a 1-worker DataLoader), or build an LMDB.
+    after reading items in this process, `close()` before a 1-worker DataLoader: otherwise the worker
+    says so), or build an LMDB. Bad arguments are `imgprep.options.OptionError`s, as the loader's.
     A build that is not complete (`imgprep-build.json` state other than complete) is refused unless
     `allow_partial=True`.
     """

@@ -237,8 +237,8 @@ class Loader:
 
     The order (`imgprep.order.EpochPlan`): epoch e visits `permutation(N, seed, e)` (the documented
     SplitMix64 order: the same on every machine and library version), or 0..N-1 without `shuffle`
-    (default: shuffled for training, not for evaluation). Shard i of K (`shard_id`/`num_shards`,
-    default torchrun's RANK/WORLD_SIZE) takes positions i, i+K, ... of it, after the order is made a
+    (default: shuffled for training, not for evaluation). Shard i of K (`shard_id`/`num_shards`, both
+    or neither: then torchrun's RANK/WORLD_SIZE) takes positions i, i+K, ... of it, after the order is made a
     multiple of K long as DistributedSampler does, so every rank runs the same number of steps,
     `len(loader)`, and the last batch of an epoch is partial unless `drop_last`:
 
@@ -279,6 +279,9 @@ class Loader:
     pipeline that decodes JPEGs on `cpu_threads` CPU threads and crops/normalises on the GPU, beside
     the GPU-decoding one: the CPU cores that sit idle while the GPU decodes add throughput. Batch s
     goes to the second pipeline when floor((s+1)*share) > floor(s*share); the order is unchanged.
+
+    Bad arguments (`imgprep.options`, the checks CaffeDataset shares) are an `OptionError`, a ValueError
+    naming the argument, raised before any pipeline is built.
 
     Opening reads the database's keys once (see `records.RecordSource`: cheap for LMDB, one read of
     the whole database for LevelDB) and takes the record count from the build manifest where it can.
