@@ -4,8 +4,8 @@ Images are processed in parallel (local processes or Dask, see parallel.py) in c
 streaming writer puts the records in list order, one transaction per `txn_size` records.
 Bookkeeping lives in sidecar files in the database folder, which neither LMDB nor LevelDB reads:
 
-- `imgprep-build.json`: the build's identity (options, resolved ROOT and, for an archive, its size
-  and modification time, sha256 of the list, the order's algorithm and sha256) and its state
+- `imgprep-build.json`: the build's identity (options, resolved ROOT and, for an archive, its size,
+  modification time and index sha256, sha256 of the list, the order's algorithm and sha256) and its state
   (`building` until the very end, then `complete`). A folder whose manifest is not `complete` is
   a partial build.
 - `imgprep-failures.tsv`: `position<TAB>path<TAB>reason<TAB>detail` for every list entry that

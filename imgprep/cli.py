@@ -301,8 +301,8 @@ def build_lmdb(list_file, root, out, preset, backend, resize, encoded, quality, 
     ROOT is a folder, or an uncompressed tar read in place without unpacking it: ImageNet's
     ILSVRC2012_img_train.tar (its class tars' members are named <wnid>/<file>, as in the unpacked
     tree) or ILSVRC2012_img_val.tar. The archive's headers are read once into an index kept in
-    $XDG_CACHE_HOME/imgprep (default ~/.cache/imgprep) and reused while the archive's size and
-    modification time stay the same; the records equal a build from the unpacked tree.
+    $XDG_CACHE_HOME/imgprep (default ~/.cache/imgprep) and reused while the archive is not rewritten;
+    each read checks the member's tar header; the records equal a build from the unpacked tree.
 
     Keys are '%08d_path' (Caffe's convert_imageset format); every LIST entry becomes a record or
     a line of OUT/imgprep-failures.tsv. Exit status 3 means the database is complete but some

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from . import ImgprepError
 from .archives import compression
+from .sources import open_regular
 
 TRAIN_TAR = "ILSVRC2012_img_train.tar"
 VAL_TAR = "ILSVRC2012_img_val.tar"
@@ -89,7 +90,7 @@ def archive_kind(path: Path) -> str:
     if compression(path):
         return "devkit"
     try:
-        with tarfile.open(path, "r:") as tar:
+        with open_regular(path, "archive") as f, tarfile.open(fileobj=f, mode="r:") as tar:
             first = tar.next()
             while first is not None and not first.isreg():
                 first = tar.next()

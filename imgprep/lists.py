@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import bz2
 import csv
+import gzip
 import io
-import tarfile
-from array import array
-from collections import Counter
+import lzma
 import os
 import posixpath
 import re
+import tarfile
+import zlib
+from array import array
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,7 +22,8 @@ import numpy as np
 from . import ImgprepError
 from .listing import DEVKIT_TAR, TRAIN_TAR, VAL_TAR, MemberListing, TreeListing, find_download
 from .progress import Progress
-from .sources import open_source
+from .archives import compression, decompress_command
+from .sources import open_regular, open_source, read_user_file
 
 PACKAGE_ILSVRC12 = Path(__file__).parent / "data" / "ilsvrc12"
 SYNSETS_FILE = PACKAGE_ILSVRC12 / "synsets.txt"
@@ -43,10 +48,7 @@ def read_text(path: Path, what: str, encoding: str = "utf-8-sig", data: bytes | 
     """A text file that must be UTF-8 (a BOM is allowed); anything else is an error naming it. `data`:
     the file's bytes, already read (from an archive member named `path`)."""
     if data is None:
-        try:
-            data = path.read_bytes()
-        except OSError as e:
-            raise ImgprepError(f"cannot read {what} {path}: {e.strerror}") from None
+        data = read_user_file(path, what)
     try:
         return data.decode(encoding)
     except UnicodeDecodeError as e:
@@ -291,11 +293,15 @@ def read_id_table(path: str | os.PathLike, data: bytes | None = None) -> dict[in
             raise ImgprepError(f"reading {path} needs scipy (pip install scipy), "
                                "or give the table as a CSV of ILSVRC2012_ID,wnid") from None
         try:
-            source = str(path) if data is None else io.BytesIO(data)
-            synsets = loadmat(source, squeeze_me=True, struct_as_record=False)["synsets"]
+            mat = loadmat(io.BytesIO(read_user_file(path, "devkit table") if data is None else data),
+                          squeeze_me=True, struct_as_record=False)
+        except ImgprepError:
+            raise
         except Exception as e:  # scipy raises many kinds on a bad file
             raise ImgprepError(f"cannot read devkit table {path}: {e}") from None
-        return {int(s.ILSVRC2012_ID): str(s.WNID) for s in np.atleast_1d(synsets)}
+        if "synsets" not in mat:
+            raise ImgprepError(f"devkit table {path} holds no variable `synsets`; expected the devkit's data/meta.mat")
+        return _mat_id_table(path, np.atleast_1d(mat["synsets"]))
     table = {}
     for lineno, row in enumerate(csv.reader(read_text(path, "ID table", data=data).splitlines()), 1):
         is_id = bool(row) and ID_RE.fullmatch(row[0].strip()) is not None
@@ -304,6 +310,32 @@ def read_id_table(path: str | os.PathLike, data: bytes | None = None) -> dict[in
         if len(row) < 2 or not is_id:
             raise ImgprepError(f"{path} line {lineno}: expected 'ILSVRC2012_ID,wnid', got {row!r}")
         table[int(row[0])] = row[1].strip()
+    return table
+
+
+def _mat_id_table(path: Path, synsets: np.ndarray) -> dict[int, str]:
+    """ILSVRC2012_ID -> wnid from meta.mat's `synsets`: structs whose ILSVRC2012_ID is an integer and
+    WNID a string; anything else is an error naming the file and the entry."""
+    table: dict[int, str] = {}
+    for n, synset in enumerate(synsets.ravel(), 1):
+        raw_id, wnid = getattr(synset, "ILSVRC2012_ID", None), getattr(synset, "WNID", None)
+        problem = None
+        if raw_id is None or wnid is None:
+            problem = (f"is {type(synset).__name__} {synset!r:.60}, not a struct with the fields ILSVRC2012_ID and "
+                       "WNID")
+        else:
+            value = np.asarray(raw_id)
+            number = value.item() if value.size == 1 and value.dtype.kind in "iuf" else None
+            if number is None or not float(number).is_integer():
+                problem = f"has ILSVRC2012_ID {raw_id!r:.60}, which is not an integer"
+            elif not isinstance(wnid, str):
+                problem = f"has WNID {wnid!r:.60}, which is not a string"
+            elif int(number) in table:
+                problem = f"repeats ILSVRC2012_ID {int(number)}"
+        if problem:
+            raise ImgprepError(f"devkit table {path}: entry {n} of `synsets` {problem}; expected the devkit's "
+                               "data/meta.mat")
+        table[int(number)] = wnid
     return table
 
 
@@ -392,6 +424,7 @@ def make_lists(root, out: str | os.PathLike, synsets_file=None,
         if train is None:
             raise ImgprepError("--derive-synsets needs the train classes (ROOT/train/<class>/ or the train archive)")
         synsets = _subdirs(train)
+        _refuse_unwritable_classes(synsets, train)
         synsets_source = "the train folders"
     else:
         synsets = load_synsets(synsets_file)
@@ -481,17 +514,28 @@ def _inputs(roots: list[Path], val_labels, val_id_table, show_progress: bool):
     return (*listings, None, labels)
 
 
+DECOMPRESSORS = {"gzip": lambda f: gzip.GzipFile(fileobj=f), "bzip2": bz2.BZ2File, "xz": lzma.LZMAFile,
+                 None: lambda f: f}
+
+
 def read_devkit_labels(devkit: Path) -> tuple[dict[str, str], str]:
     """Val file stem -> wnid from the devkit archive's ground truth and meta.mat, read in place."""
     wanted = {DEVKIT_GROUND_TRUTH: None, "meta.mat": None}
+    kind = compression(devkit)
+    if kind not in DECOMPRESSORS:
+        raise ImgprepError(f"the devkit {devkit} is {kind}-compressed; {decompress_command(kind)} it and give the tar")
     try:
-        with tarfile.open(devkit, "r:*") as tar:
-            for member in tar:
-                base = posixpath.basename(member.name)
-                if member.isreg() and base in wanted and posixpath.basename(posixpath.dirname(member.name)) == "data":
-                    wanted[base] = (member.name, tar.extractfile(member).read())
-    except (tarfile.TarError, OSError, EOFError) as e:
-        raise ImgprepError(f"cannot read the devkit {devkit}: {e}") from None
+        with open_regular(devkit, "devkit") as raw, DECOMPRESSORS[kind](raw) as stream:
+            with tarfile.open(fileobj=stream, mode="r|") as tar:
+                for member in tar:
+                    base = posixpath.basename(member.name)
+                    if member.isreg() and base in wanted and \
+                            posixpath.basename(posixpath.dirname(member.name)) == "data":
+                        wanted[base] = (member.name, tar.extractfile(member).read())
+            while stream.read(1 << 20):  # to its end, where the decompressor checks the CRC
+                pass
+    except (tarfile.TarError, OSError, EOFError, zlib.error, lzma.LZMAError) as e:
+        raise ImgprepError(f"the devkit {devkit} is damaged ({e}); fetch it again") from None
     missing = [name for name, found in wanted.items() if found is None]
     if missing:
         raise ImgprepError(f"the devkit {devkit} holds no {' nor '.join(f'data/{m}' for m in missing)}; expected "
@@ -565,6 +609,24 @@ def ilsvrc2012_count_warnings(synsets: list[str], train, val) -> list[str]:
                 text += f"; {len(names)} {what}: {', '.join(names[:SHOWN])}{' ...' if len(names) > SHOWN else ''}"
         warnings.append(text)
     return warnings
+
+
+def _refuse_unwritable_classes(classes: list[str], train) -> None:
+    """Derived synsets are written one a line, and --synsets and `preview --words` read a line up to its
+    first blank: a class folder with a space, tab or other blank, or with bytes that are not UTF-8,
+    would make a synsets.txt that names another class. Refused, naming the folders."""
+    def writable(name: str) -> bool:
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:
+            return False
+        return name.split() == [name]
+    bad = [name for name in classes if not writable(name)]
+    if bad:
+        shown = ", ".join(repr(name) for name in bad[:SHOWN])
+        raise ImgprepError(f"--derive-synsets: {len(bad)} class folder(s) of {train} hold a blank (space, tab, line "
+                           f"break) or bytes that are not UTF-8: {shown}{' ...' if len(bad) > SHOWN else ''}; "
+                           "synsets.txt names one class a line, read up to its first blank: rename them")
 
 
 def _refuse_package_folder(out: Path) -> None:

@@ -11,29 +11,56 @@ import stat
 from pathlib import Path
 
 from . import ImgprepError
-from .archives import TarSource
 from .imageops import ImageFailure
 
 
-def read_regular_file(path: str | os.PathLike) -> bytes:
-    """The bytes of a regular file (symlinks followed); anything else is an `ImageFailure`."""
+def _open_regular(path: str | os.PathLike) -> int:
+    """A file descriptor of the regular file at `path` (symlinks followed); anything else is an
+    `ImageFailure` (reasons `missing`, `not-a-file`, `unreadable`)."""
     try:
         kind = _kind(os.stat(path).st_mode)
         if kind:
             raise ImageFailure("not-a-file", f"{path} is a {kind}, not a regular file")
         # O_NONBLOCK: should the path become a FIFO after the stat, opening it still cannot block.
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
-        with open(fd, "rb") as f:
-            kind = _kind(os.fstat(fd).st_mode)
-            if kind:
-                raise ImageFailure("not-a-file", f"{path} is a {kind}, not a regular file")
-            return f.read()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+        kind = _kind(os.fstat(fd).st_mode)
+        if kind:
+            os.close(fd)
+            raise ImageFailure("not-a-file", f"{path} is a {kind}, not a regular file")
+        return fd
     except FileNotFoundError:
         raise ImageFailure("missing", f"no such file: {path}") from None
     except OSError as e:
         raise ImageFailure("unreadable", f"{path}: {e.strerror or e}") from None
     except ValueError as e:  # a NUL byte in the name
         raise ImageFailure("unreadable", f"{str(path)!r}: {e}") from None
+
+
+def read_regular_file(path: str | os.PathLike) -> bytes:
+    """The bytes of a regular file (symlinks followed); anything else is an `ImageFailure`."""
+    try:
+        with open(_open_regular(path), "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise ImageFailure("unreadable", f"{path}: {e.strerror or e}") from None
+
+
+def open_regular(path: str | os.PathLike, what: str):
+    """A user's file (an archive, a devkit, a label file), opened for binary reading; a FIFO, device,
+    socket or folder is an ImgprepError naming it, never a hang."""
+    try:
+        return open(_open_regular(path), "rb")
+    except ImageFailure as e:
+        raise ImgprepError(f"cannot read {what}: {e.detail}") from None
+
+
+def read_user_file(path: str | os.PathLike, what: str) -> bytes:
+    """The bytes of a user's regular file (see `open_regular`)."""
+    with open_regular(path, what) as f:
+        try:
+            return f.read()
+        except OSError as e:
+            raise ImgprepError(f"cannot read {what} {path}: {e.strerror or e}") from None
 
 
 def _kind(mode: int) -> str | None:
@@ -64,6 +91,8 @@ def read_source(root: Path, rel: str, allow_outside_root: bool) -> bytes:
 def open_source(path, allow_outside_root: bool = False, show_progress: bool = True):
     """The images under `path`: a `TreeSource` for a folder, a `TarSource` for an uncompressed tar
     (indexed once, see archives.py). Anything else is an ImgprepError."""
+    from .archives import TarSource  # archives.py reads its files through this module
+
     path = Path(path)
     if path.is_dir():
         return TreeSource(path, allow_outside_root)
@@ -71,7 +100,7 @@ def open_source(path, allow_outside_root: bool = False, show_progress: bool = Tr
         return TarSource.open(path, show_progress=show_progress)
     if not path.exists():
         raise ImgprepError(f"image root {path} does not exist")
-    raise ImgprepError(f"image root {path} is neither a folder nor a tar archive")
+    raise ImgprepError(f"image root {path} is a {_kind(path.stat().st_mode)}, neither a folder nor a tar archive")
 
 
 class TreeSource:

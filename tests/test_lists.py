@@ -235,3 +235,50 @@ def test_label_files_in_other_encodings_are_named_with_the_encoding_expected(sam
     superscript.write_text("1\n\u00b2\n", encoding="utf-8")  # str.isdigit() is true for '²', int() fails
     assert_clean_error(run_cli("make-lists", root, "--out", tmp_path / "o", "--val-labels", superscript,
                                check=False), str(superscript))
+
+
+@pytest.mark.parametrize("folder", ["n01 440764", "n01440764\tcopy", "n01440764\x0bv", b"n0144\xff".decode(
+    "utf-8", "surrogateescape")])
+def test_derived_synsets_refuse_class_folders_that_synsets_txt_cannot_hold(sample_tree, tmp_path, folder):
+    """synsets.txt holds one class a line and --synsets reads a line up to its first blank: such a
+    folder would come back as another class (or not at all)."""
+    root = tmp_path / "tree"
+    image = next((sample_tree.root / "val").iterdir()).read_bytes()
+    for wnid in ("n01440764", folder):
+        (root / "train" / wnid).mkdir(parents=True)
+        (root / "train" / wnid / "a.JPEG").write_bytes(image)
+    result = run_cli("make-lists", root, "--out", tmp_path / "lists", "--derive-synsets", check=False)
+    assert_clean_error(result, "--derive-synsets", repr(folder), "rename")
+    assert not (tmp_path / "lists").exists()
+
+
+def test_a_devkit_table_of_the_wrong_shape_is_a_clear_error_naming_it(sample_tree, tmp_path):
+    from scipy.io import savemat
+
+    wnids = load_synsets()
+    ids = devkit_ids(wnids)
+
+    def synsets(fields, value):
+        records = np.zeros(len(wnids), dtype=[(f, "O") for f in fields])
+        for i, w in enumerate(wnids):
+            records[i] = tuple(value(ids[w], w)[f] for f in fields)
+        return records
+
+    tables = {
+        "no ILSVRC2012_ID": ({"synsets": synsets(["WNID"], lambda i, w: {"WNID": w})}, "ILSVRC2012_ID"),
+        "numeric synsets": ({"synsets": np.arange(1000.0)}, "not a struct"),
+        "IDs as text": ({"synsets": synsets(["ILSVRC2012_ID", "WNID"],
+                                            lambda i, w: {"ILSVRC2012_ID": f"id{i}", "WNID": w})}, "not an integer"),
+        "fractional IDs": ({"synsets": synsets(["ILSVRC2012_ID", "WNID"],
+                                               lambda i, w: {"ILSVRC2012_ID": i + 0.5, "WNID": w})}, "not an integer"),
+        "repeated IDs": ({"synsets": synsets(["ILSVRC2012_ID", "WNID"],
+                                             lambda i, w: {"ILSVRC2012_ID": 1, "WNID": w})}, "repeats"),
+        "no synsets": ({"other": np.arange(3)}, "no variable `synsets`"),
+    }
+    for what, (variables, message) in tables.items():
+        table = tmp_path / f"{what}.mat"
+        savemat(table, variables)
+        result = run_cli("make-lists", sample_tree.root, "--out", tmp_path / "lists", "--val-labels",
+                         sample_tree.root / "ILSVRC2012_validation_ground_truth.txt", "--val-id-table", table,
+                         check=False)
+        assert_clean_error(result, str(table), message)
