@@ -6,7 +6,6 @@ Exit status: 0 success; 1 an error (message on stderr, no traceback); 2 bad usag
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -14,6 +13,7 @@ from pathlib import Path
 import click
 
 from . import ImgprepError, __version__
+from .build import PRESETS, image_spec
 
 EXIT_IMAGES_FAILED = 3
 
@@ -199,26 +199,6 @@ def make_lists_cmd(roots, out, synsets_file, derive_synsets, val_labels, val_id_
                + (f"; skipped {report.skipped_files} non-image file(s)" if report.skipped_files else ""))
 
 
-PRESETS = {
-    "caffe": {"resize": "squash:256x256", "encoded": False},
-    "resnet": {"resize": "shorter:256", "encoded": True},
-    "resnet480": {"resize": "shorter:480", "encoded": True},
-}
-
-
-def _image_spec(resize, encoded, quality, gray, preset=None, max_aspect=None):
-    from .imageops import ImageSpec, check_max_aspect, parse_resize
-
-    chosen = dict(PRESETS.get(preset, {}))
-    if resize is not None:
-        chosen["resize"] = resize
-    if encoded is not None:
-        chosen["encoded"] = encoded
-    spec = ImageSpec(resize=parse_resize(chosen.get("resize", "none")),
-                     encoded=chosen.get("encoded", True), quality=quality, gray=gray)
-    return spec if max_aspect is None else dataclasses.replace(spec, max_aspect=check_max_aspect(max_aspect))
-
-
 @main.command()
 @click.argument("src", type=click.Path(exists=True, path_type=Path))
 @click.argument("dst", type=click.Path(file_okay=False, path_type=Path))
@@ -247,7 +227,7 @@ def resize(src, dst, resize, quality, gray, max_aspect, jobs, overwrite, schedul
     """
     from .resize import resize_tree
 
-    report = resize_tree(src, dst, _image_spec(resize, True, quality, gray, max_aspect=max_aspect), jobs,
+    report = resize_tree(src, dst, image_spec(None, resize, True, quality, gray, max_aspect), jobs,
                          overwrite, scheduler)
     if report.failures:
         sys.exit(EXIT_IMAGES_FAILED)
@@ -319,7 +299,7 @@ def build_lmdb(list_file, root, out, preset, backend, resize, encoded, quality, 
     """
     from .build import BuildOptions, build_database, report_to_dict
 
-    options = BuildOptions(backend=backend, spec=_image_spec(resize, encoded, quality, gray, preset, max_aspect),
+    options = BuildOptions(backend=backend, spec=image_spec(preset, resize, encoded, quality, gray, max_aspect),
                            shuffle=shuffle, seed=seed, check_size=check_size, jobs=jobs,
                            txn_size=txn_size, max_failures=max_failures, num_labels=num_labels,
                            allow_outside_root=allow_outside_root, num_shards=num_shards,
