@@ -99,17 +99,33 @@ def main():
 
 
 @main.command()
-def doctor():
-    """Show the PIL build, DALI version, devices and backends in use.
+@click.option("--clean-cache", is_flag=True,
+              help="Remove the cache's archive indexes whose archive is gone (or that a stopped run left "
+                   "half-written), listing each entry and what became of it.")
+def doctor(clean_cache):
+    """Show the PIL build, DALI version, devices and backends in use, and imgprep's cache.
+
+    The cache ($XDG_CACHE_HOME/imgprep, default ~/.cache/imgprep) holds one index per archive
+    that make-lists, build-lmdb or resize read (a few dozen bytes per member); an index is made
+    again whenever it is needed, so removing one costs only the time of one pass over the archive's
+    headers. An archive on a drive that is not mounted counts as gone.
 
     \b
-    Example:
+    Examples:
       imgprep doctor
+      imgprep doctor --clean-cache
     """
-    from .env import describe
+    from .env import cache_entries, cache_report, clean_cache as clean, describe
 
     for name, value in describe().items():
         click.echo(f"{name:>14}: {value}")
+    entries = cache_entries()
+    if clean_cache:
+        for line in clean(entries):
+            click.echo(line)
+    else:
+        for line in cache_report(entries)[1]:
+            click.echo(f"{'':>16}{line}")
 
 
 @main.command()
