@@ -215,6 +215,51 @@ def make_lists_cmd(roots, out, synsets_file, derive_synsets, val_labels, val_id_
                + (f"; skipped {report.skipped_files} non-image file(s)" if report.skipped_files else ""))
 
 
+@main.command("prepare")
+@click.argument("download", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("work", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--preset", type=click.Choice(sorted(PRESETS)), default="resnet", show_default=True,
+              help="The records of both databases, as build-lmdb's --preset: caffe (squash 256x256 raw, stock "
+                   "Caffe's recipe, with its 256x256 mean), resnet (shorter 256 JPEG, with the 224 crop mean) or "
+                   "resnet480 (shorter 480 JPEG, for the loader's resnet policy).")
+@click.option("--backend", type=click.Choice(["lmdb", "leveldb"]), default="lmdb", show_default=True)
+@jobs_option
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the train database's shuffled order.")
+@click.option("--overwrite", is_flag=True,
+              help="Make again what WORK holds from other inputs or options, or what changed since prepare "
+                   "wrote it (refused otherwise); stages that still match are kept.")
+def prepare_cmd(download, work, preset, backend, jobs, seed, overwrite):
+    """From the ImageNet download (or an unpacked tree) to training-ready data in WORK, in one command.
+
+    DOWNLOAD holds ILSVRC2012_img_train.tar, ILSVRC2012_img_val.tar and ILSVRC2012_devkit_t12.tar.gz,
+    read in place (or is an unpacked tree: DOWNLOAD/train/<wnid>/, DOWNLOAD/val/). prepare writes
+    WORK/lists (make-lists), WORK/train_lmdb (shuffled with --seed) and WORK/val_lmdb (build-lmdb
+    --preset), the train mean (compute-mean: WORK/mean.binaryproto, 256x256, with --preset caffe;
+    else WORK/mean224.binaryproto, the center 224 crops' mean) and WORK/means.json (per-channel
+    values), checks both databases against their lists (inspect --list), and writes Caffe's TRAIN
+    and TEST Data layers for them to WORK/caffe_data_layers.prototxt. It ends with what it made, its
+    size, each stage's time and the Loader and CaffeDataset lines that read it.
+
+    Running the same command again continues wherever it stopped (a stopped build is resumed);
+    finished stages are kept, and a finished WORK is left as it is. A stage whose inputs changed,
+    or whose output prepare did not write, is refused unless --overwrite. Exit status 3: ready,
+    but some images failed (listed in each database's imgprep-failures.tsv).
+
+    \b
+    Examples:
+      imgprep prepare ~/Downloads/imagenet /data/imagenet
+      imgprep prepare ~/Downloads/imagenet /data/imagenet-caffe --preset caffe --backend leveldb
+      imgprep sample work/download --archives && imgprep prepare work/download work/imagenet
+    """
+    from .workflow import prepare, summary_lines
+
+    report = prepare(download, work, preset, backend, jobs, seed, overwrite)
+    for line in summary_lines(report):
+        click.echo(line)
+    if report.failures:
+        sys.exit(EXIT_IMAGES_FAILED)
+
+
 @main.command()
 @click.argument("src", type=click.Path(exists=True, path_type=Path))
 @click.argument("dst", type=click.Path(file_okay=False, path_type=Path))
