@@ -87,7 +87,8 @@ def test_doctor_shows_the_cache_and_clean_cache_removes_only_entries_of_archives
     env = dict(os.environ)
     shown = run_cli("doctor", env=env).stdout
     cache_line = next(line for line in shown.splitlines() if line.strip().startswith("cache:"))
-    assert f"{folder}: 4 file(s), {total:,} bytes" in cache_line and "imgprep doctor --clean-cache removes them" in cache_line
+    assert f"{folder}: 4 file(s), {total:,} bytes" in cache_line
+    assert "imgprep doctor --clean-cache removes them" in cache_line
     assert f"indexes {archives['gone']}, which is gone" in shown
     assert "future.idx" in shown and "not an archive index this imgprep reads" in shown
     assert "left half-written by a stopped run" in shown
