@@ -234,7 +234,7 @@ def prepare_cmd(download, work, preset, backend, jobs, seed, overwrite):
     DOWNLOAD holds ILSVRC2012_img_train.tar, ILSVRC2012_img_val.tar and ILSVRC2012_devkit_t12.tar.gz,
     read in place (or is an unpacked tree: DOWNLOAD/train/<wnid>/, DOWNLOAD/val/). prepare writes
     WORK/lists (make-lists), WORK/train_lmdb (shuffled with --seed) and WORK/val_lmdb (build-lmdb
-    --preset), the train mean (compute-mean: WORK/mean.binaryproto, 256x256, with --preset caffe;
+    --preset; train_leveldb and val_leveldb with --backend leveldb), the train mean (compute-mean: WORK/mean.binaryproto, 256x256, with --preset caffe;
     else WORK/mean224.binaryproto, the center 224 crops' mean) and WORK/means.json (per-channel
     values), checks both databases against their lists (inspect --list), and writes Caffe's TRAIN
     and TEST Data layers for them to WORK/caffe_data_layers.prototxt. It ends with what it made, its
