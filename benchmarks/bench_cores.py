@@ -22,9 +22,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from common import sample_tree, standard_args  # noqa: E402
 
-from imgprep.build import BuildOptions, build_database  # noqa: E402
-from imgprep.cli import PRESETS  # noqa: E402
-from imgprep.imageops import ImageSpec, parse_resize  # noqa: E402
+from imgprep.build import BuildOptions, build_database, image_spec  # noqa: E402
+from imgprep.imageops import ImageSpec  # noqa: E402
 from imgprep.lists import read_list  # noqa: E402
 from imgprep.parallel import resolve_jobs  # noqa: E402
 
@@ -73,7 +72,7 @@ def main():
         root, list_file = sample_tree(args.workdir, args.images)
     cores = resolve_jobs(None)
     name = args.preset
-    preset = ImageSpec(parse_resize(PRESETS[name]["resize"]), PRESETS[name]["encoded"])
+    preset = image_spec(name)
     out = args.workdir / "cores_db"
     one_build(list_file, root, out, preset, min(2, cores))  # warm-up: page cache, worker start
     print(f"build-lmdb --preset {name}, {len(read_list(list_file)):,} images; {cores} cores, {os.uname().machine}")

@@ -18,6 +18,7 @@ delete there. Resuming needs no other state: keys start with the entry's positio
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import os
@@ -32,7 +33,7 @@ from PIL import Image
 
 from . import ImgprepError, __version__
 from .codec import RecordError, decode_datum, encode_datum
-from .imageops import ImageFailure, ImageSpec, process_image
+from .imageops import ImageFailure, ImageSpec, check_max_aspect, parse_resize, process_image
 from .lists import ImageList, read_list
 from .manifest import (FAILURES, LOCK, MANIFEST, MANIFEST_FORMAT, OLD_FORMATS, OutputLock,  # noqa: F401
                        clear_output, contents, file_sha256, open_own, read_manifest, refuse_links,
@@ -46,6 +47,28 @@ from .storage import BACKENDS, INITIAL_MAP_SIZE, Reader, open_writer
 ORDER_ALGORITHM = "imgprep.order.permutation/1"  # SplitMix64 scores, sorted (see order.py)
 # Shared memory per record in flight: a raw 3x256x256 record is 196 KB; larger ones travel pickled.
 AREA_BYTES_PER_RECORD = 320 * 1024
+
+
+# --preset: what each recipe's records are (explicit options override it; see image_spec)
+PRESETS = {
+    "caffe": {"resize": "squash:256x256", "encoded": False},
+    "resnet": {"resize": "shorter:256", "encoded": True},
+    "resnet480": {"resize": "shorter:480", "encoded": True},
+}
+
+
+def image_spec(preset: str | None = None, resize: str | None = None, encoded: bool | None = None,
+               quality: int = 90, gray: bool = False, max_aspect: float | None = None) -> ImageSpec:
+    """The ImageSpec of a preset (caffe: squash 256x256 raw; resnet: shorter 256 JPEG; resnet480:
+    shorter 480 JPEG), or of no preset (no resize, JPEG), with the options given overriding it."""
+    chosen = dict(PRESETS.get(preset, {}))
+    if resize is not None:
+        chosen["resize"] = resize
+    if encoded is not None:
+        chosen["encoded"] = encoded
+    spec = ImageSpec(resize=parse_resize(chosen.get("resize", "none")),
+                     encoded=chosen.get("encoded", True), quality=quality, gray=gray)
+    return spec if max_aspect is None else dataclasses.replace(spec, max_aspect=check_max_aspect(max_aspect))
 
 
 @dataclass

@@ -6,7 +6,6 @@ Exit status: 0 success; 1 an error (message on stderr, no traceback); 2 bad usag
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -14,6 +13,7 @@ from pathlib import Path
 import click
 
 from . import ImgprepError, __version__
+from .build import PRESETS, image_spec
 
 EXIT_IMAGES_FAILED = 3
 
@@ -99,17 +99,33 @@ def main():
 
 
 @main.command()
-def doctor():
-    """Show the PIL build, DALI version, devices and backends in use.
+@click.option("--clean-cache", is_flag=True,
+              help="Remove the cache's archive indexes whose archive is gone (or that a stopped run left "
+                   "half-written), listing each entry and what became of it.")
+def doctor(clean_cache):
+    """Show the PIL build, DALI version, devices and backends in use, and imgprep's cache.
+
+    The cache ($XDG_CACHE_HOME/imgprep, default ~/.cache/imgprep) holds one index per archive
+    that make-lists, build-lmdb or resize read (a few dozen bytes per member); an index is made
+    again whenever it is needed, so removing one costs only the time of one pass over the archive's
+    headers. An archive on a drive that is not mounted counts as gone.
 
     \b
-    Example:
+    Examples:
       imgprep doctor
+      imgprep doctor --clean-cache
     """
-    from .env import describe
+    from .env import cache_entries, cache_report, clean_cache as clean, describe
 
     for name, value in describe().items():
         click.echo(f"{name:>14}: {value}")
+    entries = cache_entries()
+    if clean_cache:
+        for line in clean(entries):
+            click.echo(line)
+    else:
+        for line in cache_report(entries)[1]:
+            click.echo(f"{'':>16}{line}")
 
 
 @main.command()
@@ -199,24 +215,49 @@ def make_lists_cmd(roots, out, synsets_file, derive_synsets, val_labels, val_id_
                + (f"; skipped {report.skipped_files} non-image file(s)" if report.skipped_files else ""))
 
 
-PRESETS = {
-    "caffe": {"resize": "squash:256x256", "encoded": False},
-    "resnet": {"resize": "shorter:256", "encoded": True},
-    "resnet480": {"resize": "shorter:480", "encoded": True},
-}
+@main.command("prepare")
+@click.argument("download", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("work", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--preset", type=click.Choice(sorted(PRESETS)), default="resnet", show_default=True,
+              help="The records of both databases, as build-lmdb's --preset: caffe (squash 256x256 raw, stock "
+                   "Caffe's recipe, with its 256x256 mean), resnet (shorter 256 JPEG, with the 224 crop mean) or "
+                   "resnet480 (shorter 480 JPEG, for the loader's resnet policy).")
+@click.option("--backend", type=click.Choice(["lmdb", "leveldb"]), default="lmdb", show_default=True)
+@jobs_option
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the train database's shuffled order.")
+@click.option("--overwrite", is_flag=True,
+              help="Make again what WORK holds from other inputs or options, or what changed since prepare "
+                   "wrote it (refused otherwise); stages that still match are kept.")
+def prepare_cmd(download, work, preset, backend, jobs, seed, overwrite):
+    """From the ImageNet download (or an unpacked tree) to training-ready data in WORK, in one command.
 
+    DOWNLOAD holds ILSVRC2012_img_train.tar, ILSVRC2012_img_val.tar and ILSVRC2012_devkit_t12.tar.gz,
+    read in place (or is an unpacked tree: DOWNLOAD/train/<wnid>/, DOWNLOAD/val/). prepare writes
+    WORK/lists (make-lists), WORK/train_lmdb (shuffled with --seed) and WORK/val_lmdb (build-lmdb
+    --preset; train_leveldb and val_leveldb with --backend leveldb), the train mean (compute-mean: WORK/mean.binaryproto, 256x256, with --preset caffe;
+    else WORK/mean224.binaryproto, the center 224 crops' mean) and WORK/means.json (per-channel
+    values), checks both databases against their lists (inspect --list), and writes Caffe's TRAIN
+    and TEST Data layers for them to WORK/caffe_data_layers.prototxt. It ends with what it made, its
+    size, each stage's time and the Loader and CaffeDataset lines that read it.
 
-def _image_spec(resize, encoded, quality, gray, preset=None, max_aspect=None):
-    from .imageops import ImageSpec, check_max_aspect, parse_resize
+    Running the same command again continues wherever it stopped (a stopped build is resumed);
+    finished stages are kept, and a finished WORK is left as it is. A stage whose inputs changed,
+    or whose output prepare did not write, is refused unless --overwrite. Exit status 3: ready,
+    but some images failed (listed in each database's imgprep-failures.tsv).
 
-    chosen = dict(PRESETS.get(preset, {}))
-    if resize is not None:
-        chosen["resize"] = resize
-    if encoded is not None:
-        chosen["encoded"] = encoded
-    spec = ImageSpec(resize=parse_resize(chosen.get("resize", "none")),
-                     encoded=chosen.get("encoded", True), quality=quality, gray=gray)
-    return spec if max_aspect is None else dataclasses.replace(spec, max_aspect=check_max_aspect(max_aspect))
+    \b
+    Examples:
+      imgprep prepare ~/Downloads/imagenet /data/imagenet
+      imgprep prepare ~/Downloads/imagenet /data/imagenet-caffe --preset caffe --backend leveldb
+      imgprep sample work/download --archives && imgprep prepare work/download work/imagenet
+    """
+    from .workflow import prepare, summary_lines
+
+    report = prepare(download, work, preset, backend, jobs, seed, overwrite)
+    for line in summary_lines(report):
+        click.echo(line)
+    if report.failures:
+        sys.exit(EXIT_IMAGES_FAILED)
 
 
 @main.command()
@@ -247,7 +288,7 @@ def resize(src, dst, resize, quality, gray, max_aspect, jobs, overwrite, schedul
     """
     from .resize import resize_tree
 
-    report = resize_tree(src, dst, _image_spec(resize, True, quality, gray, max_aspect=max_aspect), jobs,
+    report = resize_tree(src, dst, image_spec(None, resize, True, quality, gray, max_aspect), jobs,
                          overwrite, scheduler)
     if report.failures:
         sys.exit(EXIT_IMAGES_FAILED)
@@ -319,7 +360,7 @@ def build_lmdb(list_file, root, out, preset, backend, resize, encoded, quality, 
     """
     from .build import BuildOptions, build_database, report_to_dict
 
-    options = BuildOptions(backend=backend, spec=_image_spec(resize, encoded, quality, gray, preset, max_aspect),
+    options = BuildOptions(backend=backend, spec=image_spec(preset, resize, encoded, quality, gray, max_aspect),
                            shuffle=shuffle, seed=seed, check_size=check_size, jobs=jobs,
                            txn_size=txn_size, max_failures=max_failures, num_labels=num_labels,
                            allow_outside_root=allow_outside_root, num_shards=num_shards,

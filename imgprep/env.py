@@ -1,12 +1,21 @@
-"""What `imgprep doctor` reports: the PIL build, DALI, devices, database libraries."""
+"""What `imgprep doctor` reports: the PIL build, DALI, devices, database libraries, and imgprep's
+cache (the archive indexes in $XDG_CACHE_HOME/imgprep), whose entries of archives that are gone
+`imgprep doctor --clean-cache` removes."""
 
 from __future__ import annotations
 
 import importlib.metadata as metadata
+import json
+import os
 import platform
+import re
 import sys
+from dataclasses import dataclass
+from pathlib import Path
 
 from . import __version__
+from .archives import cache_dir
+from .progress import format_bytes
 
 
 PILLOW_SIMD = "pillow-simd"
@@ -94,4 +103,111 @@ def describe() -> dict[str, str]:
         info["torch"] = torch.__version__
     except ImportError:
         info["torch"] = "not installed (optional: pip install 'imgprep[torch]')"
+    info["cache"] = cache_report(cache_entries())[0]
     return info
+
+
+# ---------------------------------------------------------------------------------------------
+# The cache: archive indexes (archives.py), one file per archive, made again whenever needed
+
+IN_USE, GONE, UNREADABLE, LEFT_OVER, BEING_WRITTEN = (
+    "in use", "archive gone", "unreadable", "left by a stopped run", "being written")
+REMOVABLE = (GONE, LEFT_OVER)
+HEADER_BYTES = 1 << 16
+TEMPORARY = re.compile(r"^\..*\.tmp(\d+)$")  # an index being written: .<name>.tmp<pid>
+
+
+@dataclass
+class CacheEntry:
+    path: Path
+    size: int
+    state: str  # IN_USE, GONE, UNREADABLE, LEFT_OVER or BEING_WRITTEN
+    archive: str | None = None  # the archive's path, as the entry records it
+
+
+def _recorded_archive(path: Path) -> str | None:
+    """The archive path an index file records in its header (a JSON line with "archive" among its
+    first lines), or None when the file does not read so."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(HEADER_BYTES)
+    except OSError:
+        return None
+    for line in head.split(b"\n")[:4]:
+        try:
+            header = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(header, dict) and isinstance(header.get("archive"), str):
+            return header["archive"]
+    return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def cache_entries(folder: Path | None = None) -> list[CacheEntry]:
+    """Every file in imgprep's cache folder (default `archives.cache_dir()`), with what it is."""
+    folder = Path(folder) if folder else cache_dir()
+    entries = []
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        size = path.stat().st_size
+        temporary = TEMPORARY.match(path.name)
+        if temporary:
+            state = BEING_WRITTEN if _alive(int(temporary[1])) else LEFT_OVER
+            entries.append(CacheEntry(path, size, state))
+            continue
+        archive = _recorded_archive(path)
+        if archive is None:
+            entries.append(CacheEntry(path, size, UNREADABLE))
+        else:
+            entries.append(CacheEntry(path, size, IN_USE if os.path.exists(archive) else GONE, archive))
+    return entries
+
+
+def cache_report(entries: list[CacheEntry], folder: Path | None = None) -> tuple[str, list[str]]:
+    """doctor's cache line (folder, count, size, what can go) and one line per entry that is not in use."""
+    folder = folder or cache_dir()
+    total = sum(e.size for e in entries)
+    text = f"{folder}: {len(entries)} file(s), {format_bytes(total)}"
+    removable = [e for e in entries if e.state in REMOVABLE]
+    if removable:
+        text += (f"; {len(removable)} ({format_bytes(sum(e.size for e in removable))}) of archives that are gone or "
+                 "left by stopped runs: imgprep doctor --clean-cache removes them")
+    return text, [_entry_line(e) for e in entries if e.state != IN_USE]
+
+
+def _entry_line(entry: CacheEntry) -> str:
+    what = {GONE: f"indexes {entry.archive}, which is gone", IN_USE: f"indexes {entry.archive}",
+            UNREADABLE: "not an archive index this imgprep reads (kept; delete it by hand if unwanted)",
+            LEFT_OVER: "an index left half-written by a stopped run", BEING_WRITTEN: "an index being written"}
+    return f"{entry.path} ({format_bytes(entry.size)}): {what[entry.state]}"
+
+
+def clean_cache(entries: list[CacheEntry]) -> list[str]:
+    """Removes the entries of archives that are gone (a drive not mounted now counts as gone: its
+    archives are indexed again on next use) and those left by stopped runs; one line per entry."""
+    lines = []
+    for entry in entries:
+        if entry.state in REMOVABLE:
+            try:
+                entry.path.unlink()
+                lines.append(f"removed {_entry_line(entry)}")
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                lines.append(f"could not remove {entry.path}: {e.strerror}")
+        else:
+            lines.append(f"kept {_entry_line(entry)}")
+    removed = [e for e in entries if e.state in REMOVABLE]
+    kept = [e for e in entries if e.state not in REMOVABLE]
+    lines.append(f"cache: removed {len(removed)} file(s), {format_bytes(sum(e.size for e in removed))}; "
+                 f"{len(kept)} file(s), {format_bytes(sum(e.size for e in kept))} kept")
+    return lines

@@ -17,7 +17,7 @@ from .manifest import read_manifest, record_count, require_complete
 from .progress import Progress
 from .storage import Reader
 
-SHOWN = 10
+SHOWN = 5  # examples shown of each kind of problem
 
 
 @dataclass
@@ -36,6 +36,8 @@ class Inspection:
     extra: list = field(default_factory=list)
     mislabeled: list = field(default_factory=list)  # (key, stored, listed)
     misplaced: list = field(default_factory=list)  # (key, expected key)
+    listed: int | None = None  # entries of the list checked against, when one was given
+    verified: bool = False  # every record decoded (encoded images too)
 
     @property
     def ok(self) -> bool:
@@ -54,7 +56,7 @@ class Inspection:
         if self.manifest:
             m = self.manifest
             ident = m.get("identity", {})
-            out.append(f"built by imgprep {m.get('imgprep')}: state {m.get('state')}, "
+            out.append(f"{_made_by(m)}: state {m.get('state')}, "
                        f"{m.get('records', '?')} records, {m.get('failures', '?')} failures; resize "
                        f"{ident.get('resize')}, {'encoded' if ident.get('encoded') else 'raw'}, "
                        f"shuffle {ident.get('shuffle')} seed {ident.get('seed')}")
@@ -64,24 +66,81 @@ class Inspection:
                 out.append(f"failed at build, listed in {FAILURES} (not a database defect): {len(self.reported):,}")
         else:
             out.append("no imgprep manifest (not built by imgprep, or built elsewhere)")
-        for title, items in (("undecodable records", self.bad_records), ("missing", self.missing),
-                             ("extra", self.extra), ("mislabeled", self.mislabeled),
-                             ("under the wrong key", self.misplaced)):
-            if items:
-                out.append(f"{title}: {len(items):,}")
-                out.extend(f"  {item}" for item in items[:SHOWN])
+        out.extend(self.problem_lines())
+        verdict = self.verdict()
+        return out + ([verdict] if verdict else [])
+
+    def problems(self) -> dict[str, list[str]]:
+        """Each kind of problem found -> its items as sorted lines (empty kinds left out)."""
+        kinds = {
+            "undecodable records": [f"{_text(key)}: {why}" for key, why in self.bad_records],
+            "missing": [f"{path}: {why}" for path, why in self.missing],
+            "extra": [f"{key}: not in the list" for key in self.extra],
+            "mislabeled": [f"{key}: stored label {stored}, the list says {listed}"
+                           for key, stored, listed in self.mislabeled],
+            "under the wrong key": [f"{key}: the list puts it under {expected}" for key, expected in self.misplaced],
+        }
+        return {kind: sorted(items) for kind, items in kinds.items() if items}
+
+    def problem_lines(self) -> list[str]:
+        """The problems grouped by kind: a count, then the first few, sorted."""
+        out = []
+        for kind, items in self.problems().items():
+            out.append(f"{kind}: {len(items):,}")
+            out.extend(f"  {item}" for item in items[:SHOWN])
+            if len(items) > SHOWN:
+                out.append(f"  ... and {len(items) - SHOWN:,} more")
         return out
+
+    def verdict(self) -> str:
+        """What was checked and whether it passed, in one line ('' when nothing was checked)."""
+        checked = []
+        if self.listed is not None:
+            failed = len(self.reported)
+            if not self.ok:
+                checked.append(f"{self.listed:,} entries checked against the list")
+            elif failed:
+                checked.append(f"{self.listed:,} entries: {self.listed - failed:,} present under their key with "
+                               f"their label, the other {failed:,} failed at build (listed in {FAILURES})")
+            else:
+                checked.append(f"{self.listed:,} entries: every one present under its key with its label")
+        if self.verified:
+            bad = len(self.bad_records)
+            checked.append(f"{self.records - bad:,} records decoded" + (f", {bad:,} did not" if bad else ""))
+        if not checked:
+            return ""
+        if self.ok:
+            return "OK: " + "; ".join(checked)
+        counts = ", ".join(f"{len(items):,} {kind}" for kind, items in self.problems().items())
+        return f"FAILED: {'; '.join(checked)}: {counts}"
+
+
+def _text(key) -> str:
+    return key.decode("utf-8", "replace") if isinstance(key, bytes) else str(key)
+
+
+def _made_by(manifest: dict) -> str:
+    """'built by imgprep 0.1.0', or for a merge the parts it was made from."""
+    parts = manifest.get("merged_from")
+    if parts:
+        shown = ", ".join(parts[:4]) + (f" and {len(parts) - 4} more" if len(parts) > 4 else "")
+        return f"merged by imgprep merge from {len(parts)} parts ({shown})"
+    version = manifest.get("imgprep")
+    return f"built by imgprep {version}" if version else "built by imgprep"
 
 
 def inspect_db(path, list_path=None, verify: bool = False, show_progress: bool = True,
                allow_partial: bool = False) -> Inspection:
+    """Describes the database at `path`; with `list_path`, checks that every entry is in it under its
+    key with its label; with `verify`, decodes every record. Long checks show progress on stderr."""
     path = Path(path)
-    result = Inspection(path, manifest=read_manifest(path))
+    result = Inspection(path, manifest=read_manifest(path), verified=verify)
     require_complete(path, result.manifest, allow_partial)
+    checking = verify or list_path is not None
     with Reader(path) as reader:
         result.backend = reader.backend
-        total = record_count(reader, result.manifest) if verify else None
-        progress = Progress("inspect", total, unit="rec", enabled=show_progress and verify)
+        total = record_count(reader, result.manifest) if checking else None
+        progress = Progress("inspect", total, unit="rec", enabled=show_progress and checking)
         stored_labels = {}
         for key, value in reader.items():
             if len(result.first_keys) < 3:
@@ -113,11 +172,13 @@ def inspect_db(path, list_path=None, verify: bool = False, show_progress: bool =
             progress.update()
     if list_path is not None:
         _compare_with_list(result, Path(list_path), stored_labels)
+    progress.finish(f"inspect: {result.records:,} records read in {progress.elapsed:.1f}s")
     return result
 
 
 def _compare_with_list(result: Inspection, list_path: Path, stored_labels: dict) -> None:
     entries = read_list(list_path, allow_outside_root=True)
+    result.listed = len(entries)
     identity = (result.manifest or {}).get("identity", {})
     shuffle, seed = identity.get("shuffle", False), identity.get("seed", 0)
     if shuffle and "order_sha256" not in identity:  # built before the order was imgprep's own

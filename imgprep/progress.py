@@ -12,6 +12,15 @@ def format_duration(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
+def format_bytes(n: float) -> str:
+    """A size in bytes as people read it: 812 bytes, 4.8 MB, 29.1 GB (powers of 1000)."""
+    for unit in ("bytes", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:,.0f} {unit}" if unit == "bytes" else f"{n:,.1f} {unit}"
+        n /= 1000
+    return ""
+
+
 class Progress:
     """Prints `stage: done/total (pct) rate/s ETA h:mm:ss failures N` to stderr.
 

@@ -42,3 +42,43 @@ def _messages():
 
 
 Datum, BlobProto = _messages()
+
+
+def _net_parameter():
+    """NetParameter with the Data layer's fields (caffe.proto's numbers), to parse a prototxt."""
+    file = descriptor_pb2.FileDescriptorProto(name="caffe_net_test.proto", package="caffe_net", syntax="proto2")
+    phase = file.enum_type.add(name="Phase")
+    for name, number in (("TRAIN", 0), ("TEST", 1)):
+        phase.value.add(name=name, number=number)
+
+    def message(name, *fields):
+        m = file.message_type.add(name=name)
+        for field_name, number, type_, *rest in fields:
+            label = F.LABEL_REPEATED if "repeated" in rest else F.LABEL_OPTIONAL
+            f = m.field.add(name=field_name, number=number, type=type_, label=label)
+            type_names = [r for r in rest if r.startswith(".")]
+            if type_names:
+                f.type_name = type_names[0]
+        return m
+
+    message("NetStateRule", ("phase", 1, F.TYPE_ENUM, ".caffe_net.Phase"))
+    message("TransformationParameter", ("scale", 1, F.TYPE_FLOAT), ("mirror", 2, F.TYPE_BOOL),
+            ("crop_size", 3, F.TYPE_UINT32), ("mean_file", 4, F.TYPE_STRING),
+            ("mean_value", 5, F.TYPE_FLOAT, "repeated"))
+    data = message("DataParameter", ("source", 1, F.TYPE_STRING), ("batch_size", 4, F.TYPE_UINT32),
+                   ("backend", 8, F.TYPE_ENUM, ".caffe_net.DataParameter.DB"))
+    db = data.enum_type.add(name="DB")
+    for name, number in (("LEVELDB", 0), ("LMDB", 1)):
+        db.value.add(name=name, number=number)
+    message("LayerParameter", ("name", 1, F.TYPE_STRING), ("type", 2, F.TYPE_STRING),
+            ("top", 4, F.TYPE_STRING, "repeated"),
+            ("include", 8, F.TYPE_MESSAGE, "repeated", ".caffe_net.NetStateRule"),
+            ("transform_param", 100, F.TYPE_MESSAGE, ".caffe_net.TransformationParameter"),
+            ("data_param", 107, F.TYPE_MESSAGE, ".caffe_net.DataParameter"))
+    message("NetParameter", ("layer", 100, F.TYPE_MESSAGE, "repeated", ".caffe_net.LayerParameter"))
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(file)
+    return message_factory.GetMessageClass(pool.FindMessageTypeByName("caffe_net.NetParameter"))
+
+
+NetParameter = _net_parameter()

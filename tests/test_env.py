@@ -53,3 +53,52 @@ def test_bench_pil_names_the_build_and_times_decode_and_resize(tmp_path):
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("PIL ") and "4 images" in result.stdout
     assert "decode" in result.stdout and "resize to shorter 256" in result.stdout
+
+
+def test_doctor_shows_the_cache_and_clean_cache_removes_only_entries_of_archives_that_are_gone(tmp_path, monkeypatch):
+    import io
+    import os
+    import subprocess
+    import tarfile
+
+    from imgprep.archives import cache_dir
+    from imgprep.sources import open_source
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    archives = {}
+    for name in ("kept", "gone"):
+        archives[name] = tmp_path / f"{name}.tar"
+        with tarfile.open(archives[name], "w") as tar:
+            info = tarfile.TarInfo(f"{name}/image.JPEG")
+            info.size = 3
+            tar.addfile(info, io.BytesIO(b"abc"))
+        open_source(archives[name], show_progress=False)  # indexes it into the cache
+    folder = cache_dir()
+    indexes = sorted(folder.rglob("*.idx"))
+    assert len(indexes) == 2
+    kept_index = next(p for p in indexes if str(archives["kept"]) in p.read_bytes().decode(errors="replace"))
+    archives["gone"].unlink()
+    (folder / "archive-index" / "future.idx").write_bytes(b"imgprep-archive-index/9\n\x00\x01 binary")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (folder / "archive-index" / f".x.idx.tmp{dead.pid}").write_bytes(b"half")
+    total = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+    env = dict(os.environ)
+    shown = run_cli("doctor", env=env).stdout
+    cache_line = next(line for line in shown.splitlines() if line.strip().startswith("cache:"))
+    assert f"{folder}: 4 file(s), {total:,} bytes" in cache_line
+    assert "imgprep doctor --clean-cache removes them" in cache_line
+    assert f"indexes {archives['gone']}, which is gone" in shown
+    assert "future.idx" in shown and "not an archive index this imgprep reads" in shown
+    assert "left half-written by a stopped run" in shown
+    assert str(kept_index) not in shown  # in use: counted, not listed
+
+    before = kept_index.read_bytes()
+    cleaned = run_cli("doctor", "--clean-cache", env=env).stdout
+    assert f"removed {folder}" in cleaned and f"kept {kept_index}" in cleaned and "kept " in cleaned
+    assert "cache: removed 2 file(s)" in cleaned and "2 file(s)" in cleaned.splitlines()[-1]
+    assert sorted(p.name for p in folder.rglob("*") if p.is_file()) == sorted([kept_index.name, "future.idx"])
+    assert kept_index.read_bytes() == before
+    open_source(archives["kept"], show_progress=False)
+    assert kept_index.read_bytes() == before  # still the archive's index: not made again

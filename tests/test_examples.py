@@ -11,14 +11,19 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "examples"))
 
 def test_tiny_network_learns_from_the_loader(sample_tree, tmp_path):
     pytest.importorskip("torch")
-    from tiny_cpu_training import train
+    import math
+
+    from tiny_cpu_training import database_labels, train
 
     options = BuildOptions(jobs=2, shuffle=True, spec=ImageSpec(parse_resize("shorter:256"), encoded=True))
     build_database(sample_tree.lists / "train.txt", sample_tree.root / "train", tmp_path / "db", options,
                    show_progress=False)
+    present = sorted({int(line.split()[-1]) for line in (sample_tree.lists / "train.txt").read_text().splitlines()})
+    assert database_labels(tmp_path / "db") == present and len(present) == 10
     losses = train(tmp_path / "db", steps=40, batch=32)
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
-    assert last < 0.6 * first, losses
+    assert abs(losses[0] - math.log(10)) < 0.3, losses  # a head of the 10 classes present, not of 1000
+    assert last < 0.6 * first and max(losses) < 1.05 * losses[0], losses  # falls, without jumping up
 
 
 def test_train_resnet50_evaluates_center_and_ten_crop_per_image(sample_tree, tmp_path):

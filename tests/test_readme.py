@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from imgprep.sample import make_sample
 from imgprep.storage import Reader
 
 REPO = Path(__file__).parents[1]
@@ -82,29 +81,35 @@ def quickstart_script() -> str:
 
 
 def test_quick_start_runs_on_a_sample_shaped_like_the_download(tmp_path):
+    """The block as written: it sets DOWNLOAD and WORK itself, makes the sample and prepares it."""
     pytest.importorskip("scipy")
     pytest.importorskip("torch")
-    sample = make_sample(tmp_path / "download", classes=4, train_per_class=16, val_per_class=3, seed=5, archives=True)
+    root = tmp_path / "checkout"  # the repository root as the block sees it: its examples, and room for build/
+    root.mkdir()
+    (root / "examples").symlink_to(REPO / "examples")
     bin_dir = tmp_path / "bin"  # `imgprep` and `python` as a user's venv has them, running this checkout
     bin_dir.mkdir()
     for name, command in (("imgprep", f'exec "{sys.executable}" -m imgprep "$@"'),
                           ("python", f'exec "{sys.executable}" "$@"')):
         (bin_dir / name).write_text(f"#!/bin/sh\n{command}\n")
         (bin_dir / name).chmod(0o755)
-    env = dict(os.environ, DOWNLOAD=str(tmp_path / "download"), DATA=str(tmp_path / "data"),
-               WORK=str(tmp_path / "work"), PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
                PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    for name in ("DOWNLOAD", "WORK"):
+        env.pop(name, None)
     script = "set -euo pipefail\n" + quickstart_script()
-    result = subprocess.run(["bash", "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
+    result = subprocess.run(["bash", "-c", script], cwd=root, env=env, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, f"{result.stdout}\n{result.stderr}"
 
-    work = tmp_path / "work"
+    work = root / "build" / "imagenet"
     with Reader(work / "train_lmdb") as reader:
-        assert len(reader) == sample.train == 64
+        assert len(reader) == 200  # imgprep sample's default: 10 classes of 20 train and 5 val images
     with Reader(work / "val_lmdb") as reader:
-        assert len(reader) == sample.val == 12
+        assert len(reader) == 50
     assert (work / "mean224.binaryproto").stat().st_size > 224 * 224 * 3 * 4
-    assert not (tmp_path / "data").exists()  # nothing unpacked
+    assert (work / "caffe_data_layers.prototxt").is_file() and f"{work.relative_to(root)} is ready" in result.stdout
+    assert not list(root.rglob("*.JPEG"))  # nothing unpacked
     losses = [float(line.split()[-1]) for line in result.stdout.splitlines() if line.startswith("step ")]
     assert len(losses) == 20 and all(np.isfinite(losses)), result.stdout
+    assert sum(losses[-5:]) < sum(losses[:5]), losses  # a model that learns
