@@ -157,8 +157,8 @@ def resize_tree(src, dst, spec: ImageSpec, jobs: int | None = None, overwrite: b
         images = [rel for rel in members if is_image_name(rel)]
         others = len(members) - len(images)
     if not images:
-        raise ImgprepError(f"SRC {src} holds no images ({others:,} other files); nothing to resize. Is it the "
-                           "folder (or tar) of the images?")
+        raise ImgprepError(f"SRC {src} holds no images ({others:,} other file{'' if others == 1 else 's'}); "
+                           "nothing to resize. Is it the folder (or tar) of the images?")
     try:
         dst.mkdir(parents=True, exist_ok=True)
     except OSError as e:

@@ -1,3 +1,5 @@
+import os
+
 from conftest import assert_clean_error, run_cli
 from imgprep.build import BuildOptions, build_database
 from imgprep.codec import decode_datum, encode_datum
@@ -58,3 +60,10 @@ def test_inspect_refuses_non_datum_values_and_non_databases(tmp_path):
     assert_clean_error(run_cli("inspect", tmp_path / "db", check=False), "does not hold Caffe Datum records")
     (tmp_path / "folder").mkdir()
     assert_clean_error(run_cli("inspect", tmp_path / "folder", check=False), "neither an LMDB")
+
+
+def test_a_list_that_is_a_fifo_is_refused_before_the_pass_not_waited_on(sample_tree, tmp_path):
+    make_db(sample_tree, tmp_path / "db")
+    os.mkfifo(tmp_path / "list.txt")
+    result = run_cli("inspect", tmp_path / "db", "--list", tmp_path / "list.txt", check=False, timeout=60)
+    assert_clean_error(result, f"{tmp_path / 'list.txt'} is a FIFO, not a regular file")
