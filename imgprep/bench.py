@@ -247,7 +247,10 @@ def _compare_originals(rows, root: Path, list_file, batch, threads, workers, gpu
     if not root.is_dir():
         raise ImgprepError(f"--compare {root} is not a folder of original images")
     policy = "training" if train else "eval"
-    samples = image_files(root, list_file)
+    try:
+        samples, unusable = image_files(root, list_file), None
+    except (ImgprepError, OSError) as e:  # a list entry that is a FIFO, say: the peers cannot read it
+        samples, unusable = [], str(e)
     peers = []  # (row name, transform) of each torchvision variant: torchvision's own where it imports
     for resized_crop in ([False, True] if train else [False]):
         transform = torchvision_transform(train, resized_crop, IMAGENET_MEAN_RGB, IMAGENET_STD_RGB)
@@ -257,8 +260,9 @@ def _compare_originals(rows, root: Path, list_file, batch, threads, workers, gpu
     dali = f"DALI file reader, original JPEGs ({policy})"
     if not samples:
         where = "the list's entries" if list_file else "class subfolders (ROOT/<class>/<image>)"
+        why = unusable or f"no images in {root}'s {where}"
         for name in [dali] + [name for name, _ in peers]:
-            rows.append(BenchRow(name, None, None, 0, f"cannot run: no images in {root}'s {where}"))
+            rows.append(BenchRow(name, None, None, 0, f"cannot run: {why}"))
         return
     _measure_peer(rows, dali, lambda: file_reader_pipeline(root, list_file, batch, threads, gpu, train).run,
                   batch, seconds, warmup)

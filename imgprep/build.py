@@ -35,9 +35,10 @@ from . import ImgprepError, __version__
 from .codec import RecordError, decode_datum, encode_datum
 from .imageops import ImageFailure, ImageSpec, check_max_aspect, parse_resize, process_image
 from .lists import ImageList, read_list
+from .files import open_regular
 from .manifest import (FAILURES, LOCK, MANIFEST, MANIFEST_FORMAT, OLD_FORMATS, OutputLock,  # noqa: F401
-                       clear_output, contents, file_sha256, open_own, read_manifest, refuse_links,
-                       require_complete, write_manifest)
+                       clear_output, contents, file_sha256, finish_hint, made_by_merge, open_own, read_manifest,
+                       refuse_links, require_complete, write_manifest)
 from .order import permutation
 from .parallel import chunked, ordered_map, resolve_jobs, shared_put
 from .progress import Progress
@@ -47,6 +48,7 @@ from .storage import BACKENDS, INITIAL_MAP_SIZE, Reader, open_writer
 ORDER_ALGORITHM = "imgprep.order.permutation/1"  # SplitMix64 scores, sorted (see order.py)
 # Shared memory per record in flight: a raw 3x256x256 record is 196 KB; larger ones travel pickled.
 AREA_BYTES_PER_RECORD = 320 * 1024
+ROOT_PROBES = 1000  # entries looked for in ROOT before a build starts (see check_root)
 
 
 # --preset: what each recipe's records are (explicit options override it; see image_spec)
@@ -225,7 +227,7 @@ def crashed_entry(item, detail: str):
 def read_failures(out: Path) -> list[Failure]:
     failures = []
     try:
-        with open(out / FAILURES, encoding="utf-8", errors="surrogateescape") as f:
+        with io.TextIOWrapper(open_regular(out / FAILURES), encoding="utf-8", errors="surrogateescape") as f:
             for line in f:
                 parts = line.rstrip("\n").split("\t", 3)
                 if len(parts) == 4 and parts[0].isdigit():
@@ -248,6 +250,12 @@ def _prepare_output(out: Path, identity: dict, resume: bool, overwrite: bool) ->
     if manifest is None:
         raise ImgprepError(f"{out} exists and was not built by imgprep; choose another OUT (--overwrite "
                            "replaces only a database there)")
+    if made_by_merge(manifest) and (resume or manifest["state"] != "complete"):
+        # its identity is a single build's, but only merge knows how far it got and which failures it copied
+        state = "complete" if manifest["state"] == "complete" else f"incomplete (state {manifest['state']!r})"
+        hint = "" if manifest["state"] == "complete" else f"; {finish_hint(manifest)}"
+        raise ImgprepError(f"{out} is the output of `imgprep merge`, {state}; build-lmdb --resume continues only "
+                           f"its own builds{hint}, or pass --overwrite to build it from the list instead")
     if manifest["state"] == "complete" and not resume:
         raise ImgprepError(f"{out} is a complete database; pass --overwrite to build it again")
     if not resume:
@@ -284,12 +292,35 @@ def _read_entries(list_path: Path, options: BuildOptions) -> tuple[ImageList, st
     return entries, digest
 
 
+def check_root(source, root, entries: ImageList, order: np.ndarray, positions: range) -> None:
+    """A wrong ROOT makes every entry a 'missing' failure, found only after a whole pass (1.28
+    million of them for ImageNet): refused when none of up to ROOT_PROBES entries spread evenly over
+    the entries to build is in ROOT. It stops at the first entry found, so a right ROOT costs one read."""
+    if not len(positions):
+        return
+    count = min(ROOT_PROBES, len(positions))
+    probes = sorted({int(p) for p in np.linspace(positions.start, positions.stop - 1, count).round()})
+    for position in probes:
+        try:
+            source.read(entries.paths[order[position]])
+            return
+        except ImageFailure as e:
+            if e.reason != "missing":  # something is there (a link leaving ROOT, a FIFO, a bad image)
+                return
+    tried = source.describe(entries.paths[order[probes[0]]])
+    raise ImgprepError(f"none of the {len(probes):,} list entries looked for is in ROOT {root} ({tried} does not "
+                       "exist, for one); is ROOT the folder the list's paths are relative to? Pass --keep-going "
+                       "to build anyway (every missing entry becomes a failure)")
+
+
 def build_database(list_path, root, out, options: BuildOptions = BuildOptions(),
                    resume: bool = False, overwrite: bool = False, show_progress: bool = True,
-                   image_list: ImageList | None = None, allow_empty: bool = False) -> BuildReport:
+                   image_list: ImageList | None = None, allow_empty: bool = False,
+                   keep_going: bool = False) -> BuildReport:
     """Builds (or resumes) OUT from LIST and ROOT (a folder, or an uncompressed tar: see
     archives.py). Raises ImgprepError on anything fatal; nothing at OUT is created or changed before
-    the arguments, ROOT and the list have been checked."""
+    the arguments, ROOT and the list have been checked. A ROOT that holds none of the entries looked
+    for (check_root) is refused unless `keep_going`."""
     list_path, root, out = Path(list_path), Path(root), Path(out)
     if options.backend not in BACKENDS:
         raise ImgprepError(f"unknown backend {options.backend!r}; choose one of {', '.join(BACKENDS)}")
@@ -302,6 +333,8 @@ def build_database(list_path, root, out, options: BuildOptions = BuildOptions(),
     if not len(entries) and not allow_empty:
         raise ImgprepError(f"list {list_path} holds no entries; pass --allow-empty to build an empty database")
     order = list_order(len(entries), options.shuffle, options.seed)
+    if not keep_going:
+        check_root(source, root, entries, order, shard_range(len(entries), options.num_shards, options.shard_index))
     identity = dict(options.identity(), list_sha256=list_digest, entries=len(entries), **source.identity(),
                     order=ORDER_ALGORITHM if options.shuffle else "list", order_sha256=order_fingerprint(order))
     if out.exists() and not out.is_dir():

@@ -72,7 +72,8 @@ quality_option = click.option("--quality", type=click.IntRange(1, 100), default=
 allow_partial_option = click.option(
     "--allow-partial", is_flag=True,
     help="Accept an incomplete imgprep build (stopped, or still being written) and use the records it "
-         "holds. Refused otherwise: finish the build with build-lmdb --resume.")
+         "holds. Refused otherwise, with the command that finishes it (build-lmdb --resume, or the same "
+         "merge again for a merge's output).")
 gray_option = click.option("--gray", is_flag=True, help="Store 1-channel grayscale instead of RGB.")
 max_aspect_option = click.option(
     "--max-aspect", type=float, default=None, show_default="4", metavar="RATIO",
@@ -323,6 +324,9 @@ def resize(src, dst, resize, quality, gray, max_aspect, jobs, overwrite, schedul
                    "(imgprep-build.json, imgprep-failures.tsv); other files in OUT stay.")
 @click.option("--allow-empty", is_flag=True, help="Build an empty database from a LIST without entries "
               "(refused otherwise, as a likely mistake).")
+@click.option("--keep-going", is_flag=True,
+              help="Build even when none of the first entries looked for (up to 1,000, spread over LIST) is in "
+                   "ROOT; refused otherwise, as a wrong ROOT would make every entry a failure.")
 @click.option("--max-failures", type=click.IntRange(0), default=None,
               help="Give up once more than this many images failed. Default: never.")
 @click.option("--allow-outside-root", is_flag=True,
@@ -335,8 +339,8 @@ def resize(src, dst, resize, quality, gray, max_aspect, jobs, overwrite, schedul
 @scheduler_option
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 def build_lmdb(list_file, root, out, preset, backend, resize, encoded, quality, gray, max_aspect, shuffle, seed,
-               check_size, jobs, txn_size, resume, overwrite, allow_empty, max_failures, allow_outside_root,
-               num_labels, num_shards, shard_index, scheduler, as_json):
+               check_size, jobs, txn_size, resume, overwrite, allow_empty, keep_going, max_failures,
+               allow_outside_root, num_labels, num_shards, shard_index, scheduler, as_json):
     """Build a Caffe Datum database OUT (LMDB or LevelDB) from LIST and the image ROOT.
 
     ROOT is a folder, or an uncompressed tar read in place without unpacking it: ImageNet's
@@ -349,7 +353,9 @@ def build_lmdb(list_file, root, out, preset, backend, resize, encoded, quality, 
     a line of OUT/imgprep-failures.tsv. Exit status 3 means the database is complete but some
     images failed; 130 means interrupted (Ctrl-C): continue with --resume. LIST must be a
     regular file (not a pipe): --resume checks it is the same list. ROOT, the list's content and
-    the options make up the build's identity; --resume refuses to continue with any of them changed.
+    the options make up the build's identity; --resume refuses to continue with any of them changed,
+    and refuses a merge's output (finish that with the same merge command). A ROOT holding none of
+    the entries looked for is refused before anything is written (--keep-going builds anyway).
 
     \b
     Examples:
@@ -366,7 +372,7 @@ def build_lmdb(list_file, root, out, preset, backend, resize, encoded, quality, 
                            allow_outside_root=allow_outside_root, num_shards=num_shards,
                            shard_index=shard_index, scheduler=scheduler)
     report = build_database(list_file, root, out, options, resume=resume, overwrite=overwrite,
-                            allow_empty=allow_empty)
+                            allow_empty=allow_empty, keep_going=keep_going)
     if as_json:
         click.echo(json.dumps(report_to_dict(report)))
     if report.failures:
@@ -391,7 +397,9 @@ def compute_mean_cmd(dbs, out, crop, resize, values_out, jobs, scheduler, allow_
 
     Several DBs (e.g. the parts of a sharded build) give the mean of all their records: the
     integer sums of the parts are added, so the result equals the merged database's mean. A DB
-    named twice, or OUT / --values-out inside a DB, is refused before any work.
+    named twice (under any name: a bind mount, a link), OUT / --values-out inside a DB, and an
+    output that cannot be written (no such folder, a symbolic link) are refused before any work.
+    Each output is written to a temporary file beside it, then renamed.
 
     The file is what Caffe's compute_image_mean writes (num=1, C, H, W, float32 BGR planar), but
     summed in integers: exact at any N, where Caffe's float32 sum drifts past ~65k images.
@@ -570,9 +578,11 @@ def merge(parts, out, overwrite, allow_partial):
 
     Each part is `build-lmdb ... --num-shards K --shard-index i` (any scheduler: Dask, a Slurm
     array, a shell loop). The result equals, record for record, a single build of the same list
-    with the same options; the failure reports are concatenated. A part named twice, or OUT
-    inside a part, is refused before anything is written. A merge that stopped (Ctrl-C) is redone
-    by running the same command again. With --allow-partial the result's state is 'partial'.
+    with the same options; the failure reports are concatenated. A part named twice (under any
+    name: a bind mount, a link), or OUT inside a part, is refused before anything is written. A
+    merge that stopped (Ctrl-C, kill) is finished by running the same merge command again (it starts
+    over; build-lmdb --resume refuses a merge's output). With --allow-partial the result's state is
+    'partial'.
 
     \b
     Example:

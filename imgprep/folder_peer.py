@@ -11,7 +11,9 @@ the center crop), then ToTensor() and Normalize(mean, std).
 
 from __future__ import annotations
 
+import io
 import math
+import os
 import random
 from pathlib import Path
 
@@ -19,6 +21,7 @@ import numpy as np
 from PIL import Image
 
 from . import ImgprepError
+from .files import file_kind, not_regular, read_regular, require_regular
 
 # torchvision.datasets.folder.IMG_EXTENSIONS
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -26,12 +29,23 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".t
 
 def image_files(root: Path, list_file: Path | None = None) -> list[tuple[str, int]]:
     """(path, label) of the images a torchvision ImageFolder finds under root (class folders,
-    sorted), or of a 'path label' list's entries under root."""
+    sorted, regular files only), or of a 'path label' list's entries under root. The list and each
+    entry there must be a regular file (a FIFO would block DALI's reader and the DataLoader forever);
+    an entry that is not is an ImgprepError, a missing one is left to the readers to report."""
     if list_file is not None:
         from .lists import read_list
 
+        require_regular(list_file)
         entries = read_list(list_file)
-        return [(str(root / p), int(label)) for p, label in zip(entries.paths, entries.labels)]
+        samples = [(str(root / p), int(label)) for p, label in zip(entries.paths, entries.labels)]
+        for path, _ in samples:
+            try:
+                kind = file_kind(os.stat(path).st_mode)
+            except OSError:
+                continue
+            if kind:
+                raise not_regular(path, kind)
+        return samples
     classes = sorted(d.name for d in root.iterdir() if d.is_dir())
     return [(str(path), label) for label, name in enumerate(classes)
             for path in sorted((root / name).rglob("*"))
@@ -140,8 +154,9 @@ class ImageFiles:
     def __getitem__(self, index: int):
         path, label = self.samples[index]
         try:
-            with open(path, "rb") as f:
-                img = Image.open(f).convert("RGB")
+            data = read_regular(path)  # a regular file only, even if the path changed since it was listed
+            with Image.open(io.BytesIO(data)) as img:
+                img = img.convert("RGB")
         except (OSError, ValueError) as e:  # what torchvision's loader would raise, with the file named
             raise ImgprepError(f"Pillow cannot read {path}: {e}") from None
         return self.transform(img), label

@@ -13,7 +13,8 @@ from .build import FAILURES, datum_shape, entry_key, list_order, read_failures
 from .codec import RecordError, decode_datum
 from .imageops import ImageFailure, decode_upright
 from .lists import read_list
-from .manifest import read_manifest, record_count, require_complete
+from .files import require_regular
+from .manifest import finish_hint, read_manifest, record_count, require_complete
 from .progress import Progress
 from .storage import Reader
 
@@ -61,7 +62,7 @@ class Inspection:
                        f"{ident.get('resize')}, {'encoded' if ident.get('encoded') else 'raw'}, "
                        f"shuffle {ident.get('shuffle')} seed {ident.get('seed')}")
             if m.get("state") != "complete":
-                out.append("WARNING: this build is not complete (partial or still being written)")
+                out.append(f"WARNING: this build is not complete (partial or still being written); {finish_hint(m)}")
             if self.reported:
                 out.append(f"failed at build, listed in {FAILURES} (not a database defect): {len(self.reported):,}")
         else:
@@ -132,8 +133,14 @@ def _made_by(manifest: dict) -> str:
 def inspect_db(path, list_path=None, verify: bool = False, show_progress: bool = True,
                allow_partial: bool = False) -> Inspection:
     """Describes the database at `path`; with `list_path`, checks that every entry is in it under its
-    key with its label; with `verify`, decodes every record. Long checks show progress on stderr."""
+    key with its label; with `verify`, decodes every record. Long checks show progress on stderr. An
+    incomplete imgprep build is refused unless `allow_partial`."""
     path = Path(path)
+    if list_path is not None:
+        try:
+            require_regular(list_path)  # before the pass over the database; a FIFO would block after it
+        except FileNotFoundError:
+            raise ImgprepError(f"list {list_path} does not exist") from None
     result = Inspection(path, manifest=read_manifest(path), verified=verify)
     require_complete(path, result.manifest, allow_partial)
     checking = verify or list_path is not None

@@ -18,6 +18,7 @@ import re
 from pathlib import Path
 
 from . import ImgprepError
+from .files import file_kind, link_refused, not_regular, open_regular, read_regular
 
 MANIFEST = "imgprep-build.json"
 FAILURES = "imgprep-failures.tsv"
@@ -70,10 +71,13 @@ def check_manifest(out: Path, manifest) -> dict:
 
 
 def read_manifest(out: Path) -> dict | None:
-    """OUT's manifest (validated), or None where there is none."""
+    """OUT's manifest (validated), or None where there is none. Every reader and writer of a
+    database folder reads it first, so this is where a folder whose database or imgprep files are
+    not all regular files is refused (refuse_special_files)."""
     out = Path(out)
+    refuse_special_files(out)
     try:
-        text = (out / MANIFEST).read_text()
+        text = read_regular(out / MANIFEST).decode()
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as e:
@@ -85,11 +89,6 @@ def read_manifest(out: Path) -> dict | None:
     return check_manifest(out, manifest)
 
 
-def _link_refused(path) -> ImgprepError:
-    return ImgprepError(f"{path} is a symbolic link; imgprep writes only files it made there. "
-                        "Remove the link, then run the command again")
-
-
 def open_own(path: Path, append: bool = False):
     """Opens a file imgprep makes in OUT for writing (text, bytes kept as written), never through a
     symbolic link someone else put there."""
@@ -98,7 +97,7 @@ def open_own(path: Path, append: bool = False):
         fd = os.open(path, flags, 0o666)
     except OSError as e:
         if e.errno == errno.ELOOP:
-            raise _link_refused(path) from None
+            raise link_refused(path) from None
         raise ImgprepError(f"cannot write {path}: {e.strerror}") from None
     return open(fd, "a" if append else "w", encoding="utf-8", errors="surrogateescape")
 
@@ -141,7 +140,7 @@ class OutputLock:
             if self.fd is not None:
                 os.close(self.fd)
             if e.errno == errno.ELOOP:
-                raise _link_refused(self.path) from None
+                raise link_refused(self.path) from None
             raise ImgprepError(f"cannot write to {self.path.parent}: {e.strerror}") from None
         return self
 
@@ -157,13 +156,13 @@ def database_kind(path: Path) -> str | None:
     meta-page magic, LevelDB's CURRENT naming an existing MANIFEST file), else None."""
     path = Path(path)
     try:
-        with open(path / "data.mdb", "rb") as f:
+        with open_regular(path / "data.mdb") as f:
             if f.read(20)[16:20] == LMDB_MAGIC:
                 return "lmdb"
     except OSError:
         pass
     try:
-        current = (path / "CURRENT").read_text(errors="replace")
+        current = read_regular(path / "CURRENT").decode(errors="replace")
     except OSError:
         return None
     name = current.rstrip("\n")
@@ -180,6 +179,27 @@ def _database_files(path: Path, kind: str | None) -> list[Path]:
     return []
 
 
+def refuse_special_files(path: Path) -> None:
+    """Refuses a folder in which a database's or imgprep's file is not a regular file (links
+    followed): LMDB, LevelDB and imgprep would block on a FIFO there forever. Folder entries are
+    typed by the directory listing, so a LevelDB of 100,000 table files costs no stat each."""
+    try:
+        entries = list(os.scandir(path))
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    for entry in entries:
+        name = entry.name
+        if not (name in OWN_FILES or name in LMDB_FILES or LEVELDB_FILE.fullmatch(name)):
+            continue
+        try:
+            if entry.is_file():
+                continue
+            kind = file_kind(os.stat(entry.path).st_mode)
+        except FileNotFoundError:  # a dangling link: as absent as a missing file
+            continue
+        raise not_regular(Path(path) / name, kind)
+
+
 def contents(out: Path) -> list[str]:
     """What OUT holds besides imgprep's lock (a folder holding only the lock is empty to imgprep)."""
     try:
@@ -194,7 +214,7 @@ def refuse_links(out: Path) -> None:
     names = [*OWN_FILES, *LMDB_FILES, "CURRENT"] + [p.name for p in _database_files(out, kind)]
     for name in names:
         if os.path.islink(out / name):
-            raise _link_refused(out / name)
+            raise link_refused(out / name)
 
 
 def clear_output(out: Path) -> list[str]:
@@ -219,12 +239,23 @@ def require_complete(path, manifest: dict | None, allow_partial: bool) -> None:
     an imgprep manifest (built by Caffe, say) cannot be judged and is accepted."""
     if manifest is None or manifest["state"] == "complete" or allow_partial:
         return
-    if manifest["state"] == "partial":
-        hint = "it was merged from incomplete parts: finish the parts with --resume and merge again"
-    else:
-        hint = "finish it by running the same build-lmdb command with --resume"
-    raise ImgprepError(f"{path} is an incomplete build (state {manifest['state']!r}); {hint}, "
+    raise ImgprepError(f"{path} is an incomplete build (state {manifest['state']!r}); {finish_hint(manifest)}, "
                        "or pass --allow-partial (allow_partial=True from Python) to use the records it holds")
+
+
+def made_by_merge(manifest: dict) -> bool:
+    """Whether `merge` wrote this output (its manifest names the parts)."""
+    return "merged_from" in manifest
+
+
+def finish_hint(manifest: dict) -> str:
+    """How to finish an incomplete output, read from what made it: the one hint every command and
+    the loader give. A merge is finished by merge (build-lmdb --resume refuses its output)."""
+    if manifest["state"] == "partial":
+        return "it was merged from incomplete parts: finish the parts with build-lmdb --resume, then merge again"
+    if made_by_merge(manifest):
+        return "it is a merge that stopped: finish it by running the same merge command again"
+    return "finish it by running the same build-lmdb command with --resume"
 
 
 def record_count(reader, manifest: dict | None) -> int:
@@ -234,21 +265,3 @@ def record_count(reader, manifest: dict | None) -> int:
             and isinstance(manifest.get("records"), int):
         return manifest["records"]
     return len(reader)
-
-
-def refuse_overlaps(inputs: list[Path], outputs: list[Path], what: str) -> None:
-    """Refuses an input named twice and an output that is, or lies inside, an input database (writing
-    it would destroy the input) or that holds an input."""
-    seen = {}
-    for path in inputs:
-        real = os.path.realpath(path)
-        if real in seen:
-            also = "" if str(seen[real]) == str(path) else f" (as {seen[real]} and {path})"
-            raise ImgprepError(f"the {what} {path} is given twice{also}; each {what} counts once")
-        seen[real] = path
-    for out in outputs:
-        real_out = os.path.realpath(out)
-        for real, path in seen.items():
-            if os.path.commonpath([real_out, real]) in (real, real_out):
-                raise ImgprepError(f"output {out} is, holds or lies inside the {what} {path}, which writing it "
-                                   f"would destroy; write it outside every {what}")

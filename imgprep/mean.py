@@ -31,7 +31,8 @@ from .build import datum_shape
 from .codec import RecordError, decode_blob, decode_datum, encode_blob, is_plain_raw_tail, raw_datum_prefix
 from .imageops import (ImageFailure, ImageSpec, ResizePolicy, bgr_chw_to_rgb_hwc, center_crop,
                        decode_upright, to_bgr_chw)
-from .manifest import read_manifest, record_count, refuse_overlaps, require_complete
+from .files import check_output_file, read_regular, refuse_overlaps, write_atomic
+from .manifest import read_manifest, record_count, require_complete
 from .parallel import ordered_map, resolve_jobs
 from .progress import Progress
 from .storage import Reader, detect_backend
@@ -286,12 +287,7 @@ def compute_mean(db, transform: MeanTransform = MeanTransform(), jobs: int | Non
                     count += n
                     progress.update(n)
         except SizeMismatch as e:
-            c, h, w = shape
-            raise ImgprepError(
-                f"records differ in size: {first_key.decode(errors='replace')} is {w}x{h}x{c}, "
-                f"{e.key.decode(errors='replace')} is {e.shape[2]}x{e.shape[1]}x{e.shape[0]}. Caffe's "
-                "compute_image_mean refuses this too; pass --crop 224 for a crop-sized mean (as caffe-pro's) "
-                "or --resize squash:256x256 for a stored-size one") from None
+            raise ImgprepError(mismatch_message(first_key, shape, e.key, e.shape, transform)) from None
     result = MeanResult(sums, count)
     bgr = ", ".join(f"{v:.3f}" for v in result.channel_means_bgr)
     progress.finish(f"compute-mean: {count:,} records of {shape[2]}x{shape[1]}x{shape[0]} in "
@@ -299,9 +295,28 @@ def compute_mean(db, transform: MeanTransform = MeanTransform(), jobs: int | Non
     return result
 
 
+def mismatch_message(first_key: bytes, shape, key: bytes, other, transform: MeanTransform) -> str:
+    """Two records of different (C, H, W): what differs, and the option that helps (if one does)."""
+    c, h, w = shape
+    text = (f"records differ in size: {first_key.decode(errors='replace')} is {w}x{h}x{c}, "
+            f"{key.decode(errors='replace')} is {other[2]}x{other[1]}x{other[0]}. Caffe's compute_image_mean "
+            "refuses this too; ")
+    if other[0] != c:  # no crop or resize changes the channel count
+        return text + ("their channel counts differ (grayscale beside color records), and one mean has one "
+                       "channel count: build the database with --gray for every record, or for none")
+    if transform.crop:  # center_crop refuses a smaller image, so a crop gives every record one size
+        return text + "pass --resize squash:WxH to give every record one size"
+    return text + ("pass --crop 224 for a crop-sized mean (as caffe-pro's) or --resize squash:256x256 for a "
+                   "stored-size one")
+
+
 def check_arguments(dbs, out, values_out=None) -> None:
-    """Before any work: each database counts once, and no output lands inside a database."""
-    refuse_overlaps([Path(db) for db in dbs], [Path(p) for p in (out, values_out) if p], "database")
+    """Before any work: each database counts once, no output lands inside a database, and every
+    output can be written (its folder exists and is writable; not a link, a folder or a FIFO)."""
+    outputs = [Path(p) for p in (out, values_out) if p]
+    refuse_overlaps([Path(db) for db in dbs], outputs, "database")
+    for path in outputs:
+        check_output_file(path)
 
 
 def combine(results: list[MeanResult]) -> MeanResult:
@@ -313,21 +328,23 @@ def combine(results: list[MeanResult]) -> MeanResult:
 
 
 def write_mean(result: MeanResult, path, values_out=None) -> None:
-    Path(path).write_bytes(encode_blob(result.mean.astype(np.float32)))
+    """Writes the mean as a `.binaryproto` at `path` and, with `values_out`, the per-channel means
+    (JSON if the name ends in .json, else text); each file atomically (files.write_atomic)."""
+    write_atomic(path, encode_blob(result.mean.astype(np.float32)))
     if values_out:
         values = result.values()
         if str(values_out).endswith(".json"):
-            Path(values_out).write_text(json.dumps(values, indent=2) + "\n")
+            text = json.dumps(values, indent=2) + "\n"
         else:
-            Path(values_out).write_text(
-                f"count {values['count']}\nbgr {' '.join(f'{v:.6f}' for v in values['bgr'])}\n"
-                f"rgb {' '.join(f'{v:.6f}' for v in values['rgb'])}\n")
+            text = (f"count {values['count']}\nbgr {' '.join(f'{v:.6f}' for v in values['bgr'])}\n"
+                    f"rgb {' '.join(f'{v:.6f}' for v in values['rgb'])}\n")
+        write_atomic(values_out, text.encode())
 
 
 def load_mean(path) -> np.ndarray:
     """A `.binaryproto` -> float32 (C, H, W) mean image, BGR planar (Caffe's layout)."""
     try:
-        data = Path(path).read_bytes()
+        data = read_regular(path)
     except OSError as e:
         raise ImgprepError(f"cannot read mean file {path}: {e.strerror}") from None
     try:

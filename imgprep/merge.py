@@ -1,6 +1,7 @@
 """`merge`: the parts of a sharded build (`--num-shards K --shard-index i`) -> one database equal,
 record for record, to a single build. Parts hold contiguous, globally keyed ranges, so merging is
-an ordered append."""
+an ordered append. A merge that stopped is finished by the same merge command (it starts over);
+its manifest names the parts, and build-lmdb --resume refuses it."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ import time
 from pathlib import Path
 
 from . import ImgprepError
-from .manifest import (FAILURES, MANIFEST_FORMAT, OutputLock, clear_output, contents, open_own, read_manifest,
-                       refuse_links, refuse_overlaps, require_complete, write_manifest)
+from .files import read_regular, refuse_overlaps
+from .manifest import (FAILURES, MANIFEST_FORMAT, OutputLock, clear_output, contents, made_by_merge, open_own,
+                       read_manifest, refuse_links, require_complete, write_manifest)
 from .progress import Progress
 from .storage import Reader, open_writer
 
@@ -50,7 +52,7 @@ def _replaceable(out: Path, overwrite: bool) -> None:
     refuse_links(out)
     if not overwrite:
         manifest = read_manifest(out)
-        if manifest is None or "merged_from" not in manifest or manifest["state"] != "building":
+        if manifest is None or not made_by_merge(manifest) or manifest["state"] != "building":
             raise ImgprepError(f"{out} exists; pass --overwrite to replace it")
     clear_output(out)
 
@@ -93,7 +95,7 @@ def _merge_locked(described, out: Path, identity: dict, complete: bool, show_pro
                 if batch:
                     writer.put_batch(batch)
                     progress.update(len(batch))
-            failures.append((part / FAILURES).read_text(encoding="utf-8", errors="surrogateescape"))
+            failures.append(read_regular(part / FAILURES).decode("utf-8", "surrogateescape"))
             for reason, n in part_manifest.get("failure_reasons", {}).items():
                 reasons[reason] = reasons.get(reason, 0) + n
     finally:

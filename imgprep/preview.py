@@ -10,6 +10,7 @@ epochs, for "center" its crop, for "ten-crop" its ten views.
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from . import ImgprepError
 from .codec import decode_datum
+from .files import check_output_file, write_atomic
 from .imageops import decode_to_rgb
 from .lists import SYNSET_WORDS_FILE, load_synset_words, load_synsets
 from .storage import Reader, detect_backend
@@ -141,10 +143,9 @@ def write_preview(db, out, policy=None, train: bool = True, count: int = 8, seed
     from .policies import parse_policy, policy as make_policy
 
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise ImgprepError(f"{out} exists; pass --overwrite to replace it")
     if out.suffix.lower() != ".png":
         raise ImgprepError(f"{out}: the contact sheet is a PNG; name it ....png")
+    check_output_file(out, overwrite)  # before any work: never a link, never replaced without --overwrite
     chosen = make_policy(policy) if isinstance(policy, str) else parse_policy(policy, train)
     info = database_info(db, allow_partial)
     count = max(1, min(count, info.records))
@@ -157,8 +158,7 @@ def write_preview(db, out, policy=None, train: bool = True, count: int = 8, seed
         rows.append((rgb, f"{label}: {name} [{rgb.shape[1]}x{rgb.shape[0]}]", record_views))
     what = "3 epochs' draws" if chosen.train else ("10 views" if chosen.views > 1 else "the crop")
     title = f"{Path(db).name}: first {count} records, then the {chosen.name!r} policy ({what}, seed {seed})"
-    try:
-        contact_sheet(rows, title, tile).save(out, "PNG")
-    except OSError as e:
-        raise ImgprepError(f"cannot write {out}: {e.strerror or e}") from None
+    png = io.BytesIO()
+    contact_sheet(rows, title, tile).save(png, "PNG")
+    write_atomic(out, png.getvalue())
     return out

@@ -3,8 +3,10 @@ also be an uncompressed tar (nested tars included), whose members land where unp
 
 Relative paths are kept. An output newer than its source, made with the same options, is
 up to date and skipped, so an interrupted run is resumed by running it again. Outputs are
-written to a temporary name and renamed, so none is ever half-written. Nothing is written
-through a symbolic link inside DST: an output whose folder or file is a link is a failure.
+written to a temporary name and renamed (files.write_atomic), so none is ever half-written.
+Nothing is written through a symbolic link inside DST: an output whose folder or file is a link is
+a failure. DST may not be SRC, lie inside it or hold it (compared by identity: files.refuse_overlaps),
+and a SRC without images is an error, not an empty success.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 
 from . import ImgprepError
 from .build import Failure, crashed_failure
+from .files import read_regular, refuse_overlaps, write_atomic
 from .imageops import ImageFailure, ImageSpec, process_image
 from .lists import is_image_name
 from .parallel import chunked, ordered_map, resolve_jobs
@@ -101,21 +104,6 @@ def output_path(dst: Path, rel: str, made: set) -> Path:
     return target
 
 
-def write_output(target: Path, data: bytes) -> None:
-    """Writes `target` through a temporary file and a rename, which replaces a link at `target`
-    rather than writing through it."""
-    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-    try:
-        fd = os.open(tmp, flags, 0o644)
-    except FileExistsError:  # left by a killed run of a process with the same id
-        os.unlink(tmp)
-        fd = os.open(tmp, flags, 0o644)
-    with open(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, target)
-
-
 def resize_chunk(chunk, source, dst: Path, spec: ImageSpec):
     results = []
     made: set = set()
@@ -123,7 +111,7 @@ def resize_chunk(chunk, source, dst: Path, spec: ImageSpec):
         target = dst / rel
         try:
             image = process_image(source.read(rel), spec, name=source.describe(rel))
-            write_output(output_path(dst, rel, made), image.data)
+            write_atomic(output_path(dst, rel, made), image.data, sync=False)  # one fsync per image would halve the rate
             results.append((rel, None))
         except ImageFailure as e:
             results.append((rel, Failure(0, rel, e.reason, e.detail)))
@@ -146,32 +134,36 @@ def resize_tree(src, dst, spec: ImageSpec, jobs: int | None = None, overwrite: b
                 scheduler: str | None = None, show_progress: bool = True) -> ResizeReport:
     """Resizes every image under SRC (a folder, or an uncompressed tar: see archives.py) into DST."""
     src, dst = Path(src), Path(dst)
-    if dst.resolve() == src.resolve() or src.resolve() in dst.resolve().parents:
-        raise ImgprepError("DST must not be SRC or lie inside it")
+    refuse_overlaps([src], [dst], "source")
     source = open_source(src, show_progress=show_progress)
     spec = dataclasses.replace(spec, encoded=True)
     identity = {"resize": str(spec.resize), "quality": spec.quality, "gray": spec.gray,
                 "max_aspect": spec.max_aspect}
     manifest_path = dst / MANIFEST
     try:
-        dst.mkdir(parents=True, exist_ok=True)
-        if manifest_path.exists() and not overwrite:
-            try:
-                previous = json.loads(manifest_path.read_text())
-            except ValueError:
-                raise ImgprepError(f"{manifest_path} is not resize's JSON record; remove it or choose "
-                                   "another DST") from None
-            if previous != identity:
-                raise ImgprepError(f"{dst} was made with {previous}; pass --overwrite to redo it with {identity}")
-        write_output(manifest_path, json.dumps(identity).encode())
+        previous = None if overwrite else json.loads(read_regular(manifest_path))
+    except FileNotFoundError:
+        previous = None
+    except ValueError:
+        raise ImgprepError(f"{manifest_path} is not resize's JSON record; remove it or choose another DST") from None
     except OSError as e:
-        raise ImgprepError(f"cannot write to {dst}: {e.strerror or e}") from None
+        raise ImgprepError(f"cannot read {manifest_path}: {e.strerror or e}") from None
+    if previous is not None and previous != identity:
+        raise ImgprepError(f"{dst} was made with {previous}; pass --overwrite to redo it with {identity}")
     if isinstance(source, TreeSource):
         images, others = walk_images(src)
     else:
         members = source.members()
         images = [rel for rel in members if is_image_name(rel)]
         others = len(members) - len(images)
+    if not images:
+        raise ImgprepError(f"SRC {src} holds no images ({others:,} other file{'' if others == 1 else 's'}); "
+                           "nothing to resize. Is it the folder (or tar) of the images?")
+    try:
+        dst.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ImgprepError(f"cannot write to {dst}: {e.strerror or e}") from None
+    write_atomic(manifest_path, json.dumps(identity).encode())
     report = ResizeReport(dst, total=len(images), skipped_files=others)
     todo = images if overwrite else [r for r in images if not _is_up_to_date(source, dst, r)]
     report.up_to_date = len(images) - len(todo)
@@ -186,10 +178,7 @@ def resize_tree(src, dst, spec: ImageSpec, jobs: int | None = None, overwrite: b
                 report.written += 1
             progress.update(1, failures=int(failure is not None))
     lines = "".join(x.line().split("\t", 1)[1] for x in report.failures)  # path, reason, detail
-    try:
-        write_output(dst / FAILURES, lines.encode("utf-8", "surrogateescape"))
-    except OSError as e:
-        raise ImgprepError(f"cannot write {dst / FAILURES}: {e.strerror or e}") from None
+    write_atomic(dst / FAILURES, lines.encode("utf-8", "surrogateescape"))
     report.seconds = progress.elapsed
     progress.finish(report.summary())
     return report

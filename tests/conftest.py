@@ -2,6 +2,7 @@ import os
 import shutil
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -107,3 +108,22 @@ def index_labelled_dbs(sample_tree, base, kinds, limit=None, jobs=2, seed=11):
         build_database(listing, sample_tree.root / "train", base / name, options, show_progress=False)
         made[name] = base / name
     return made
+
+
+@contextmanager
+def folder_alias(folder, alias, kind):
+    """`alias` made a second name of `folder`: a "bind mount" (what a second NFS mount of one export
+    looks like; it needs root, so the test skips, saying so, where mounting is not allowed) or a
+    "symbolic link"."""
+    if kind == "symbolic link":
+        alias.symlink_to(folder)
+        yield alias
+        return
+    alias.mkdir()
+    mounted = subprocess.run(["mount", "--bind", str(folder), str(alias)], capture_output=True, text=True)
+    if mounted.returncode:
+        pytest.skip(f"mount --bind is not allowed here (it needs root): {mounted.stderr.strip()}")
+    try:
+        yield alias
+    finally:
+        subprocess.run(["umount", "-l", str(alias)], check=True)

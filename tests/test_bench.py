@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 
 import pytest
 
@@ -39,7 +40,7 @@ def test_bench_loader_runs_on_cpu_with_its_peers(sample_tree, val_db):
 
 def peer_rows(*args):
     rows = json.loads(run_cli("bench-loader", *args, "--batch", "8", "--seconds", "0.2", "--threads", "2",
-                              "--json").stdout)
+                              "--json", timeout=300).stdout)
     return {row["source"]: row for row in rows}
 
 
@@ -139,3 +140,19 @@ def test_bench_loader_ignores_torchrun_variables_and_takes_allow_partial(val_db,
     assert_clean_error(run_cli("bench-loader", partial, *args, check=False), "incomplete build", "--allow-partial")
     rows = json.loads(run_cli("bench-loader", partial, *args, "--allow-partial").stdout)
     assert all(row["images_per_s"] > 0 for row in rows), rows  # the loader, the decode ceiling, CaffeDataset
+
+
+def test_a_fifo_in_the_compare_list_is_named_never_waited_on(sample_tree, val_db, tmp_path):
+    originals = tmp_path / "originals" / "n01440764"
+    originals.mkdir(parents=True)
+    for i, image in enumerate(sorted((sample_tree.root / "val").glob("*.JPEG"))[:8]):
+        shutil.copy(image, originals / f"x{i}.JPEG")
+    os.mkfifo(originals / "pipe.JPEG")  # a reader opening it would wait for a writer forever
+    listing = tmp_path / "list.txt"
+    listing.write_text("".join(f"n01440764/x{i}.JPEG 0\n" for i in range(8)) + "n01440764/pipe.JPEG 0\n")
+    rows = peer_rows(val_db, "--compare", tmp_path / "originals", "--compare-list", listing, "--torch-workers", "0")
+    peers = [row for name, row in rows.items() if name.startswith(("DALI file reader", "torchvision"))]
+    assert len(peers) == 3
+    for row in peers:
+        assert row["images_per_s"] is None and f"{originals / 'pipe.JPEG'} is a FIFO" in row["note"], row
+    assert rows["imgprep loader (training policy, cpu)"]["images_per_s"] > 0

@@ -128,3 +128,10 @@ def test_inspect_of_a_merged_database_says_how_it_was_made(sample_tree, tmp_path
     text = run_cli("inspect", tmp_path / "merged").stdout
     assert f"merged by imgprep merge from 2 parts ({parts[0]}, {parts[1]}): state complete" in text
     assert "None" not in text
+
+
+def test_a_list_that_is_a_fifo_is_refused_before_the_pass_not_waited_on(sample_tree, tmp_path):
+    make_db(sample_tree, tmp_path / "db")
+    os.mkfifo(tmp_path / "list.txt")
+    result = run_cli("inspect", tmp_path / "db", "--list", tmp_path / "list.txt", check=False, timeout=60)
+    assert_clean_error(result, f"{tmp_path / 'list.txt'} is a FIFO, not a regular file")

@@ -163,3 +163,36 @@ def test_leveldb_record_count_comes_from_a_complete_builds_manifest(sample_tree,
         assert record_count(reader, dict(manifest, records=10**9)) == 10**9  # not walked
         assert record_count(reader, dict(manifest, state="building")) == walked
 
+
+
+def test_a_root_holding_none_of_the_entries_is_refused_before_anything_is_written(sample_tree, tmp_path):
+    first = (sample_tree.lists / "train.txt").read_text().split("\n", 1)[0].rsplit(" ", 1)[0]
+    wrong = sample_tree.root / "val"  # the other split's folder: none of train.txt's paths is there
+    result = cli_build(sample_tree, tmp_path / "db", root=wrong)
+    assert_clean_error(result, f"is in ROOT {wrong}", f"{wrong / first} does not exist", "--keep-going")
+    assert not (tmp_path / "db").exists()
+    kept = cli_build(sample_tree, tmp_path / "db", "--keep-going", root=wrong)
+    assert kept.returncode == 3
+    manifest = json.loads((tmp_path / "db" / MANIFEST).read_text())
+    assert manifest["records"] == 0 and manifest["failure_reasons"] == {"missing": manifest["failures"]}
+    # one entry there among missing ones (spread over the list, not only its head) is enough to build
+    lst = tmp_path / "list.txt"
+    lst.write_text("".join(f"n01440764/gone{i}.JPEG 0\n" for i in range(5)) + f"{first} 0\n")
+    partly = cli_build(sample_tree, tmp_path / "partly", list_file=lst)
+    assert partly.returncode == 3, partly.stderr
+    assert len(db_records(tmp_path / "partly")) == 1
+
+
+def test_a_fifo_where_imgprep_reads_its_own_files_is_refused_not_waited_on(sample_tree, tmp_path):
+    out = tmp_path / "db"
+    make_partial(sample_tree, out)
+    for name in (FAILURES, "data.mdb", MANIFEST):
+        os.rename(out / name, tmp_path / name)
+        os.mkfifo(out / name)
+        for command in (["build-lmdb", sample_tree.lists / "train.txt", sample_tree.root / "train", out, *TINY,
+                         "--resume"], ["inspect", out, "--allow-partial"]):
+            result = run_cli(*command, check=False, timeout=60)
+            assert_clean_error(result, f"{out / name} is a FIFO, not a regular file")
+        os.unlink(out / name)
+        os.rename(tmp_path / name, out / name)
+    assert cli_build(sample_tree, out, "--resume").returncode == 3

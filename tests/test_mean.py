@@ -1,10 +1,14 @@
 import json
+import os
+import resource
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
-from conftest import assert_clean_error, db_records, run_cli
+from conftest import IMGPREP, assert_clean_error, db_records, folder_alias, run_cli
 from imgprep import ImgprepError
 from imgprep.build import MANIFEST, BuildOptions, build_database
 from imgprep.codec import encode_datum, raw_datum_prefix
@@ -222,3 +226,92 @@ def test_a_truncated_record_after_a_bare_one_is_a_clear_error(tmp_path):
     _write(tmp_path / "db", "lmdb", [(b"00000000_a", bare), (b"00000001_b", bare[:-1])])
     with pytest.raises(ImgprepError, match="00000001_b"):
         compute_mean(tmp_path / "db", jobs=1, show_progress=False)
+
+
+@pytest.mark.parametrize("kind", ["bind mount", "symbolic link"])
+def test_every_overlap_is_found_whatever_name_a_database_goes_by(dbs, tmp_path, kind):
+    db = tmp_path / "db"
+    shutil.copytree(dbs["raw"], db)
+    before = db_records(db)
+    mean = tmp_path / "m.binaryproto"
+    with folder_alias(db, tmp_path / "alias", kind) as alias:
+        assert_clean_error(run_cli("compute-mean", db, alias / "data.mdb", check=False), "lies inside the database")
+        assert_clean_error(run_cli("compute-mean", db, alias, mean, check=False), "given twice", str(alias))
+        assert_clean_error(run_cli("compute-mean", db, mean, "--values-out", alias / "v.json", check=False),
+                           "lies inside the database")
+    assert db_records(db) == before and not mean.exists()
+
+
+def test_a_hard_link_to_a_database_file_is_that_file(dbs, tmp_path):
+    db = tmp_path / "db"
+    shutil.copytree(dbs["raw"], db)
+    before = db_records(db)
+    os.link(db / "data.mdb", tmp_path / "linked.mdb")
+    assert_clean_error(run_cli("compute-mean", db, tmp_path / "linked.mdb", check=False), "is a file of the database")
+    assert_clean_error(run_cli("compute-mean", db, tmp_path / "m.binaryproto", "--values-out", tmp_path / "linked.mdb",
+                               check=False), "is a file of the database")
+    assert_clean_error(run_cli("compute-mean", db, tmp_path / "m.binaryproto", "--values-out",
+                               tmp_path / "m.binaryproto", check=False), "are the same file")
+    assert db_records(db) == before and not (tmp_path / "m.binaryproto").exists()
+
+
+def test_the_mean_is_written_atomically_and_never_through_a_link(dbs, tmp_path):
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    (tmp_path / "m.binaryproto").symlink_to(victim)
+    (tmp_path / "dangling.binaryproto").symlink_to(tmp_path / "made-through-the-link")
+    for args in ([tmp_path / "m.binaryproto"], [tmp_path / "dangling.binaryproto"],
+                 [tmp_path / "ok.binaryproto", "--values-out", tmp_path / "m.binaryproto"]):
+        assert_clean_error(run_cli("compute-mean", dbs["raw"], *args, check=False), "symbolic link")
+    assert victim.read_text() == "precious" and not (tmp_path / "made-through-the-link").exists()
+    assert not (tmp_path / "ok.binaryproto").exists()
+
+    out = tmp_path / "mean.binaryproto"  # the write fails half-way (a file-size limit): the old mean stays whole
+    out.write_bytes(b"the previous mean")
+
+    def cap():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, 64 << 10))
+
+    result = subprocess.run([*IMGPREP, "compute-mean", str(dbs["raw"]), str(out), "--jobs", "1"], capture_output=True,
+                            text=True, preexec_fn=cap)
+    assert_clean_error(result, f"cannot write {out}: File too large")
+    assert out.read_bytes() == b"the previous mean"
+    assert sorted(os.listdir(tmp_path)) == ["dangling.binaryproto", "m.binaryproto", "mean.binaryproto", "victim"]
+    run_cli("compute-mean", dbs["raw"], out)
+    assert load_mean(out).shape == (3, 256, 256)
+
+
+def test_every_output_is_checked_before_any_work(dbs, tmp_path):
+    out = tmp_path / "m.binaryproto"
+    for args in ([out, "--values-out", tmp_path / "absent" / "v.json"], [tmp_path / "absent" / "m.binaryproto"]):
+        result = run_cli("compute-mean", dbs["raw"], *args, check=False)
+        assert_clean_error(result, f"the folder {tmp_path / 'absent'} does not exist")
+        assert "compute-mean:" not in result.stderr  # no pass over the records was made
+    assert not out.exists()
+    os.mkfifo(tmp_path / "fifo.json")
+    assert_clean_error(run_cli("compute-mean", dbs["raw"], out, "--values-out", tmp_path / "fifo.json", check=False,
+                               timeout=60), "is a FIFO")
+    assert not out.exists()
+
+
+def test_a_channel_mismatch_is_named_and_never_answered_with_crop(tmp_path):
+    _write(tmp_path / "db", "lmdb", [(b"00000000_a", encode_datum(bytes(3 * 64), 0, 3, 8, 8, False)),
+                                     (b"00000001_b", encode_datum(bytes(64), 0, 1, 8, 8, False))])
+    for transform in (MeanTransform(crop=4), MeanTransform(parse_resize("squash:8x8")), MeanTransform()):
+        with pytest.raises(ImgprepError, match="channel counts differ") as error:
+            compute_mean(tmp_path / "db", transform, jobs=1, show_progress=False)
+        assert "--crop" not in str(error.value) and "--gray" in str(error.value)
+
+
+def test_a_fifo_where_a_file_is_read_is_refused_not_waited_on(dbs, tmp_path):
+    db = tmp_path / "db"
+    shutil.copytree(dbs["raw"], db)
+    (db / MANIFEST).unlink()
+    os.mkfifo(db / MANIFEST)
+    assert_clean_error(run_cli("compute-mean", db, tmp_path / "m.binaryproto", check=False, timeout=60),
+                       f"{db / MANIFEST} is a FIFO, not a regular file")
+    os.mkfifo(tmp_path / "mean.binaryproto")  # a mean file for the loader or the Dataset
+    loaded = subprocess.run([sys.executable, "-c", "import sys; from imgprep.mean import load_mean; "
+                             "load_mean(sys.argv[1])", str(tmp_path / "mean.binaryproto")],
+                            capture_output=True, text=True, timeout=60)
+    assert loaded.returncode == 1 and "is a FIFO, not a regular file" in loaded.stderr, loaded.stderr

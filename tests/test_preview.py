@@ -1,3 +1,5 @@
+import os
+
 import numpy as np
 from PIL import Image
 
@@ -82,3 +84,25 @@ def test_preview_of_an_incomplete_build_needs_allow_partial(sample_tree, tmp_pat
     assert_clean_error(run_cli("preview", db, out, "--eval", check=False), "incomplete build", "--allow-partial")
     run_cli("preview", db, out, "--eval", "--count", "2", "--allow-partial")
     assert Image.open(out).size == (PAD + 2 * (160 + PAD), TITLE + 2 * (160 + CAPTION + PAD))
+
+
+def test_preview_never_writes_through_a_link_and_replaces_its_sheet_by_a_rename(tmp_path):
+    db = red_and_green_db(tmp_path / "db")
+    victim = tmp_path / "victim.png"
+    victim.write_bytes(b"precious")
+    (tmp_path / "sheet.png").symlink_to(victim)
+    (tmp_path / "dangling.png").symlink_to(tmp_path / "made-through-the-link.png")
+    for out, extra in ((tmp_path / "sheet.png", []), (tmp_path / "sheet.png", ["--overwrite"]),
+                       (tmp_path / "dangling.png", [])):
+        assert_clean_error(run_cli("preview", db, out, *extra, check=False), f"{out} is a symbolic link")
+    assert victim.read_bytes() == b"precious" and not (tmp_path / "made-through-the-link.png").exists()
+    out = tmp_path / "out.png"
+    run_cli("preview", db, out, "--tile", "64", "--count", "1")
+    os.link(out, tmp_path / "kept.png")  # a reader holding the old sheet keeps it whole
+    old = out.read_bytes()
+    run_cli("preview", db, out, "--tile", "64", "--overwrite")
+    assert (tmp_path / "kept.png").read_bytes() == old and out.read_bytes() != old
+    assert Image.open(out).size == (PAD + 4 * (64 + PAD), TITLE + 2 * (64 + CAPTION + PAD))
+    assert not [name for name in os.listdir(tmp_path) if ".tmp" in name]
+    assert_clean_error(run_cli("preview", db, tmp_path / "absent" / "x.png", check=False),
+                       f"the folder {tmp_path / 'absent'} does not exist")

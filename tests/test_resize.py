@@ -3,9 +3,10 @@ import os
 import signal
 import subprocess
 
+import pytest
 from PIL import Image
 
-from conftest import IMGPREP, assert_clean_error, loky_workers, run_cli, wait_for_progress
+from conftest import IMGPREP, assert_clean_error, folder_alias, loky_workers, run_cli, wait_for_progress
 from imgprep.imageops import ImageSpec, parse_resize
 from imgprep.resize import FAILURES, resize_tree, walk_images
 from imgprep.sample import ODDITY_OUTCOMES
@@ -129,3 +130,24 @@ def test_a_symlink_loop_in_src_is_walked_once(tmp_path):
     src = _small_tree(tmp_path / "src")
     (src / "a" / "loop").symlink_to(src)
     assert walk_images(src) == (["a/x.JPEG", "b/strip.JPEG", "b/x.JPEG"], 0)
+
+
+@pytest.mark.parametrize("kind", ["bind mount", "symbolic link"])
+def test_dst_inside_src_under_another_name_is_refused(tmp_path, kind):
+    src = _small_tree(tmp_path / "src")
+    before = sorted(p.relative_to(src) for p in src.rglob("*"))
+    with folder_alias(src, tmp_path / "alias", kind) as alias:
+        assert_clean_error(run_cli("resize", src, alias / "out", check=False), "lies inside the source")
+        assert_clean_error(run_cli("resize", alias, src, check=False), "is the source")
+    (tmp_path / "outer").mkdir()
+    (tmp_path / "outer" / "src").symlink_to(src)
+    assert_clean_error(run_cli("resize", tmp_path / "outer" / "src", tmp_path, check=False), "holds the source")
+    assert sorted(p.relative_to(src) for p in src.rglob("*")) == before
+
+
+def test_a_src_without_images_is_an_error_not_an_empty_success(tmp_path):
+    (tmp_path / "src" / "docs").mkdir(parents=True)
+    (tmp_path / "src" / "docs" / "README.txt").write_text("no images here")
+    assert_clean_error(run_cli("resize", tmp_path / "src", tmp_path / "dst", check=False),
+                       f"SRC {tmp_path / 'src'} holds no images (1 other file);")
+    assert not (tmp_path / "dst").exists()
