@@ -22,13 +22,13 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 from common import describe_jpegs, sample_tree, standard_args  # noqa: E402
 
-from imgprep.archives import index_archive  # noqa: E402
-from imgprep.build import BuildOptions, build_database  # noqa: E402
-from imgprep.imageops import ImageSpec, parse_resize  # noqa: E402
-from imgprep.listing import TRAIN_TAR  # noqa: E402
-from imgprep.parallel import resolve_jobs  # noqa: E402
-from imgprep.sample import write_download  # noqa: E402
-from imgprep.sources import open_source  # noqa: E402
+from imgprep.prepare.archives import index_archive  # noqa: E402
+from imgprep.prepare.build import BuildOptions, build_database  # noqa: E402
+from imgprep.formats.imageops import ImageSpec, parse_resize  # noqa: E402
+from imgprep.prepare.listing import TRAIN_TAR  # noqa: E402
+from imgprep.prepare.parallel import resolve_jobs  # noqa: E402
+from imgprep.prepare.sample import write_download  # noqa: E402
+from imgprep.prepare.sources import open_source  # noqa: E402
 
 
 def unpack(archive: Path, into: Path) -> float:

@@ -29,10 +29,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from common import caffe_tools, describe_jpegs, interleaved, sample_tree, standard_args, timing_table  # noqa: E402
 
-from imgprep.codec import encode_datum  # noqa: E402
-from imgprep.imageops import ImageSpec, parse_resize, process_image  # noqa: E402
-from imgprep.lists import read_list  # noqa: E402
-from imgprep.parallel import resolve_jobs  # noqa: E402
+from imgprep.formats.codec import encode_datum  # noqa: E402
+from imgprep.formats.imageops import ImageSpec, parse_resize, process_image  # noqa: E402
+from imgprep.formats.lists import read_list  # noqa: E402
+from imgprep.prepare.parallel import resolve_jobs  # noqa: E402
 
 IMGPREP = [sys.executable, "-m", "imgprep"]
 HERE = Path(__file__).resolve()

@@ -16,7 +16,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
 from caffe_proto import BlobProto, Datum  # noqa: E402
 
-from imgprep.codec import decode_blob, decode_datum, encode_blob, encode_datum  # noqa: E402
+from imgprep.formats.codec import decode_blob, decode_datum, encode_blob, encode_datum  # noqa: E402
 
 
 def best_us(fn, number: int) -> float:

@@ -22,10 +22,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from common import sample_tree, standard_args  # noqa: E402
 
-from imgprep.build import BuildOptions, build_database, image_spec  # noqa: E402
-from imgprep.imageops import ImageSpec  # noqa: E402
-from imgprep.lists import read_list  # noqa: E402
-from imgprep.parallel import resolve_jobs  # noqa: E402
+from imgprep.prepare.build import BuildOptions, build_database, image_spec  # noqa: E402
+from imgprep.formats.imageops import ImageSpec  # noqa: E402
+from imgprep.formats.lists import read_list  # noqa: E402
+from imgprep.prepare.parallel import resolve_jobs  # noqa: E402
 
 IMGPREP = [sys.executable, "-m", "imgprep"]
 

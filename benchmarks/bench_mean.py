@@ -20,10 +20,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from common import caffe_tools, interleaved, sample_tree, standard_args, timing_table  # noqa: E402
 
-from imgprep.build import BuildOptions, build_database  # noqa: E402
-from imgprep.imageops import ImageSpec, parse_resize  # noqa: E402
-from imgprep.parallel import resolve_jobs  # noqa: E402
-from imgprep.storage import Reader, open_writer  # noqa: E402
+from imgprep.prepare.build import BuildOptions, build_database  # noqa: E402
+from imgprep.formats.imageops import ImageSpec, parse_resize  # noqa: E402
+from imgprep.prepare.parallel import resolve_jobs  # noqa: E402
+from imgprep.formats.storage import Reader, open_writer  # noqa: E402
 
 IMGPREP = [sys.executable, "-m", "imgprep"]
 

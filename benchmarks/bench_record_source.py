@@ -20,12 +20,12 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 from common import sample_tree, standard_args, table  # noqa: E402
 
-from imgprep.build import BuildOptions, build_database  # noqa: E402
-from imgprep.imageops import ImageSpec, parse_resize  # noqa: E402
-from imgprep.loader import _Feed, _policy_params  # noqa: E402
-from imgprep.policies import policy  # noqa: E402
-from imgprep.order import EpochPlan  # noqa: E402
-from imgprep.records import RecordSource  # noqa: E402
+from imgprep.prepare.build import BuildOptions, build_database  # noqa: E402
+from imgprep.formats.imageops import ImageSpec, parse_resize  # noqa: E402
+from imgprep.loading.loader import _Feed, _policy_params  # noqa: E402
+from imgprep.loading.policies import policy  # noqa: E402
+from imgprep.formats.order import EpochPlan  # noqa: E402
+from imgprep.loading.records import RecordSource  # noqa: E402
 
 
 def rate(step, seconds: float) -> float:

@@ -12,11 +12,11 @@ from pathlib import Path
 
 from PIL import Image
 
-from imgprep.lists import make_lists
-from imgprep.sample import make_sample
+from imgprep.formats.lists import make_lists
+from imgprep.prepare.sample import make_sample
 
 
-GRAIN = 8.0  # ImageNet's file size and decoding cost (see imgprep.sample)
+GRAIN = 8.0  # ImageNet's file size and decoding cost (see imgprep.prepare.sample)
 
 
 def sample_tree(workdir: Path, images: int) -> tuple[Path, Path]:

@@ -16,9 +16,9 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from imgprep.codec import decode_datum
-from imgprep.loader import Loader
-from imgprep.storage import Reader
+from imgprep.formats.codec import decode_datum
+from imgprep.loading.loader import Loader
+from imgprep.formats.storage import Reader
 
 
 def tiny_net(num_classes: int) -> torch.nn.Module:

@@ -28,7 +28,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from imgprep.loader import Loader
+from imgprep.loading.loader import Loader
 
 
 def evaluate(model, loader, device) -> tuple[float, float]:

@@ -1,3 +1,3 @@
-from .cli import main
+from imgprep.cli import main
 
 main(prog_name="imgprep")

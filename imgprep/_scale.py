@@ -50,11 +50,11 @@ import json, resource, sys, time
 kind, args = sys.argv[1], json.loads(sys.argv[2])
 start = time.perf_counter()
 if kind == "parse":
-    from imgprep.lists import read_list
+    from imgprep.formats.lists import read_list
     n = len(read_list(args["list"]))
 else:
-    from imgprep.build import BuildOptions, build_database
-    from imgprep.imageops import ImageSpec, parse_resize
+    from imgprep.prepare.build import BuildOptions, build_database
+    from imgprep.formats.imageops import ImageSpec, parse_resize
     spec = ImageSpec(parse_resize("squash:16x16"), encoded=False)
     n = build_database(args["list"], args["root"], args["out"], BuildOptions(spec=spec, jobs=args["jobs"]),
                        overwrite=True, show_progress=False).records

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import click
 
-from . import ImgprepError, __version__
-from .build import PRESETS, image_spec
+from imgprep import ImgprepError, __version__
+from imgprep.prepare.build import PRESETS, image_spec
 
 EXIT_IMAGES_FAILED = 3
 
@@ -45,7 +45,7 @@ class Group(click.Group):
             click.echo(INTERRUPTED.get(ctx.invoked_subcommand, "Interrupted."), err=True)
             ctx.exit(130)
         except Exception as e:  # build-lmdb and resize survive a dying worker; anything else stops here
-            from .parallel import died_how, worker_died
+            from imgprep.prepare.parallel import died_how, worker_died
 
             if not worker_died(e):
                 raise
@@ -116,7 +116,7 @@ def doctor(clean_cache):
       imgprep doctor
       imgprep doctor --clean-cache
     """
-    from .env import cache_entries, cache_report, clean_cache as clean, describe
+    from imgprep.env import cache_entries, cache_report, clean_cache as clean, describe
 
     for name, value in describe().items():
         click.echo(f"{name:>14}: {value}")
@@ -158,7 +158,7 @@ def sample(out, classes, train_per_class, val_per_class, seed, oddities, grain, 
       imgprep sample work/bench --classes 20 --train-per-class 100 --grain 8
       imgprep sample work/download --archives
     """
-    from .sample import make_sample
+    from imgprep.prepare.sample import make_sample
 
     result = make_sample(out, classes, train_per_class, val_per_class, seed, oddities, grain, archives)
     click.echo(f"sample: {result.train} train and {result.val} val images in {len(result.wnids)} "
@@ -206,7 +206,7 @@ def make_lists_cmd(roots, out, synsets_file, derive_synsets, val_labels, val_id_
       imgprep make-lists /data/ILSVRC2012 --val-labels LOC_val_solution.csv --out lists/
       imgprep make-lists /data/flowers --derive-synsets --out lists/
     """
-    from .lists import make_lists
+    from imgprep.formats.lists import make_lists
 
     report = make_lists(list(roots), out, synsets_file, derive_synsets, val_labels, val_id_table)
     for warning in report.warnings:
@@ -252,7 +252,7 @@ def prepare_cmd(download, work, preset, backend, jobs, seed, overwrite):
       imgprep prepare ~/Downloads/imagenet /data/imagenet-caffe --preset caffe --backend leveldb
       imgprep sample work/download --archives && imgprep prepare work/download work/imagenet
     """
-    from .workflow import prepare, summary_lines
+    from imgprep.prepare.workflow import prepare, summary_lines
 
     report = prepare(download, work, preset, backend, jobs, seed, overwrite)
     for line in summary_lines(report):
@@ -287,7 +287,7 @@ def resize(src, dst, resize, quality, gray, max_aspect, jobs, overwrite, schedul
       imgprep resize /data/ILSVRC2012/train /data/train_sq --resize squash:256x256 --quality 95
       imgprep resize downloads/ILSVRC2012_img_train.tar /data/train256
     """
-    from .resize import resize_tree
+    from imgprep.prepare.resize import resize_tree
 
     report = resize_tree(src, dst, image_spec(None, resize, True, quality, gray, max_aspect), jobs,
                          overwrite, scheduler)
@@ -364,7 +364,7 @@ def build_lmdb(list_file, root, out, preset, backend, resize, encoded, quality, 
       imgprep build-lmdb train.txt /data/train train_lmdb --preset resnet --shuffle --resume
       imgprep build-lmdb train.txt downloads/ILSVRC2012_img_train.tar train_lmdb --preset resnet --shuffle
     """
-    from .build import BuildOptions, build_database, report_to_dict
+    from imgprep.prepare.build import BuildOptions, build_database, report_to_dict
 
     options = BuildOptions(backend=backend, spec=image_spec(preset, resize, encoded, quality, gray, max_aspect),
                            shuffle=shuffle, seed=seed, check_size=check_size, jobs=jobs,
@@ -412,8 +412,8 @@ def compute_mean_cmd(dbs, out, crop, resize, values_out, jobs, scheduler, allow_
       imgprep compute-mean train_resnet_lmdb mean224.binaryproto --crop 224 --values-out means.json
       imgprep compute-mean part0 part1 part2 part3 mean.binaryproto
     """
-    from .imageops import parse_resize
-    from .mean import MeanTransform, check_arguments, combine, compute_mean, write_mean
+    from imgprep.formats.imageops import parse_resize
+    from imgprep.prepare.mean import MeanTransform, check_arguments, combine, compute_mean, write_mean
 
     check_arguments(dbs, out, values_out)
     transform = MeanTransform(parse_resize(resize), crop)
@@ -443,7 +443,7 @@ def inspect_cmd(db, list_file, verify, allow_partial):
       imgprep inspect train_lmdb
       imgprep inspect train_lmdb --list train.txt --verify
     """
-    from .inspection import inspect_db
+    from imgprep.prepare.inspection import inspect_db
 
     result = inspect_db(db, list_file, verify, allow_partial=allow_partial)
     for line in result.lines():
@@ -498,8 +498,8 @@ def bench_loader_cmd(db, batch, threads, device, seconds, eval_policy, compare, 
       imgprep bench-loader train_lmdb --threads 6 --cpu-share 0.35 --cpu-threads 10
       imgprep bench-loader train_lmdb --policy all --seconds 5
     """
-    from .bench import bench_loader, format_table, rows_to_dicts
-    from .policies import EVAL_POLICIES, TRAIN_POLICIES
+    from imgprep.loading.bench import bench_loader, format_table, rows_to_dicts
+    from imgprep.loading.policies import EVAL_POLICIES, TRAIN_POLICIES
 
     names = None
     if policies:
@@ -542,7 +542,7 @@ def preview(db, out, policy, train, count, seed, words_file, tile, overwrite, al
       imgprep preview train_lmdb train.png --policy resnet
       imgprep preview val_lmdb val.png --policy ten-crop --count 4 --words lists/synset_words.txt
     """
-    from .preview import write_preview
+    from imgprep.loading.preview import write_preview
 
     written = write_preview(db, out, policy, train, count, seed, words_file, tile, overwrite, allow_partial)
     click.echo(f"preview: {written}")
@@ -561,7 +561,7 @@ def demo(workdir, seconds):
     Example:
       imgprep demo build/demo
     """
-    from .demo import run_demo
+    from imgprep.demo import run_demo
 
     run_demo(workdir, seconds)
 
@@ -590,6 +590,6 @@ def merge(parts, out, overwrite, allow_partial):
           --shuffle --num-shards 4 --shard-index $i & done; wait
       imgprep merge part0 part1 part2 part3 train_lmdb
     """
-    from .merge import merge_parts
+    from imgprep.prepare.merge import merge_parts
 
     merge_parts(parts, out, overwrite, allow_partial=allow_partial)

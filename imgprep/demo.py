@@ -8,15 +8,15 @@ from pathlib import Path
 
 import click
 
-from . import ImgprepError
-from .bench import bench_loader, format_table
-from .build import FAILURES, BuildOptions, build_database
-from .imageops import ImageSpec, parse_resize
-from .inspection import inspect_db
-from .lists import make_lists
-from .mean import MeanTransform, compute_mean, write_mean
-from .listing import TRAIN_TAR, VAL_TAR
-from .sample import make_sample, write_download
+from imgprep import ImgprepError
+from imgprep.loading.bench import bench_loader, format_table
+from imgprep.prepare.build import FAILURES, BuildOptions, build_database
+from imgprep.formats.imageops import ImageSpec, parse_resize
+from imgprep.prepare.inspection import inspect_db
+from imgprep.formats.lists import make_lists
+from imgprep.prepare.mean import MeanTransform, compute_mean, write_mean
+from imgprep.prepare.listing import TRAIN_TAR, VAL_TAR
+from imgprep.prepare.sample import make_sample, write_download
 
 # Marks a folder as a demo's own, which the next demo in it may delete.
 MARKER = "imgprep-demo.txt"

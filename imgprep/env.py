@@ -13,9 +13,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import __version__
-from .archives import cache_dir
-from .progress import format_bytes
+from imgprep import __version__
+from imgprep.prepare.archives import cache_dir
+from imgprep.prepare.progress import format_bytes
 
 
 PILLOW_SIMD = "pillow-simd"

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from imgprep.lists import make_lists
-from imgprep.sample import make_sample
+from imgprep.formats.lists import make_lists
+from imgprep.prepare.sample import make_sample
 
 IMGPREP = [sys.executable, "-m", "imgprep"]
 
@@ -51,7 +51,7 @@ def run_cli(*args, check=True, **kwargs):
 
 def db_records(path):
     """Every (key, value) of a database, in key order."""
-    from imgprep.storage import Reader
+    from imgprep.formats.storage import Reader
 
     with Reader(path) as reader:
         return list(reader.items())
@@ -94,8 +94,8 @@ def index_labelled_dbs(sample_tree, base, kinds, limit=None, jobs=2, seed=11):
     """Databases of the sample's plain train images (oddities left out), each labelled with its
     entry's index in the list, so a label names its record. `kinds`: (name, resize, encoded, backend).
     Returns {name: path, "count": N, "sources": {label: source image path}}."""
-    from imgprep.build import BuildOptions, build_database
-    from imgprep.imageops import ImageSpec, parse_resize
+    from imgprep.prepare.build import BuildOptions, build_database
+    from imgprep.formats.imageops import ImageSpec, parse_resize
 
     entries = [line.rsplit(" ", 1)[0] for line in (sample_tree.lists / "train.txt").read_text().splitlines()]
     good = [p for p in entries if p not in sample_tree.oddities][:limit]

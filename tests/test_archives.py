@@ -9,16 +9,16 @@ import pytest
 
 from conftest import assert_clean_error, db_records, run_cli
 from imgprep import ImgprepError
-from imgprep.archives import archive_key, index_path
-from imgprep.build import BuildOptions, build_database, read_failures
-from imgprep.imageops import ImageFailure, ImageSpec, parse_resize
-from imgprep.lists import SYNSETS_FILE, ilsvrc2012_count_warnings, load_synsets, make_lists
-from imgprep.listing import DEVKIT_TAR, TRAIN_TAR, VAL_TAR
-from imgprep.manifest import read_manifest
-from imgprep.merge import merge_parts
-from imgprep.resize import resize_tree
-from imgprep.sample import write_download
-from imgprep.sources import open_source
+from imgprep.prepare.archives import archive_key, index_path
+from imgprep.prepare.build import BuildOptions, build_database, read_failures
+from imgprep.formats.imageops import ImageFailure, ImageSpec, parse_resize
+from imgprep.formats.lists import SYNSETS_FILE, ilsvrc2012_count_warnings, load_synsets, make_lists
+from imgprep.prepare.listing import DEVKIT_TAR, TRAIN_TAR, VAL_TAR
+from imgprep.formats.manifest import read_manifest
+from imgprep.prepare.merge import merge_parts
+from imgprep.prepare.resize import resize_tree
+from imgprep.prepare.sample import write_download
+from imgprep.prepare.sources import open_source
 
 pytest.importorskip("scipy")
 RESNET = ImageSpec(parse_resize("shorter:256"), encoded=True, quality=90)
@@ -237,7 +237,7 @@ def test_a_member_that_would_leave_the_folder_is_refused_and_nothing_is_written_
 
 
 def test_resize_writes_only_plain_relative_paths_inside_dst(tmp_path):
-    from imgprep.resize import output_path
+    from imgprep.prepare.resize import output_path
 
     for rel in ("../x.JPEG", "a/../../x.JPEG", "a//x.JPEG", "./x.JPEG"):
         with pytest.raises(ImageFailure) as info:

@@ -5,9 +5,9 @@ import shutil
 import pytest
 
 from conftest import assert_clean_error, run_cli
-from imgprep.bench import BenchRow, format_table
-from imgprep.build import BuildOptions, build_database
-from imgprep.imageops import ImageSpec, parse_resize
+from imgprep.loading.bench import BenchRow, format_table
+from imgprep.prepare.build import BuildOptions, build_database
+from imgprep.formats.imageops import ImageSpec, parse_resize
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +87,7 @@ def test_the_torchvision_style_transforms_are_torchvisions():
     import numpy as np
     from PIL import Image
 
-    from imgprep.folder_peer import PillowTransform, center_box, random_box, random_resized_box, resize_shorter
+    from imgprep.loading.peers import PillowTransform, center_box, random_box, random_resized_box, resize_shorter
 
     assert resize_shorter(Image.new("RGB", (500, 375)), 256).size == (341, 256)  # int(256 * 500 / 375)
     assert resize_shorter(Image.new("RGB", (333, 500)), 256).size == (256, 384)
@@ -127,7 +127,7 @@ def test_bench_loader_ignores_torchrun_variables_and_takes_allow_partial(val_db,
     build is refused with the --allow-partial it offers."""
     import shutil
 
-    from imgprep.build import MANIFEST
+    from imgprep.prepare.build import MANIFEST
 
     args = ("--batch", "4", "--seconds", "0.2", "--threads", "1", "--torch-workers", "0", "--json")
     env = {**os.environ, "RANK": "abc", "WORLD_SIZE": "0"}

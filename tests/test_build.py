@@ -12,14 +12,14 @@ import pytest
 
 from caffe_proto import Datum
 from conftest import IMGPREP, assert_clean_error, db_records, loky_workers, run_cli, wait_for_progress
-from imgprep.build import FAILURES, MANIFEST, BuildOptions, build_database
-from imgprep.codec import decode_datum
-from imgprep.imageops import ImageSpec, decode_to_rgb, decode_upright, parse_resize, to_bgr_chw
-from imgprep.lists import read_list
-from imgprep.order import permutation
-from imgprep.parallel import SHM_DIR, area_prefix
-from imgprep.sample import ODDITY_OUTCOMES
-from imgprep.storage import open_writer
+from imgprep.prepare.build import FAILURES, MANIFEST, BuildOptions, build_database
+from imgprep.formats.codec import decode_datum
+from imgprep.formats.imageops import ImageSpec, decode_to_rgb, decode_upright, parse_resize, to_bgr_chw
+from imgprep.formats.lists import read_list
+from imgprep.formats.order import permutation
+from imgprep.prepare.parallel import SHM_DIR, area_prefix
+from imgprep.prepare.sample import ODDITY_OUTCOMES
+from imgprep.formats.storage import open_writer
 
 CAFFE = ImageSpec(parse_resize("squash:256x256"), encoded=False)
 RESNET = ImageSpec(parse_resize("shorter:256"), encoded=True)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from caffe_proto import BlobProto, Datum
-from imgprep.codec import RecordError, decode_blob, decode_datum, encode_blob, encode_datum
+from imgprep.formats.codec import RecordError, decode_blob, decode_datum, encode_blob, encode_datum
 
 RAW_256_HEADER = bytes.fromhex("08 03 10 80 02 18 80 02 22 80 80 0c")
 BLOB_HEADER = bytes.fromhex("08 01 10 03 18 80 02 20 80 02 2a 80 80 30")

@@ -12,12 +12,12 @@ from torch.utils.data import DataLoader, DistributedSampler  # noqa: E402
 
 from conftest import index_labelled_dbs
 from imgprep import ImgprepError  # noqa: E402
-from imgprep.build import MANIFEST  # noqa: E402
-from imgprep.codec import decode_datum, encode_blob, encode_datum  # noqa: E402
-from imgprep.dataset import CaffeDataset  # noqa: E402
-from imgprep.imageops import ImageSpec, decode_upright, parse_resize  # noqa: E402
-from imgprep.loader import IMAGENET_MEAN_RGB, IMAGENET_STD_RGB  # noqa: E402
-from imgprep.storage import Reader, open_writer  # noqa: E402
+from imgprep.prepare.build import MANIFEST  # noqa: E402
+from imgprep.formats.codec import decode_datum, encode_blob, encode_datum  # noqa: E402
+from imgprep.loading.dataset import CaffeDataset  # noqa: E402
+from imgprep.formats.imageops import ImageSpec, decode_upright, parse_resize  # noqa: E402
+from imgprep.loading.loader import IMAGENET_MEAN_RGB, IMAGENET_STD_RGB  # noqa: E402
+from imgprep.formats.storage import Reader, open_writer  # noqa: E402
 
 RECORDS = 40
 
@@ -87,7 +87,7 @@ def test_distributed_sampler_replicas_are_disjoint_and_complete(dbs):
 RANK_SCRIPT = """
 import json, os, sys
 from torch.utils.data import DataLoader, DistributedSampler
-from imgprep.dataset import CaffeDataset
+from imgprep.loading.dataset import CaffeDataset
 dataset = CaffeDataset(sys.argv[1])
 sampler = DistributedSampler(dataset, num_replicas=2, rank=int(os.environ["RANK"]), shuffle=True, seed=0)
 print(json.dumps([int(l) for _, labels in DataLoader(dataset, batch_size=8, sampler=sampler) for l in labels]))
@@ -262,7 +262,7 @@ def test_clear_errors(dbs, tmp_path):
 
 
 def test_draw_follows_its_documented_formula():
-    from imgprep.dataset import draw
+    from imgprep.loading.dataset import draw
 
     def mix(x):
         z = (x + 0x9E3779B97F4A7C15) % 2**64
@@ -270,7 +270,7 @@ def test_draw_follows_its_documented_formula():
         z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) % 2**64
         return z ^ (z >> 31)
 
-    # the loader's draws (imgprep.order.augmentation) at position = index
+    # the loader's draws (imgprep.formats.order.augmentation) at position = index
     for seed, epoch, index in ((0, 0, 0), (5, 2, 7), (2**40, 89, 1_281_166)):
         stream = mix((mix(seed) + epoch) % 2**64)
         u = [(mix((mix(stream ^ index) + lane + 1) % 2**64) >> 11) / 2**53 for lane in range(3)]
@@ -282,8 +282,8 @@ def test_inception_policy_resizes_the_drawn_window_of_the_stored_image(dbs):
     """RandomResizedCrop's window from `draws` at position = record index, resized to 224, mirrored by `draw`."""
     from PIL import Image
 
-    from imgprep.dataset import draw
-    from imgprep.draws import resized_crop_windows
+    from imgprep.loading.dataset import draw
+    from imgprep.loading.draws import resized_crop_windows
 
     stored = stored_rgb(dbs["raw"])
     dataset = CaffeDataset(dbs["raw"], train=True, normalize="none", seed=4, policy="inception")
@@ -310,7 +310,7 @@ def test_a_database_rebuilt_with_overwrite_is_read_anew_while_a_handle_on_the_ol
     afterwards reads the new database even where this process still holds the old one open, which keeps
     reading its own records (LevelDB, which allows one handle per process, says to close it first)."""
     from conftest import run_cli
-    from imgprep.loader import Loader
+    from imgprep.loading.loader import Loader
 
     db = tmp_path / "db"
     lists, root = sample_tree.lists, sample_tree.root
@@ -364,7 +364,7 @@ class ReadersOfEachItem(torch.utils.data.Dataset):
 def test_dataloader_workers_forked_after_the_parent_read_open_their_own_lmdb_handle(dbs):
     """LMDB forbids using an environment across fork: a worker forked after the main process read items
     opens its own, so its reads are registered under its own pid, and the main process reads on."""
-    from imgprep.records import RecordSource
+    from imgprep.loading.records import RecordSource
 
     dataset = CaffeDataset(dbs["raw"], train=False)
     dataset[0]  # the main process opens its handle
@@ -389,10 +389,10 @@ def test_dataloader_workers_forked_after_the_parent_read_open_their_own_lmdb_han
 
 
 def test_loader_and_dataset_check_their_shared_arguments_alike(dbs, tmp_path):
-    """One validation (imgprep.options) for both: the same ValueError naming the argument. On a grayscale
+    """One validation (imgprep.loading.options) for both: the same ValueError naming the argument. On a grayscale
     database the RGB default normalisation is refused by both, where the loader used to take the red mean."""
-    from imgprep.loader import Loader
-    from imgprep.options import OptionError
+    from imgprep.loading.loader import Loader
+    from imgprep.loading.options import OptionError
 
     gray = tmp_path / "gray"
     pixels = np.random.default_rng(0).integers(0, 256, (4, 1, 40, 40), dtype=np.uint8)

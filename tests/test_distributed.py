@@ -7,10 +7,10 @@ import subprocess
 import pytest
 
 from conftest import IMGPREP, wait_for_progress, db_records
-from imgprep.build import BuildOptions, build_database
-from imgprep.imageops import ImageSpec, parse_resize
-from imgprep.mean import compute_mean
-from imgprep.resize import resize_tree
+from imgprep.prepare.build import BuildOptions, build_database
+from imgprep.formats.imageops import ImageSpec, parse_resize
+from imgprep.prepare.mean import compute_mean
+from imgprep.prepare.resize import resize_tree
 
 distributed = pytest.importorskip("distributed")
 

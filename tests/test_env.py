@@ -44,7 +44,7 @@ def test_bench_pil_names_the_build_and_times_decode_and_resize(tmp_path):
     import subprocess
     from pathlib import Path
 
-    from imgprep.sample import make_sample
+    from imgprep.prepare.sample import make_sample
 
     make_sample(tmp_path / "sample", classes=2, train_per_class=2, val_per_class=1, seed=0)
     script = Path(__file__).parents[1] / "benchmarks" / "bench_pil.py"
@@ -61,8 +61,8 @@ def test_doctor_shows_the_cache_and_clean_cache_removes_only_entries_of_archives
     import subprocess
     import tarfile
 
-    from imgprep.archives import cache_dir
-    from imgprep.sources import open_source
+    from imgprep.prepare.archives import cache_dir
+    from imgprep.prepare.sources import open_source
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     archives = {}

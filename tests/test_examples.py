@@ -3,8 +3,8 @@ from pathlib import Path
 
 import pytest
 
-from imgprep.build import BuildOptions, build_database
-from imgprep.imageops import ImageSpec, parse_resize
+from imgprep.prepare.build import BuildOptions, build_database
+from imgprep.formats.imageops import ImageSpec, parse_resize
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "examples"))
 
@@ -31,7 +31,7 @@ def test_train_resnet50_evaluates_center_and_ten_crop_per_image(sample_tree, tmp
     padding (label -1) is skipped."""
     torch = pytest.importorskip("torch")
     import numpy as np
-    from imgprep.loader import Loader
+    from imgprep.loading.loader import Loader
     from train_resnet50 import evaluate
 
     options = BuildOptions(jobs=1, spec=ImageSpec(parse_resize("shorter:256"), encoded=True))

@@ -12,8 +12,8 @@ import pytest
 
 from conftest import IMGPREP, assert_clean_error, run_cli, wait_for_progress, db_records
 from imgprep import ImgprepError
-from imgprep.build import MANIFEST
-from imgprep.loader import Loader
+from imgprep.prepare.build import MANIFEST
+from imgprep.loading.loader import Loader
 
 BUILD = ["--resize", "squash:128x128", "--raw", "--jobs", "1"]
 

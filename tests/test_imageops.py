@@ -7,9 +7,9 @@ import pytest
 from PIL import Image
 
 from imgprep import ImgprepError
-from imgprep.imageops import (ImageFailure, ImageSpec, ImageWarning, bgr_chw_to_rgb_hwc, center_crop,
+from imgprep.formats.imageops import (ImageFailure, ImageSpec, ImageWarning, bgr_chw_to_rgb_hwc, center_crop,
                               check_max_aspect, decode_upright, parse_resize, process_image, to_bgr_chw)
-from imgprep.sample import PHOTOS_DIR
+from imgprep.prepare.sample import PHOTOS_DIR
 
 PHOTO = (PHOTOS_DIR / "chelsea.jpg").read_bytes()  # 451x300 RGB JPEG
 
@@ -199,7 +199,7 @@ def _odd_images():
             yield f"mutated {fmt} {n}", mutated.tobytes()
 
 
-@pytest.mark.filterwarnings("ignore::imgprep.imageops.ImageWarning")
+@pytest.mark.filterwarnings("ignore::imgprep.formats.imageops.ImageWarning")
 def test_odd_or_mangled_images_are_processed_or_fail_never_raise_anything_else():
     """A LAB TIFF (pillow-simd has no colour-management module to convert it), modes and formats
     of every kind, and a few hundred mangled files: each is an image or an ImageFailure."""
@@ -235,7 +235,7 @@ def test_one_image_never_stops_a_build(tmp_path):
     """build-lmdb --preset resnet on a 1x300 PNG (once 256x76800, which no JPEG holds: the build died
     with `broken data stream`) and a LAB TIFF: a cropped record, and a record or a failure."""
     from conftest import run_cli
-    from imgprep.build import read_manifest
+    from imgprep.prepare.build import read_manifest
 
     root = tmp_path / "root"
     root.mkdir()

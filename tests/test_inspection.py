@@ -1,12 +1,12 @@
 import os
 
 from conftest import assert_clean_error, run_cli
-from imgprep.build import BuildOptions, build_database
-from imgprep.codec import decode_datum, encode_datum
-from imgprep.imageops import ImageSpec, parse_resize
-from imgprep.inspection import inspect_db
-from imgprep.merge import merge_parts
-from imgprep.storage import Reader, open_writer
+from imgprep.prepare.build import BuildOptions, build_database
+from imgprep.formats.codec import decode_datum, encode_datum
+from imgprep.formats.imageops import ImageSpec, parse_resize
+from imgprep.prepare.inspection import inspect_db
+from imgprep.prepare.merge import merge_parts
+from imgprep.formats.storage import Reader, open_writer
 
 
 def make_db(sample_tree, out, backend="lmdb", list_file=None, shuffle=True, **options):

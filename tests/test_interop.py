@@ -16,9 +16,9 @@ import pytest
 
 from caffe_proto import Datum
 from conftest import assert_clean_error, db_records, run_cli
-from imgprep.build import BuildOptions, build_database
-from imgprep.imageops import ImageSpec, decode_upright, keeps_original, parse_resize
-from imgprep.mean import compute_mean, load_mean
+from imgprep.prepare.build import BuildOptions, build_database
+from imgprep.formats.imageops import ImageSpec, decode_upright, keeps_original, parse_resize
+from imgprep.prepare.mean import compute_mean, load_mean
 
 SIZE = 32  # records are squashed to SIZE x SIZE: small, quick, and enough to catch a layout error
 
@@ -130,7 +130,7 @@ def test_compute_mean_of_convert_imagesets_database_equals_caffes(caffe_db, tmp_
 
 
 def test_loader_reads_what_convert_imageset_writes(caffe_db):
-    from imgprep.loader import Loader
+    from imgprep.loading.loader import Loader
 
     variant, db, _ = caffe_db
     labels = sorted(parse(value).label for _, value in db_records(db))

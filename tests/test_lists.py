@@ -6,9 +6,9 @@ import pytest
 
 from conftest import assert_clean_error, run_cli
 from imgprep import ImgprepError
-from imgprep.lists import (PACKAGE_ILSVRC12, SYNSET_WORDS_FILE, load_synset_words, load_synsets,
+from imgprep.formats.lists import (PACKAGE_ILSVRC12, SYNSET_WORDS_FILE, load_synset_words, load_synsets,
                            make_lists, read_list)
-from imgprep.sample import ID_TABLE_NAME, devkit_ids
+from imgprep.prepare.sample import ID_TABLE_NAME, devkit_ids
 
 
 def test_shipped_synsets_are_caffes():

@@ -8,11 +8,11 @@ import pytest
 
 from conftest import index_labelled_dbs
 from imgprep import ImgprepError
-from imgprep.codec import encode_blob
-from imgprep.imageops import center_crop, decode_to_rgb
-from imgprep.loader import IMAGENET_MEAN_RGB, IMAGENET_STD_RGB, Loader
-from imgprep.storage import Reader
-from imgprep.codec import decode_datum
+from imgprep.formats.codec import encode_blob
+from imgprep.formats.imageops import center_crop, decode_to_rgb
+from imgprep.loading.loader import IMAGENET_MEAN_RGB, IMAGENET_STD_RGB, Loader
+from imgprep.formats.storage import Reader
+from imgprep.formats.codec import decode_datum
 
 
 # The loader tests run in DALI's CPU mode here; on a GPU machine IMGPREP_TEST_DEVICE=gpu runs them
@@ -206,7 +206,7 @@ def test_clear_errors(dbs, tmp_path):
     for varying in ("encoded", "raw_shorter"):  # shorter-side builds: records differ in size
         with pytest.raises(ImgprepError, match="records of one size"):
             Loader(dbs[varying], device=DEVICE, normalize=write_mean(tmp_path / "m2.binaryproto", np.zeros((3, 256, 256))))
-    from imgprep.storage import open_writer
+    from imgprep.formats.storage import open_writer
     writer = open_writer(tmp_path / "junk", "lmdb")
     writer.put_batch([(b"a", b"\x0f not a datum")])
     writer.close()
@@ -216,7 +216,7 @@ def test_clear_errors(dbs, tmp_path):
 
 SHARD_SCRIPT = """
 import json, sys
-from imgprep.loader import Loader
+from imgprep.loading.loader import Loader
 with Loader(sys.argv[1], batch_size=8, train=True, device=sys.argv[2], num_threads=1) as loader:
     labels = []
     for _ in range(2):
@@ -292,10 +292,10 @@ def test_gpu_graph_places_every_stage_after_the_reader_on_the_gpu(dbs, tmp_path,
     """The GPU graph cannot run here, but DALI checks device placement while the graph is defined:
     every policy, every record kind, every normalisation, both channel orders."""
     from nvidia.dali import Pipeline
-    from imgprep.loader import Normalisation, _Feed, database_info
-    from imgprep.order import EpochPlan
-    from imgprep.policies import graph, policy as make_policy
-    from imgprep.records import RecordSource
+    from imgprep.loading.loader import Normalisation, _Feed, database_info
+    from imgprep.formats.order import EpochPlan
+    from imgprep.loading.policies import graph, policy as make_policy
+    from imgprep.loading.records import RecordSource
 
     info = database_info(dbs[name])
     chosen = make_policy(policy)
@@ -337,8 +337,8 @@ def key_order_labels(db):
 
 
 def plan_labels(db, epoch, **plan_args):
-    """The labels of each batch the order contract promises, from imgprep.order alone."""
-    from imgprep.order import EpochPlan
+    """The labels of each batch the order contract promises, from imgprep.formats.order alone."""
+    from imgprep.formats.order import EpochPlan
 
     labels = key_order_labels(db)
     plan = EpochPlan(len(labels), **plan_args)
@@ -352,7 +352,7 @@ def plan_labels(db, epoch, **plan_args):
 @pytest.fixture(scope="module")
 def uneven_db(dbs, tmp_path_factory):
     """101 records (a prime): divisible by no shard count or batch size the tests use."""
-    from imgprep.storage import open_writer
+    from imgprep.formats.storage import open_writer
 
     path = tmp_path_factory.mktemp("uneven") / "db"
     writer = open_writer(path, "lmdb")
@@ -363,7 +363,7 @@ def uneven_db(dbs, tmp_path_factory):
 
 RANK_SCRIPT = """
 import json, sys
-from imgprep.loader import Loader
+from imgprep.loading.loader import Loader
 db, device, train, batch = sys.argv[1], sys.argv[2], sys.argv[3] == "train", int(sys.argv[4])
 with Loader(db, batch_size=batch, train=train, device=device, num_threads=1, seed=5) as loader:
     epochs = [[batch.tolist() for _, batch in loader] for _ in range(2)]
@@ -433,7 +433,7 @@ def test_a_new_loop_after_a_break_finishes_the_epoch_then_whole_epochs_follow(db
 
 RESTART_SCRIPT = """
 import hashlib, json, os, sys, time
-from imgprep.loader import Loader
+from imgprep.loading.loader import Loader
 db, device, state_file, pace = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
 with Loader(db, batch_size=8, train=True, device=device, num_threads=1, seed=9) as loader:
     if os.path.exists(state_file):
@@ -487,8 +487,8 @@ def test_state_of_another_order_is_refused(dbs):
 
 
 def test_corrupt_records_are_named_by_key(dbs, tmp_path):
-    from imgprep.codec import encode_datum
-    from imgprep.storage import open_writer
+    from imgprep.formats.codec import encode_datum
+    from imgprep.formats.storage import open_writer
     from conftest import assert_clean_error, run_cli
 
     good = db_values(dbs["encoded"])[:20]
@@ -514,7 +514,7 @@ def db_values(db):
 def test_partial_builds_are_refused_unless_allowed_and_counts_come_from_the_manifest(dbs, tmp_path):
     import shutil
 
-    from imgprep.loader import database_info
+    from imgprep.loading.loader import database_info
 
     db = tmp_path / "db"
     shutil.copytree(dbs["encoded_leveldb"], db)
@@ -531,8 +531,8 @@ def test_partial_builds_are_refused_unless_allowed_and_counts_come_from_the_mani
 
 def test_encoded_records_without_sizes_as_caffe_may_write_them(dbs, tmp_path):
     """Only data, label and encoded: the loader takes nothing from a record's channels/height/width."""
-    from imgprep.codec import LENGTH, VARINT, _key, _varint
-    from imgprep.storage import open_writer
+    from imgprep.formats.codec import LENGTH, VARINT, _key, _varint
+    from imgprep.formats.storage import open_writer
 
     records = []
     for key, value in db_values(dbs["encoded"])[:12]:
@@ -552,7 +552,7 @@ def test_encoded_records_without_sizes_as_caffe_may_write_them(dbs, tmp_path):
 
 
 def test_bad_arguments_are_clear_errors_naming_the_argument(dbs, monkeypatch):
-    from imgprep.options import OptionError
+    from imgprep.loading.options import OptionError
 
     db = dbs["raw"]
     for kwargs, message in (({"num_shards": 0, "shard_id": 0}, "num_shards must be a whole number >= 1, not 0"),
@@ -588,9 +588,9 @@ def test_a_crop_larger_than_the_images_is_a_clear_error(dbs, tmp_path):
     """Checked before DALI runs where the size is known (the resized shorter side, or a stored-size mean's
     records); otherwise DALI's own reason (the window out of bounds) is kept, never only 'Current pipeline
     object is no longer valid'."""
-    from imgprep.codec import encode_datum
-    from imgprep.options import OptionError
-    from imgprep.storage import open_writer
+    from imgprep.formats.codec import encode_datum
+    from imgprep.loading.options import OptionError
+    from imgprep.formats.storage import open_writer
 
     with pytest.raises(OptionError, match="crop 300 is larger than resize_shorter 256"):
         Loader(dbs["raw"], crop=300, device=DEVICE)

@@ -7,9 +7,9 @@ import shutil
 import pytest
 
 from conftest import assert_clean_error, db_records, run_cli
-from imgprep.build import FAILURES, MANIFEST, BuildOptions, build_database, read_failures
-from imgprep.manifest import LOCK, database_kind, record_count
-from imgprep.storage import Reader, open_writer
+from imgprep.prepare.build import FAILURES, MANIFEST, BuildOptions, build_database, read_failures
+from imgprep.formats.manifest import LOCK, database_kind, record_count
+from imgprep.formats.storage import Reader, open_writer
 
 TINY = ["--resize", "squash:8x8", "--raw", "--jobs", "1"]
 

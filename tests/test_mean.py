@@ -10,11 +10,11 @@ import pytest
 
 from conftest import IMGPREP, assert_clean_error, db_records, folder_alias, run_cli
 from imgprep import ImgprepError
-from imgprep.build import MANIFEST, BuildOptions, build_database
-from imgprep.codec import encode_datum, raw_datum_prefix
-from imgprep.imageops import ImageSpec, center_crop, decode_upright, parse_resize, to_bgr_chw
-from imgprep.mean import MeanTransform, compute_mean, load_mean, write_mean
-from imgprep.storage import Reader, open_writer
+from imgprep.prepare.build import MANIFEST, BuildOptions, build_database
+from imgprep.formats.codec import encode_datum, raw_datum_prefix
+from imgprep.formats.imageops import ImageSpec, center_crop, decode_upright, parse_resize, to_bgr_chw
+from imgprep.prepare.mean import MeanTransform, compute_mean, load_mean, write_mean
+from imgprep.formats.storage import Reader, open_writer
 
 BLOB_HEADER = bytes.fromhex("08 01 10 03 18 80 02 20 80 02 2a 80 80 30")
 
@@ -80,7 +80,7 @@ def test_mixed_sizes_need_crop_and_crop_mean_is_right(dbs, sample_tree):
     assert result.mean.shape == (3, 224, 224)
     reference = np.zeros((3, 224, 224))
     spec = ImageSpec(parse_resize("shorter:256"))
-    from imgprep.lists import read_list
+    from imgprep.formats.lists import read_list
     entries = read_list(sample_tree.lists / "train.txt")
     n = 0
     for rel in entries.paths:
@@ -311,7 +311,7 @@ def test_a_fifo_where_a_file_is_read_is_refused_not_waited_on(dbs, tmp_path):
     assert_clean_error(run_cli("compute-mean", db, tmp_path / "m.binaryproto", check=False, timeout=60),
                        f"{db / MANIFEST} is a FIFO, not a regular file")
     os.mkfifo(tmp_path / "mean.binaryproto")  # a mean file for the loader or the Dataset
-    loaded = subprocess.run([sys.executable, "-c", "import sys; from imgprep.mean import load_mean; "
+    loaded = subprocess.run([sys.executable, "-c", "import sys; from imgprep.prepare.mean import load_mean; "
                              "load_mean(sys.argv[1])", str(tmp_path / "mean.binaryproto")],
                             capture_output=True, text=True, timeout=60)
     assert loaded.returncode == 1 and "is a FIFO, not a regular file" in loaded.stderr, loaded.stderr

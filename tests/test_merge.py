@@ -9,10 +9,10 @@ import pytest
 
 from conftest import IMGPREP, assert_clean_error, db_records, folder_alias, run_cli
 from imgprep import ImgprepError
-from imgprep.build import FAILURES, MANIFEST, BuildOptions, build_database
-from imgprep.imageops import ImageSpec, parse_resize
-from imgprep.mean import MeanTransform, combine, compute_mean
-from imgprep.merge import merge_parts
+from imgprep.prepare.build import FAILURES, MANIFEST, BuildOptions, build_database
+from imgprep.formats.imageops import ImageSpec, parse_resize
+from imgprep.prepare.mean import MeanTransform, combine, compute_mean
+from imgprep.prepare.merge import merge_parts
 
 
 def build(sample_tree, out, backend, **kwargs):
@@ -130,7 +130,7 @@ def test_a_merge_stopped_by_sigterm_is_finished_by_merge_and_refused_by_build_lm
         result = run_cli(*command, check=False)
         assert_clean_error(result, "a merge that stopped", "the same merge command", "--allow-partial")
         assert "build-lmdb" not in result.stderr
-    from imgprep.loader import Loader
+    from imgprep.loading.loader import Loader
     with pytest.raises(ImgprepError, match="the same merge command"):
         Loader(out, device="cpu")
     # build-lmdb --resume with the very options of the build refuses it, and changes nothing

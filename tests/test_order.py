@@ -1,6 +1,6 @@
 import numpy as np
 
-from imgprep.order import mix, permutation
+from imgprep.formats.order import mix, permutation
 
 MASK = (1 << 64) - 1
 
@@ -46,7 +46,7 @@ def test_permutation_is_a_permutation_and_varies_with_seed_and_epoch():
 
 
 def rank_epoch(plan_args, rank, epoch):
-    from imgprep.order import EpochPlan
+    from imgprep.formats.order import EpochPlan
 
     plan = EpochPlan(**plan_args, shard_id=rank)
     batches = [plan.batch(epoch, step) for step in range(plan.steps)]
@@ -59,7 +59,7 @@ def test_epoch_plans_follow_distributed_sampler_semantics_for_every_small_case()
     import itertools
     from collections import Counter
 
-    from imgprep.order import EmptyShard
+    from imgprep.formats.order import EmptyShard
 
     for n, k, b, drop_last, eval_ in itertools.product(range(1, 40), range(1, 6), range(1, 8), (False, True), (False, True)):
         args = dict(records=n, batch_size=b, num_shards=k, seed=n * 7 + k, shuffle=not eval_, drop_last=drop_last,
@@ -93,7 +93,7 @@ def test_epoch_plans_follow_distributed_sampler_semantics_for_every_small_case()
 
 
 def test_epoch_orders_reshuffle_per_epoch_and_eval_keeps_key_order():
-    from imgprep.order import EpochPlan, permutation
+    from imgprep.formats.order import EpochPlan, permutation
 
     plan = EpochPlan(50, 8, num_shards=1, seed=4)
     assert plan.rank_records(0).tolist() == permutation(50, 4, 0).tolist()
@@ -103,7 +103,7 @@ def test_epoch_orders_reshuffle_per_epoch_and_eval_keeps_key_order():
 
 def test_epoch_plan_is_pinned():
     # 11 records, 3 ranks: the order repeats its first record to reach 12; rank i takes positions i, i+3, ...
-    from imgprep.order import EpochPlan, augmentation
+    from imgprep.formats.order import EpochPlan, augmentation
 
     plans = [EpochPlan(11, 2, num_shards=3, shard_id=rank, seed=0) for rank in range(3)]
     assert [p.rank_records(0).tolist() for p in plans] == [[0, 6, 4, 8], [9, 3, 10, 7], [1, 5, 2, 0]]
@@ -114,7 +114,7 @@ def test_epoch_plan_is_pinned():
 
 
 def test_augmentation_follows_the_documented_algorithm():
-    from imgprep.order import augmentation
+    from imgprep.formats.order import augmentation
 
     for seed, epoch in [(0, 0), (9, 4), (-1, 2)]:
         positions = np.array([0, 1, 77, 10**6])
@@ -126,7 +126,7 @@ def test_augmentation_follows_the_documented_algorithm():
 
 
 def test_split_steps_gives_a_share_of_the_steps_spread_evenly():
-    from imgprep.order import split_steps
+    from imgprep.formats.order import split_steps
 
     assert [split_steps(0.4, s) for s in range(10)] == [0, 0, 1, 0, 1, 0, 0, 1, 0, 1]
     assert sum(split_steps(0.35, s) for s in range(1000)) == 350

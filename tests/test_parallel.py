@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from imgprep.parallel import (AREA_PREFIX, SHM_DIR, WINDOW_PER_WORKER, Stored, area_prefix, chunked, ordered_map,
+from imgprep.prepare.parallel import (AREA_PREFIX, SHM_DIR, WINDOW_PER_WORKER, Stored, area_prefix, chunked, ordered_map,
                               pid_namespace, resolve_jobs, shared_put, worker_died)
 
 
@@ -146,7 +146,7 @@ if sys.argv[1] == "parent":  # starts a worker, says its pid, then waits to be k
     print(worker.pid, flush=True)
     time.sleep(600)
 else:  # an idle worker, as loky's wait for their next task
-    from imgprep.parallel import _watch_parent
+    from imgprep.prepare.parallel import _watch_parent
     _watch_parent(interval=0.1)
     time.sleep(600)
 """

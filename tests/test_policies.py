@@ -11,19 +11,19 @@ from PIL import Image
 
 from conftest import index_labelled_dbs
 from imgprep import ImgprepError
-from imgprep.codec import decode_datum, encode_blob
-from imgprep.draws import (PCA_EIGVAL, PCA_EIGVEC, lighting, normals, resized_crop_windows, shorter_sides,
+from imgprep.formats.codec import decode_datum, encode_blob
+from imgprep.loading.draws import (PCA_EIGVAL, PCA_EIGVEC, lighting, normals, resized_crop_windows, shorter_sides,
                            uniforms)
-from imgprep.imageops import decode_to_rgb
-from imgprep.loader import Loader, UpscaleWarning
-from imgprep.order import augmentation
-from imgprep.policies import policy
-from imgprep.storage import Reader
+from imgprep.formats.imageops import decode_to_rgb
+from imgprep.loading.loader import Loader, UpscaleWarning
+from imgprep.formats.order import augmentation
+from imgprep.loading.policies import policy
+from imgprep.formats.storage import Reader
 
 from test_order import MASK, reference_mix
 
 DEVICE = os.environ.get("IMGPREP_TEST_DEVICE", "cpu")
-pytestmark = pytest.mark.filterwarnings("ignore::imgprep.loader.UpscaleWarning")  # the 256-records here, on purpose
+pytestmark = pytest.mark.filterwarnings("ignore::imgprep.loading.loader.UpscaleWarning")  # the 256-records here, on purpose
 
 
 @pytest.fixture(scope="module")
@@ -319,8 +319,8 @@ def test_policy_mistakes_are_clear_errors(dbs, tmp_path):
 
 def test_a_record_without_an_image_header_is_named_by_key_under_inception(dbs, tmp_path):
     """RandomResizedCrop reads each record's image size from its header; a record without one is named."""
-    from imgprep.codec import encode_datum
-    from imgprep.storage import open_writer
+    from imgprep.formats.codec import encode_datum
+    from imgprep.formats.storage import open_writer
 
     with Reader(dbs["encoded"]) as reader:
         good = list(reader.items())[:6]

@@ -4,9 +4,9 @@ import numpy as np
 from PIL import Image
 
 from conftest import assert_clean_error, run_cli
-from imgprep.codec import encode_datum
-from imgprep.preview import CAPTION, PAD, TITLE, contact_sheet
-from imgprep.storage import open_writer
+from imgprep.formats.codec import encode_datum
+from imgprep.loading.preview import CAPTION, PAD, TITLE, contact_sheet
+from imgprep.formats.storage import open_writer
 
 
 def red_and_green_db(path):
@@ -71,8 +71,8 @@ def test_under_torchrun_variables_each_row_shows_its_own_records_views(tmp_path)
 def test_preview_of_an_incomplete_build_needs_allow_partial(sample_tree, tmp_path):
     import json
 
-    from imgprep.build import MANIFEST, BuildOptions, build_database
-    from imgprep.imageops import ImageSpec, parse_resize
+    from imgprep.prepare.build import MANIFEST, BuildOptions, build_database
+    from imgprep.formats.imageops import ImageSpec, parse_resize
 
     db = tmp_path / "db"
     build_database(sample_tree.lists / "val.txt", sample_tree.root / "val", db,

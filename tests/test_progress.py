@@ -1,6 +1,6 @@
 import io
 
-from imgprep.progress import Progress, format_duration
+from imgprep.prepare.progress import Progress, format_duration
 
 
 def test_progress_lines_count_rate_eta_and_failures():

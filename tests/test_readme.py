@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from imgprep.storage import Reader
+from imgprep.formats.storage import Reader
 
 REPO = Path(__file__).parents[1]
 DOCS = [REPO / "README.md", REPO / "benchmarks" / "README.md"]

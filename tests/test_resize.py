@@ -7,9 +7,9 @@ import pytest
 from PIL import Image
 
 from conftest import IMGPREP, assert_clean_error, folder_alias, loky_workers, run_cli, wait_for_progress
-from imgprep.imageops import ImageSpec, parse_resize
-from imgprep.resize import FAILURES, resize_tree, walk_images
-from imgprep.sample import ODDITY_OUTCOMES
+from imgprep.formats.imageops import ImageSpec, parse_resize
+from imgprep.prepare.resize import FAILURES, resize_tree, walk_images
+from imgprep.prepare.sample import ODDITY_OUTCOMES
 
 
 def test_resize_tree_keeps_paths_fixes_oddities_and_reports_failures(sample_tree, tmp_path):

@@ -1,7 +1,7 @@
 from pathlib import Path
 
 from conftest import assert_clean_error, run_cli
-from imgprep.sample import make_sample
+from imgprep.prepare.sample import make_sample
 
 
 def tree_bytes(root: Path) -> dict[str, bytes]:

@@ -1,7 +1,7 @@
 import pytest
 
 from imgprep import ImgprepError
-from imgprep.storage import LmdbWriter, Reader, detect_backend, open_writer
+from imgprep.formats.storage import LmdbWriter, Reader, detect_backend, open_writer
 
 
 @pytest.mark.parametrize("backend", ["lmdb", "leveldb"])

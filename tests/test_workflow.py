@@ -11,10 +11,10 @@ from google.protobuf import text_format
 
 from caffe_proto import NetParameter
 from conftest import IMGPREP, assert_clean_error, db_records, run_cli
-from imgprep.build import BuildOptions, build_database, image_spec
-from imgprep.imageops import parse_resize
-from imgprep.mean import MeanTransform, compute_mean, load_mean
-from imgprep.sample import make_sample
+from imgprep.prepare.build import BuildOptions, build_database, image_spec
+from imgprep.formats.imageops import parse_resize
+from imgprep.prepare.mean import MeanTransform, compute_mean, load_mean
+from imgprep.prepare.sample import make_sample
 
 pytest.importorskip("scipy")  # the devkit's meta.mat
 
@@ -94,8 +94,8 @@ def test_the_summarys_loader_and_dataset_lines_read_what_prepare_made(reference)
     pytest.importorskip("torch")
     import re
 
-    from imgprep.dataset import CaffeDataset
-    from imgprep.loader import Loader
+    from imgprep.loading.dataset import CaffeDataset
+    from imgprep.loading.loader import Loader
 
     work, result = reference
     calls = re.findall(r"(?:Loader|CaffeDataset)\([^()]*\)", result.stdout)

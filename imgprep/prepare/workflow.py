@@ -32,16 +32,16 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import ImgprepError
-from .build import PRESETS, BuildOptions, Interrupted, build_database, image_spec
-from .imageops import parse_resize
-from .listing import DEVKIT_TAR, TRAIN_TAR, VAL_TAR, find_download
-from .lists import find_val_labels, make_lists
-from .manifest import OutputLock, file_sha256, open_own, read_manifest
-from .mean import MeanTransform, compute_mean, write_mean
-from .progress import format_bytes
-from .inspection import inspect_db
-from .sources import open_source
+from imgprep import ImgprepError
+from imgprep.prepare.build import PRESETS, BuildOptions, Interrupted, build_database, image_spec
+from imgprep.formats.imageops import parse_resize
+from imgprep.prepare.listing import DEVKIT_TAR, TRAIN_TAR, VAL_TAR, find_download
+from imgprep.formats.lists import find_val_labels, make_lists
+from imgprep.formats.manifest import OutputLock, file_sha256, open_own, read_manifest
+from imgprep.prepare.mean import MeanTransform, compute_mean, write_mean
+from imgprep.prepare.progress import format_bytes
+from imgprep.prepare.inspection import inspect_db
+from imgprep.prepare.sources import open_source
 
 STATE = "imgprep-prepare.json"
 STATE_FORMAT = "imgprep-prepare/1"
@@ -476,11 +476,11 @@ def usage_lines(work: Path, preset: str, backend: str, state: Work) -> list[str]
     policy = "resnet" if preset == "resnet480" else "caffe"
     return [
         f"Caffe: the TRAIN and TEST Data layers in {work / LAYERS}",
-        "DALI loader (from imgprep.loader import Loader; GPU, or DALI's CPU mode):",
+        "DALI loader (from imgprep.loading.loader import Loader; GPU, or DALI's CPU mode):",
         f'  Loader("{train}", batch_size={BATCH["train"]}, train=True, policy="{policy}", output="torch")',
         f'  Loader("{val}", batch_size={BATCH["val"]}, train=False, policy="center", output="torch")',
         f'  Caffe\'s transform instead of torchvision\'s normalisation: add normalize="{mean}", channel_order="BGR"',
-        "PyTorch without DALI (from imgprep.dataset import CaffeDataset):",
+        "PyTorch without DALI (from imgprep.loading.dataset import CaffeDataset):",
         f'  CaffeDataset("{train}", train=True)   CaffeDataset("{val}", train=False)',
     ]
 

@@ -24,16 +24,16 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import ImgprepError
-from .codec import Datum, RecordError, decode_datum
-from .imageops import ImageFailure, ImageSpec, ResizePolicy, bgr_chw_to_rgb_hwc, center_crop, decode_upright
-from .loader import Normalisation, database_info
-from .draws import resized_crop_windows
-from .options import OptionError, check_pixels, whole
-from .order import augmentation
-from . import policies
-from .records import KeyIndex
-from .storage import Reader, detect_backend
+from imgprep import ImgprepError
+from imgprep.formats.codec import Datum, RecordError, decode_datum
+from imgprep.formats.imageops import ImageFailure, ImageSpec, ResizePolicy, bgr_chw_to_rgb_hwc, center_crop, decode_upright
+from imgprep.loading.loader import Normalisation, database_info
+from imgprep.loading.draws import resized_crop_windows
+from imgprep.loading.options import OptionError, check_pixels, whole
+from imgprep.formats.order import augmentation
+from imgprep.loading import policies
+from imgprep.loading.records import KeyIndex
+from imgprep.formats.storage import Reader, detect_backend
 
 LEVELDB_WORKERS = ("LevelDB allows one process at a time, and each DataLoader worker is a process: use "
                    "num_workers=0 or 1, or build the database with `imgprep build-lmdb --backend lmdb` "
@@ -68,7 +68,7 @@ class Draw:
 
 def draw(seed: int, epoch: int, index: int) -> Draw:
     """The augmentation of record `index` in `epoch`: the loader's documented crop and mirror draws
-    (`imgprep.order.augmentation`) at position `index`, so a pure function of its arguments, the same
+    (`imgprep.formats.order.augmentation`) at position `index`, so a pure function of its arguments, the same
     on every machine, process and numpy version."""
     crop_x, crop_y, mirror = augmentation(seed, epoch, np.array([index]))
     return Draw(float(crop_y[0]), float(crop_x[0]), bool(mirror[0]))
@@ -162,7 +162,7 @@ class CaffeDataset(torch.utils.data.Dataset):
     Each process opens its own database handle on first use (DataLoader workers after the fork).
     LevelDB allows one process at a time: with it use num_workers=0 or 1 (more give a clear error;
     after reading items in this process, `close()` before a 1-worker DataLoader: otherwise the worker
-    says so), or build an LMDB. Bad arguments are `imgprep.options.OptionError`s, as the loader's.
+    says so), or build an LMDB. Bad arguments are `imgprep.loading.options.OptionError`s, as the loader's.
     A build that is not complete (`imgprep-build.json` state other than complete) is refused unless
     `allow_partial=True`.
     """

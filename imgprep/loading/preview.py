@@ -16,12 +16,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from . import ImgprepError
-from .codec import decode_datum
-from .files import check_output_file, write_atomic
-from .imageops import decode_to_rgb
-from .lists import SYNSET_WORDS_FILE, load_synset_words, load_synsets
-from .storage import Reader, detect_backend
+from imgprep import ImgprepError
+from imgprep.formats.codec import decode_datum
+from imgprep.formats.files import check_output_file, write_atomic
+from imgprep.formats.imageops import decode_to_rgb
+from imgprep.formats.lists import SYNSET_WORDS_FILE, load_synset_words, load_synsets
+from imgprep.formats.storage import Reader, detect_backend
 
 PAD, CAPTION, TITLE = 6, 30, 24
 BACKGROUND = (255, 255, 255)
@@ -113,7 +113,7 @@ def policy_views(db, count: int, chosen, seed: int, allow_partial: bool = False)
     """The loader's de-normalised output for the first `count` records (key order), per record: one
     view per epoch 0..2 for a training policy, the policy's views for an evaluation one. One shard
     (whatever torchrun's RANK and WORLD_SIZE say): the views are of the records shown beside them."""
-    from .loader import Loader
+    from imgprep.loading.loader import Loader
 
     with Loader(db, batch_size=count, train=chosen.train, policy=chosen, device="cpu", num_threads=1,
                 normalize="none", layout="NHWC", shuffle=False, seed=seed, shard_id=0, num_shards=1,
@@ -139,8 +139,8 @@ def write_preview(db, out, policy=None, train: bool = True, count: int = 8, seed
     """Writes the contact sheet of `db`'s first `count` records under `policy` (a name or
     policies.Policy; default "caffe", or "center" when not `train`) as a PNG at `out`. An incomplete
     build is refused unless `allow_partial`."""
-    from .loader import database_info
-    from .policies import parse_policy, policy as make_policy
+    from imgprep.loading.loader import database_info
+    from imgprep.loading.policies import parse_policy, policy as make_policy
 
     out = Path(out)
     if out.suffix.lower() != ".png":

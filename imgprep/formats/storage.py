@@ -17,7 +17,7 @@ from pathlib import Path
 import lmdb
 import plyvel
 
-from . import ImgprepError
+from imgprep import ImgprepError
 
 BACKENDS = ("lmdb", "leveldb")
 INITIAL_MAP_SIZE = 1 << 30

@@ -35,10 +35,10 @@ from pathlib import Path
 
 import numpy as np
 
-from . import ImgprepError
-from .imageops import ImageFailure
-from .progress import Progress
-from .sources import open_regular
+from imgprep import ImgprepError
+from imgprep.formats.imageops import ImageFailure
+from imgprep.prepare.progress import Progress
+from imgprep.prepare.sources import open_regular
 
 INDEX_MAGIC = b"imgprep-archive-index/2\n"
 INDEX_FAMILY = b"imgprep-archive-index/"  # older versions' indexes are made again without a warning

@@ -17,8 +17,8 @@ import os
 import re
 from pathlib import Path
 
-from . import ImgprepError
-from .files import file_kind, link_refused, not_regular, open_regular, read_regular
+from imgprep import ImgprepError
+from imgprep.formats.files import file_kind, link_refused, not_regular, open_regular, read_regular
 
 MANIFEST = "imgprep-build.json"
 FAILURES = "imgprep-failures.tsv"

@@ -8,12 +8,12 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from . import ImgprepError
-from .files import read_regular, refuse_overlaps
-from .manifest import (FAILURES, MANIFEST_FORMAT, OutputLock, clear_output, contents, made_by_merge, open_own,
+from imgprep import ImgprepError
+from imgprep.formats.files import read_regular, refuse_overlaps
+from imgprep.formats.manifest import (FAILURES, MANIFEST_FORMAT, OutputLock, clear_output, contents, made_by_merge, open_own,
                        read_manifest, refuse_links, require_complete, write_manifest)
-from .progress import Progress
-from .storage import Reader, open_writer
+from imgprep.prepare.progress import Progress
+from imgprep.formats.storage import Reader, open_writer
 
 BATCH = 1000
 

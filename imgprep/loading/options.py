@@ -8,7 +8,7 @@ import os
 
 import numpy as np
 
-from . import ImgprepError
+from imgprep import ImgprepError
 
 
 class OptionError(ImgprepError, ValueError):
@@ -59,7 +59,7 @@ def check_pixels(info, chosen, norm) -> None:
     the database `info` (loader.DatabaseInfo): crop and resize_shorter are whole numbers, the crop
     fits in the image it is taken from, and the means and standard deviations match the records'
     channels (a .binaryproto mean: `policies.check_mean`)."""
-    from .policies import check_mean
+    from imgprep.loading.policies import check_mean
 
     crop, shorter = whole("crop", chosen.crop), whole("resize_shorter", chosen.resize_shorter)
     channels = info.channels

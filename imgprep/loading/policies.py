@@ -27,9 +27,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import ImgprepError
-from .draws import lighting, resized_crop_windows, shorter_sides
-from .order import augmentation
+from imgprep import ImgprepError
+from imgprep.loading.draws import lighting, resized_crop_windows, shorter_sides
+from imgprep.formats.order import augmentation
 
 TRAIN_POLICIES = ("caffe", "resnet", "inception")
 EVAL_POLICIES = ("center", "ten-crop")

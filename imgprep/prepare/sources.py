@@ -10,8 +10,8 @@ import os
 import stat
 from pathlib import Path
 
-from . import ImgprepError
-from .imageops import ImageFailure
+from imgprep import ImgprepError
+from imgprep.formats.imageops import ImageFailure
 
 
 def _open_regular(path: str | os.PathLike) -> int:
@@ -91,7 +91,7 @@ def read_source(root: Path, rel: str, allow_outside_root: bool) -> bytes:
 def open_source(path, allow_outside_root: bool = False, show_progress: bool = True):
     """The images under `path`: a `TreeSource` for a folder, a `TarSource` for an uncompressed tar
     (indexed once, see archives.py). Anything else is an ImgprepError."""
-    from .archives import TarSource  # archives.py reads its files through this module
+    from imgprep.prepare.archives import TarSource  # archives.py reads its files through this module
 
     path = Path(path)
     if path.is_dir():

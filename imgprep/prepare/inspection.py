@@ -6,17 +6,17 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import ImgprepError
+from imgprep import ImgprepError
 import numpy as np
 
-from .build import FAILURES, datum_shape, entry_key, list_order, read_failures
-from .codec import RecordError, decode_datum
-from .imageops import ImageFailure, decode_upright
-from .lists import read_list
-from .files import require_regular
-from .manifest import finish_hint, read_manifest, record_count, require_complete
-from .progress import Progress
-from .storage import Reader
+from imgprep.prepare.build import FAILURES, datum_shape, entry_key, list_order, read_failures
+from imgprep.formats.codec import RecordError, decode_datum
+from imgprep.formats.imageops import ImageFailure, decode_upright
+from imgprep.formats.lists import read_list
+from imgprep.formats.files import require_regular
+from imgprep.formats.manifest import finish_hint, read_manifest, record_count, require_complete
+from imgprep.prepare.progress import Progress
+from imgprep.formats.storage import Reader
 
 SHOWN = 5  # examples shown of each kind of problem
 

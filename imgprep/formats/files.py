@@ -14,7 +14,7 @@ import os
 import stat
 from pathlib import Path
 
-from . import ImgprepError
+from imgprep import ImgprepError
 
 
 def link_refused(path) -> ImgprepError:

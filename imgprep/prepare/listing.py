@@ -12,9 +12,9 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import ImgprepError
-from .archives import compression
-from .sources import open_regular
+from imgprep import ImgprepError
+from imgprep.prepare.archives import compression
+from imgprep.prepare.sources import open_regular
 
 TRAIN_TAR = "ILSVRC2012_img_train.tar"
 VAL_TAR = "ILSVRC2012_img_val.tar"

@@ -18,14 +18,14 @@ import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import ImgprepError
-from .build import Failure, crashed_failure
-from .files import read_regular, refuse_overlaps, write_atomic
-from .imageops import ImageFailure, ImageSpec, process_image
-from .lists import is_image_name
-from .parallel import chunked, ordered_map, resolve_jobs
-from .progress import Progress
-from .sources import TreeSource, open_source
+from imgprep import ImgprepError
+from imgprep.prepare.build import Failure, crashed_failure
+from imgprep.formats.files import read_regular, refuse_overlaps, write_atomic
+from imgprep.formats.imageops import ImageFailure, ImageSpec, process_image
+from imgprep.formats.lists import is_image_name
+from imgprep.prepare.parallel import chunked, ordered_map, resolve_jobs
+from imgprep.prepare.progress import Progress
+from imgprep.prepare.sources import TreeSource, open_source
 
 MANIFEST = "imgprep-resize.json"
 FAILURES = "imgprep-resize-failures.tsv"

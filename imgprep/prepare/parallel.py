@@ -34,7 +34,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import ImgprepError
+from imgprep import ImgprepError
 
 WINDOW_PER_WORKER = 2
 SHM_DIR = Path("/dev/shm")

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import ImgprepError
+from imgprep import ImgprepError
 
 VARINT, FIXED64, LENGTH, FIXED32 = 0, 1, 2, 5
 

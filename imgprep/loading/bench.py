@@ -10,8 +10,8 @@ import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from . import ImgprepError
-from .loader import IMAGENET_MEAN_RGB, IMAGENET_STD_RGB, Loader, UpscaleWarning, dali_reason, database_info
+from imgprep import ImgprepError
+from imgprep.loading.loader import IMAGENET_MEAN_RGB, IMAGENET_STD_RGB, Loader, UpscaleWarning, dali_reason, database_info
 
 
 @dataclass
@@ -120,7 +120,7 @@ def _data_loader(dataset, batch: int, workers: int, train: bool):
 
 def dataset_step(db: Path, batch: int, workers: int, train: bool, allow_partial: bool = False):
     """imgprep's CaffeDataset (Pillow decoding, the loader's policy) through a DataLoader."""
-    from .dataset import LEVELDB_WORKERS, CaffeDataset
+    from imgprep.loading.dataset import LEVELDB_WORKERS, CaffeDataset
 
     dataset = CaffeDataset(db, train=train, allow_partial=allow_partial)
     if dataset.backend == "leveldb" and workers > 1:
@@ -130,7 +130,7 @@ def dataset_step(db: Path, batch: int, workers: int, train: bool, allow_partial:
 
 def folder_step(samples, batch: int, workers: int, train: bool, transform):
     """The original files through a DataLoader whose workers decode with Pillow and apply `transform`."""
-    from .folder_peer import ImageFiles
+    from imgprep.loading.peers import ImageFiles
 
     return _cycling(_data_loader(ImageFiles(samples, transform), batch, workers, train))
 
@@ -186,7 +186,7 @@ def _loader_rate(db, batch, threads, device, seconds, warmup, policy, allow_part
     """(img/s, ms/batch, batches, on a GPU, device) of the loader's own pipeline with `policy`; on a GPU
     with fp16 output, what a GPU trainer takes (a CPU trainer takes fp32, and x86 converts to fp16 slowly).
     One shard, whatever torchrun's RANK and WORLD_SIZE say."""
-    from .env import gpu_count
+    from imgprep.env import gpu_count
 
     gpu = device == "gpu" or (device == "auto" and gpu_count() > 0)
     with Loader(db, batch_size=batch, train=policy.train, device=device, num_threads=threads, policy=policy,
@@ -203,7 +203,7 @@ def bench_loader(db, batch: int = 256, threads: int | None = None, device: str =
     """The rows of `bench-loader`: one loader row per policy in `policies` (default: the training or
     evaluation policy `train` picks), then the peers, with `train`'s policy or the first policy's. The
     loader reads the whole database, as one shard; an incomplete build is refused unless `allow_partial`."""
-    from .policies import parse_policy, policy as make_policy
+    from imgprep.loading.policies import parse_policy, policy as make_policy
 
     threads = threads or max(1, min(8, len(os.sched_getaffinity(0))))
     rows = []
@@ -242,7 +242,7 @@ def bench_loader(db, batch: int = 256, threads: int | None = None, device: str =
 
 def _compare_originals(rows, root: Path, list_file, batch, threads, workers, gpu, train, seconds, warmup):
     """DALI's file reader and a torchvision DataLoader on the original images, same policy."""
-    from .folder_peer import PillowTransform, image_files, torchvision_transform
+    from imgprep.loading.peers import PillowTransform, image_files, torchvision_transform
 
     if not root.is_dir():
         raise ImgprepError(f"--compare {root} is not a folder of original images")

@@ -31,19 +31,19 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from . import ImgprepError, __version__
-from .codec import RecordError, decode_datum, encode_datum
-from .imageops import ImageFailure, ImageSpec, check_max_aspect, parse_resize, process_image
-from .lists import ImageList, read_list
-from .files import open_regular
-from .manifest import (FAILURES, LOCK, MANIFEST, MANIFEST_FORMAT, OLD_FORMATS, OutputLock,  # noqa: F401
+from imgprep import ImgprepError, __version__
+from imgprep.formats.codec import RecordError, decode_datum, encode_datum
+from imgprep.formats.imageops import ImageFailure, ImageSpec, check_max_aspect, parse_resize, process_image
+from imgprep.formats.lists import ImageList, read_list
+from imgprep.formats.files import open_regular
+from imgprep.formats.manifest import (FAILURES, LOCK, MANIFEST, MANIFEST_FORMAT, OLD_FORMATS, OutputLock,  # noqa: F401
                        clear_output, contents, file_sha256, finish_hint, made_by_merge, open_own, read_manifest,
                        refuse_links, require_complete, write_manifest)
-from .order import permutation
-from .parallel import chunked, ordered_map, resolve_jobs, shared_put
-from .progress import Progress
-from .sources import open_source, read_source  # noqa: F401  (importable from here too)
-from .storage import BACKENDS, INITIAL_MAP_SIZE, Reader, open_writer
+from imgprep.formats.order import permutation
+from imgprep.prepare.parallel import chunked, ordered_map, resolve_jobs, shared_put
+from imgprep.prepare.progress import Progress
+from imgprep.prepare.sources import open_source, read_source  # noqa: F401  (importable from here too)
+from imgprep.formats.storage import BACKENDS, INITIAL_MAP_SIZE, Reader, open_writer
 
 ORDER_ALGORITHM = "imgprep.order.permutation/1"  # SplitMix64 scores, sorted (see order.py)
 # Shared memory per record in flight: a raw 3x256x256 record is 196 KB; larger ones travel pickled.

@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from . import ImgprepError
-from .files import file_kind, not_regular, read_regular, require_regular
+from imgprep import ImgprepError
+from imgprep.formats.files import file_kind, not_regular, read_regular, require_regular
 
 # torchvision.datasets.folder.IMG_EXTENSIONS
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -33,7 +33,7 @@ def image_files(root: Path, list_file: Path | None = None) -> list[tuple[str, in
     entry there must be a regular file (a FIFO would block DALI's reader and the DataLoader forever);
     an entry that is not is an ImgprepError, a missing one is left to the readers to report."""
     if list_file is not None:
-        from .lists import read_list
+        from imgprep.formats.lists import read_list
 
         require_regular(list_file)
         entries = read_list(list_file)

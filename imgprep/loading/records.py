@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import ImgprepError
-from .codec import RecordError, datum_payload
-from .storage import Reader
+from imgprep import ImgprepError
+from imgprep.formats.codec import RecordError, datum_payload
+from imgprep.formats.storage import Reader
 
 
 class KeyIndex:
@@ -110,7 +110,7 @@ class RecordSource:
 
     def culprit(self, indices) -> str | None:
         """Why the first record of `indices` that cannot be decoded fails (with its key), or None."""
-        from .imageops import ImageFailure, decode_upright
+        from imgprep.formats.imageops import ImageFailure, decode_upright
 
         for index in indices.tolist():
             data, _, encoded, _ = datum_payload(self.value(index))

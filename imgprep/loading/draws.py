@@ -18,7 +18,7 @@ import math
 
 import numpy as np
 
-from .order import _mix_int, _uniform
+from imgprep.formats.order import _mix_int, _uniform
 
 # Krizhevsky et al.'s PCA of ImageNet's RGB pixels (0..1 scale), as fb.resnet.torch uses it
 PCA_EIGVAL = np.array([0.2175, 0.0188, 0.0045])

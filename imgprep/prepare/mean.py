@@ -26,16 +26,16 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from . import ImgprepError
-from .build import datum_shape
-from .codec import RecordError, decode_blob, decode_datum, encode_blob, is_plain_raw_tail, raw_datum_prefix
-from .imageops import (ImageFailure, ImageSpec, ResizePolicy, bgr_chw_to_rgb_hwc, center_crop,
+from imgprep import ImgprepError
+from imgprep.prepare.build import datum_shape
+from imgprep.formats.codec import RecordError, decode_blob, decode_datum, encode_blob, is_plain_raw_tail, raw_datum_prefix
+from imgprep.formats.imageops import (ImageFailure, ImageSpec, ResizePolicy, bgr_chw_to_rgb_hwc, center_crop,
                        decode_upright, to_bgr_chw)
-from .files import check_output_file, read_regular, refuse_overlaps, write_atomic
-from .manifest import read_manifest, record_count, require_complete
-from .parallel import ordered_map, resolve_jobs
-from .progress import Progress
-from .storage import Reader, detect_backend
+from imgprep.formats.files import check_output_file, read_regular, refuse_overlaps, write_atomic
+from imgprep.formats.manifest import read_manifest, record_count, require_complete
+from imgprep.prepare.parallel import ordered_map, resolve_jobs
+from imgprep.prepare.progress import Progress
+from imgprep.formats.storage import Reader, detect_backend
 
 TASK_RECORDS = 512  # records per Dask task
 BLOCK = 257  # images per uint16 block: 257 * 255 = 65,535

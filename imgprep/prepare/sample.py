@@ -26,11 +26,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from . import ImgprepError
-from .lists import DEVKIT_GROUND_TRUTH, KAGGLE_SOLUTION, load_synset_words, load_synsets
-from .listing import DEVKIT_TAR, TRAIN_TAR, VAL_TAR
+from imgprep import ImgprepError
+from imgprep.formats.lists import DEVKIT_GROUND_TRUTH, KAGGLE_SOLUTION, load_synset_words, load_synsets
+from imgprep.prepare.listing import DEVKIT_TAR, TRAIN_TAR, VAL_TAR
 
-PHOTOS_DIR = Path(__file__).parent / "data" / "photos"
+PHOTOS_DIR = Path(__file__).parent.parent / "data" / "photos"
 ID_TABLE_NAME = "ILSVRC2012_id_to_wnid.csv"
 DEVKIT_DATA = "ILSVRC2012_devkit_t12/data"
 ARCHIVE_MTIME = 1_338_508_800  # 2012-06-01: fixed, so that the same seed gives the same archives

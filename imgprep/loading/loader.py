@@ -27,16 +27,16 @@ from pathlib import Path
 
 import numpy as np
 
-from . import ImgprepError
-from .manifest import read_manifest, require_complete
-from .codec import RecordError, datum_payload
-from .imageops import parse_resize
-from .mean import load_mean
-from .options import OptionError, check_pixels, shards, whole
-from .order import EmptyShard, EpochPlan, split_steps
-from .policies import CHANNEL_ORDERS, Policy, batch_params, graph, output_mean_std, parse_policy
-from .records import RecordSource
-from .storage import Reader, detect_backend
+from imgprep import ImgprepError
+from imgprep.formats.manifest import read_manifest, require_complete
+from imgprep.formats.codec import RecordError, datum_payload
+from imgprep.formats.imageops import parse_resize
+from imgprep.prepare.mean import load_mean
+from imgprep.loading.options import OptionError, check_pixels, shards, whole
+from imgprep.formats.order import EmptyShard, EpochPlan, split_steps
+from imgprep.loading.policies import CHANNEL_ORDERS, Policy, batch_params, graph, output_mean_std, parse_policy
+from imgprep.loading.records import RecordSource
+from imgprep.formats.storage import Reader, detect_backend
 
 IMAGENET_MEAN_RGB = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 IMAGENET_STD_RGB = (0.229 * 255, 0.224 * 255, 0.225 * 255)
@@ -235,7 +235,7 @@ class Loader:
     `for images, labels in Loader(db, batch_size=256): ...` yields numpy arrays; use
     `output="torch"` for PyTorch tensors or `output="jax"` for JAX arrays on the pipeline's device.
 
-    The order (`imgprep.order.EpochPlan`): epoch e visits `permutation(N, seed, e)` (the documented
+    The order (`imgprep.formats.order.EpochPlan`): epoch e visits `permutation(N, seed, e)` (the documented
     SplitMix64 order: the same on every machine and library version), or 0..N-1 without `shuffle`
     (default: shuffled for training, not for evaluation). Shard i of K (`shard_id`/`num_shards`, both
     or neither: then torchrun's RANK/WORLD_SIZE) takes positions i, i+K, ... of it, after the order is made a
@@ -280,7 +280,7 @@ class Loader:
     the GPU-decoding one: the CPU cores that sit idle while the GPU decodes add throughput. Batch s
     goes to the second pipeline when floor((s+1)*share) > floor(s*share); the order is unchanged.
 
-    Bad arguments (`imgprep.options`, the checks CaffeDataset shares) are an `OptionError`, a ValueError
+    Bad arguments (`imgprep.loading.options`, the checks CaffeDataset shares) are an `OptionError`, a ValueError
     naming the argument, raised before any pipeline is built.
 
     Opening reads the database's keys once (see `records.RecordSource`: cheap for LMDB, one read of
@@ -296,7 +296,7 @@ class Loader:
                  prefetch: int = 2, cpu_share: float = 0.0, cpu_threads: int | None = None,
                  shuffle: bool | None = None, allow_partial: bool = False, policy: str | Policy | None = None,
                  channel_order: str = "RGB"):
-        from .env import gpu_count
+        from imgprep.env import gpu_count
 
         if dtype not in ("float32", "float16") or layout not in ("NCHW", "NHWC"):
             raise OptionError("dtype must be float32 or float16, layout NCHW or NHWC")

@@ -19,13 +19,13 @@ from pathlib import Path
 
 import numpy as np
 
-from . import ImgprepError
-from .listing import DEVKIT_TAR, TRAIN_TAR, VAL_TAR, MemberListing, TreeListing, find_download
-from .progress import Progress
-from .archives import compression, decompress_command
-from .sources import open_regular, open_source, read_user_file
+from imgprep import ImgprepError
+from imgprep.prepare.listing import DEVKIT_TAR, TRAIN_TAR, VAL_TAR, MemberListing, TreeListing, find_download
+from imgprep.prepare.progress import Progress
+from imgprep.prepare.archives import compression, decompress_command
+from imgprep.prepare.sources import open_regular, open_source, read_user_file
 
-PACKAGE_ILSVRC12 = Path(__file__).parent / "data" / "ilsvrc12"
+PACKAGE_ILSVRC12 = Path(__file__).parent.parent / "data" / "ilsvrc12"
 SYNSETS_FILE = PACKAGE_ILSVRC12 / "synsets.txt"
 SYNSET_WORDS_FILE = PACKAGE_ILSVRC12 / "synset_words.txt"
 IMAGE_EXTENSIONS = frozenset(
@@ -632,7 +632,7 @@ def _refuse_unwritable_classes(classes: list[str], train) -> None:
 def _refuse_package_folder(out: Path) -> None:
     """The package's bundled synsets label every ILSVRC12 list; lists never go into them, also not
     through a link."""
-    package = Path(__file__).resolve().parent
+    package = Path(__file__).resolve().parent.parent
     real = out.resolve()
     if real == package or package in real.parents:
         raise ImgprepError(f"--out {out} is inside the imgprep package ({real}); make-lists never writes "

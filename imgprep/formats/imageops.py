@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps
 
-from . import ImgprepError
+from imgprep import ImgprepError
 
 # ImageNet's largest is about 10 MP; 100 MP leaves room for real photos and refuses bombs.
 DEFAULT_MAX_PIXELS = 100_000_000

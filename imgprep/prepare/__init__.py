@@ -1,0 +1,3 @@
+"""Turning images into databases: lists, archives, resizing, builds, means, merges, inspection.
+Never imports imgprep.loading.
+"""
