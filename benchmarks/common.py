@@ -12,7 +12,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from imgprep.formats.lists import make_lists
+from imgprep.prepare.make_lists import make_lists
 from imgprep.prepare.sample import make_sample
 
 

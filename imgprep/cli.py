@@ -206,7 +206,7 @@ def make_lists_cmd(roots, out, synsets_file, derive_synsets, val_labels, val_id_
       imgprep make-lists /data/ILSVRC2012 --val-labels LOC_val_solution.csv --out lists/
       imgprep make-lists /data/flowers --derive-synsets --out lists/
     """
-    from imgprep.formats.lists import make_lists
+    from imgprep.prepare.make_lists import make_lists
 
     report = make_lists(list(roots), out, synsets_file, derive_synsets, val_labels, val_id_table)
     for warning in report.warnings:

@@ -13,7 +13,7 @@ from imgprep.loading.bench import bench_loader, format_table
 from imgprep.prepare.build import FAILURES, BuildOptions, build_database
 from imgprep.formats.imageops import ImageSpec, parse_resize
 from imgprep.prepare.inspection import inspect_db
-from imgprep.formats.lists import make_lists
+from imgprep.prepare.make_lists import make_lists
 from imgprep.prepare.mean import MeanTransform, compute_mean, write_mean
 from imgprep.prepare.listing import TRAIN_TAR, VAL_TAR
 from imgprep.prepare.sample import make_sample, write_download

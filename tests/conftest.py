@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from imgprep.formats.lists import make_lists
+from imgprep.prepare.make_lists import make_lists
 from imgprep.prepare.sample import make_sample
 
 IMGPREP = [sys.executable, "-m", "imgprep"]

@@ -12,7 +12,8 @@ from imgprep import ImgprepError
 from imgprep.prepare.archives import archive_key, index_path
 from imgprep.prepare.build import BuildOptions, build_database, read_failures
 from imgprep.formats.imageops import ImageFailure, ImageSpec, parse_resize
-from imgprep.formats.lists import SYNSETS_FILE, ilsvrc2012_count_warnings, load_synsets, make_lists
+from imgprep.formats.lists import SYNSETS_FILE, load_synsets
+from imgprep.prepare.make_lists import ilsvrc2012_count_warnings, make_lists
 from imgprep.prepare.listing import DEVKIT_TAR, TRAIN_TAR, VAL_TAR
 from imgprep.formats.manifest import read_manifest
 from imgprep.prepare.merge import merge_parts

@@ -6,8 +6,8 @@ import pytest
 
 from conftest import assert_clean_error, run_cli
 from imgprep import ImgprepError
-from imgprep.formats.lists import (PACKAGE_ILSVRC12, SYNSET_WORDS_FILE, load_synset_words, load_synsets,
-                           make_lists, read_list)
+from imgprep.formats.lists import PACKAGE_ILSVRC12, SYNSET_WORDS_FILE, load_synset_words, load_synsets, read_list
+from imgprep.prepare.make_lists import make_lists
 from imgprep.prepare.sample import ID_TABLE_NAME, devkit_ids
 
 

@@ -27,7 +27,8 @@ import numpy as np
 from PIL import Image
 
 from imgprep import ImgprepError
-from imgprep.formats.lists import DEVKIT_GROUND_TRUTH, KAGGLE_SOLUTION, load_synset_words, load_synsets
+from imgprep.formats.lists import load_synset_words, load_synsets
+from imgprep.prepare.make_lists import DEVKIT_GROUND_TRUTH, KAGGLE_SOLUTION
 from imgprep.prepare.listing import DEVKIT_TAR, TRAIN_TAR, VAL_TAR
 
 PHOTOS_DIR = Path(__file__).parent.parent / "data" / "photos"
