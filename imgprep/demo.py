@@ -10,7 +10,8 @@ import click
 
 from imgprep import ImgprepError
 from imgprep.loading.bench import bench_loader, format_table
-from imgprep.prepare.build import FAILURES, BuildOptions, build_database
+from imgprep.prepare.build import BuildOptions, build_database
+from imgprep.formats.manifest import FAILURES
 from imgprep.formats.imageops import ImageSpec, parse_resize
 from imgprep.prepare.inspection import inspect_db
 from imgprep.prepare.make_lists import make_lists

@@ -16,7 +16,7 @@ from imgprep.prepare.build import MANIFEST  # noqa: E402
 from imgprep.formats.codec import decode_datum, encode_blob, encode_datum  # noqa: E402
 from imgprep.loading.dataset import CaffeDataset  # noqa: E402
 from imgprep.formats.imageops import ImageSpec, decode_upright, parse_resize  # noqa: E402
-from imgprep.loading.loader import IMAGENET_MEAN_RGB, IMAGENET_STD_RGB  # noqa: E402
+from imgprep.loading.policies import IMAGENET_MEAN_RGB, IMAGENET_STD_RGB
 from imgprep.formats.storage import Reader, open_writer  # noqa: E402
 
 RECORDS = 40

@@ -18,7 +18,8 @@ from caffe_proto import Datum
 from conftest import assert_clean_error, db_records, run_cli
 from imgprep.prepare.build import BuildOptions, build_database
 from imgprep.formats.imageops import ImageSpec, decode_upright, keeps_original, parse_resize
-from imgprep.prepare.mean import compute_mean, load_mean
+from imgprep.prepare.mean import compute_mean
+from imgprep.formats.codec import load_mean
 
 SIZE = 32  # records are squashed to SIZE x SIZE: small, quick, and enough to catch a layout error
 

@@ -10,7 +10,8 @@ from conftest import index_labelled_dbs
 from imgprep import ImgprepError
 from imgprep.formats.codec import encode_blob
 from imgprep.formats.imageops import center_crop, decode_to_rgb
-from imgprep.loading.loader import IMAGENET_MEAN_RGB, IMAGENET_STD_RGB, Loader
+from imgprep.loading.loader import Loader
+from imgprep.loading.policies import IMAGENET_MEAN_RGB, IMAGENET_STD_RGB
 from imgprep.formats.storage import Reader
 from imgprep.formats.codec import decode_datum
 
@@ -292,7 +293,9 @@ def test_gpu_graph_places_every_stage_after_the_reader_on_the_gpu(dbs, tmp_path,
     """The GPU graph cannot run here, but DALI checks device placement while the graph is defined:
     every policy, every record kind, every normalisation, both channel orders."""
     from nvidia.dali import Pipeline
-    from imgprep.loading.loader import Normalisation, _Feed, database_info
+    from imgprep.loading.loader import _Feed
+    from imgprep.loading.policies import Normalisation
+    from imgprep.formats.database import database_info
     from imgprep.formats.order import EpochPlan
     from imgprep.loading.policies import graph, policy as make_policy
     from imgprep.loading.records import RecordSource
@@ -514,7 +517,7 @@ def db_values(db):
 def test_partial_builds_are_refused_unless_allowed_and_counts_come_from_the_manifest(dbs, tmp_path):
     import shutil
 
-    from imgprep.loading.loader import database_info
+    from imgprep.formats.database import database_info
 
     db = tmp_path / "db"
     shutil.copytree(dbs["encoded_leveldb"], db)

@@ -13,7 +13,8 @@ from imgprep import ImgprepError
 from imgprep.prepare.build import MANIFEST, BuildOptions, build_database
 from imgprep.formats.codec import encode_datum, raw_datum_prefix
 from imgprep.formats.imageops import ImageSpec, center_crop, decode_upright, parse_resize, to_bgr_chw
-from imgprep.prepare.mean import MeanTransform, compute_mean, load_mean, write_mean
+from imgprep.prepare.mean import MeanTransform, compute_mean, write_mean
+from imgprep.formats.codec import load_mean
 from imgprep.formats.storage import Reader, open_writer
 
 BLOB_HEADER = bytes.fromhex("08 01 10 03 18 80 02 20 80 02 2a 80 80 30")

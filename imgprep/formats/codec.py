@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from imgprep import ImgprepError
+from imgprep.formats.files import read_regular
 
 VARINT, FIXED64, LENGTH, FIXED32 = 0, 1, 2, 5
 
@@ -336,3 +337,15 @@ def decode_blob(buf) -> np.ndarray:
     if values.size != count:
         raise RecordError(f"blob declares shape {dims} ({count} values) but holds {values.size}")
     return values.reshape(dims)
+
+
+def load_mean(path) -> np.ndarray:
+    """A `.binaryproto` -> float32 (C, H, W) mean image, BGR planar (Caffe's layout)."""
+    try:
+        data = read_regular(path)
+    except OSError as e:
+        raise ImgprepError(f"cannot read mean file {path}: {e.strerror}") from None
+    try:
+        return decode_blob(data)
+    except RecordError as e:
+        raise ImgprepError(f"{path} is not a valid .binaryproto mean: {e}") from None

@@ -12,9 +12,11 @@ from __future__ import annotations
 import errno
 import fcntl
 import hashlib
+import io
 import json
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 from imgprep import ImgprepError
@@ -265,3 +267,43 @@ def record_count(reader, manifest: dict | None) -> int:
             and isinstance(manifest.get("records"), int):
         return manifest["records"]
     return len(reader)
+
+
+@dataclass
+class Failure:
+    position: int
+    path: str
+    reason: str
+    detail: str
+
+    def line(self) -> str:
+        clean = self.detail.replace("\t", " ").replace("\n", " ")
+        return f"{self.position}\t{escape_path(self.path)}\t{self.reason}\t{clean}\n"
+
+
+_ESCAPES = {"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"}
+
+
+_UNESCAPES = {"\\": "\\", "t": "\t", "n": "\n", "r": "\r"}
+
+
+def escape_path(path: str) -> str:
+    """A path as the failure report's column: backslash, tab, LF and CR written as \\\\, \\t, \\n, \\r."""
+    return "".join(_ESCAPES.get(c, c) for c in path)
+
+
+def unescape_path(text: str) -> str:
+    return re.sub(r"\\(.)", lambda m: _UNESCAPES.get(m[1], m[0]), text)
+
+
+def read_failures(out: Path) -> list[Failure]:
+    failures = []
+    try:
+        with io.TextIOWrapper(open_regular(out / FAILURES), encoding="utf-8", errors="surrogateescape") as f:
+            for line in f:
+                parts = line.rstrip("\n").split("\t", 3)
+                if len(parts) == 4 and parts[0].isdigit():
+                    failures.append(Failure(int(parts[0]), unescape_path(parts[1]), parts[2], parts[3]))
+    except FileNotFoundError:
+        pass
+    return failures

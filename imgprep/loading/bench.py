@@ -11,7 +11,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from imgprep import ImgprepError
-from imgprep.loading.loader import IMAGENET_MEAN_RGB, IMAGENET_STD_RGB, Loader, UpscaleWarning, dali_reason, database_info
+from imgprep.loading.loader import Loader, UpscaleWarning, dali_reason
+from imgprep.loading.policies import IMAGENET_MEAN_RGB, IMAGENET_STD_RGB
+from imgprep.formats.database import database_info
 
 
 @dataclass

@@ -27,7 +27,8 @@ from PIL import Image
 from imgprep import ImgprepError
 from imgprep.formats.codec import Datum, RecordError, decode_datum
 from imgprep.formats.imageops import ImageFailure, ImageSpec, ResizePolicy, bgr_chw_to_rgb_hwc, center_crop, decode_upright
-from imgprep.loading.loader import Normalisation, database_info
+from imgprep.loading.policies import Normalisation
+from imgprep.formats.database import database_info
 from imgprep.loading.draws import resized_crop_windows
 from imgprep.loading.options import OptionError, check_pixels, whole
 from imgprep.formats.order import augmentation

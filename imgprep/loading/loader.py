@@ -22,117 +22,23 @@ import os
 import re
 import warnings
 from collections import deque
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from imgprep import ImgprepError
-from imgprep.formats.manifest import read_manifest, require_complete
-from imgprep.formats.codec import RecordError, datum_payload
-from imgprep.formats.imageops import parse_resize
-from imgprep.prepare.mean import load_mean
 from imgprep.loading.options import OptionError, check_pixels, shards, whole
 from imgprep.formats.order import EmptyShard, EpochPlan, split_steps
-from imgprep.loading.policies import CHANNEL_ORDERS, Policy, batch_params, graph, output_mean_std, parse_policy
+from imgprep.loading.policies import CHANNEL_ORDERS, Normalisation, Policy, batch_params, graph, output_mean_std, parse_policy
 from imgprep.loading.records import RecordSource
-from imgprep.formats.storage import Reader, detect_backend
+from imgprep.formats.database import complete_manifest, database_info
+from imgprep.formats.storage import detect_backend
 
-IMAGENET_MEAN_RGB = (0.485 * 255, 0.456 * 255, 0.406 * 255)
-IMAGENET_STD_RGB = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 STATE_FORMAT = 1
 
 
 class UpscaleWarning(UserWarning):
     """A policy resizes records to a larger shorter side than they were built with."""
-
-
-@dataclass(frozen=True)
-class DatabaseInfo:
-    path: Path
-    backend: str
-    records: int
-    encoded: bool
-    channels: int
-    stored_size: tuple[int, int] | None  # (H, W) when every record has that size (raw, squash)
-    shorter_side: int | None  # when every record's shorter side is known to be this (imgprep builds)
-
-
-def database_info(path, allow_partial: bool = False, records: int | None = None) -> DatabaseInfo:
-    """What the loader needs to know about a database, without walking it where it can:
-    the record count comes from `records`, else from the build manifest (`imgprep-build.json`,
-    state `complete`), else from LMDB's statistics, else (LevelDB) from one pass over the keys.
-
-    Record sizes come from the manifest of an imgprep build (`identity.resize`, `identity.gray`),
-    never from an encoded record's channels/height/width (Caffe may leave them out); a foreign
-    encoded database is taken to hold images of differing sizes, a foreign raw one images of the
-    first record's size (as convert_imageset writes them). A partial build (state other than
-    `complete`) is refused unless `allow_partial`."""
-    path = Path(path)
-    backend = detect_backend(path)
-    manifest = _build_manifest(path, allow_partial)
-    state = manifest.get("state")
-    if records is None and state == "complete" and isinstance(manifest.get("records"), int):
-        records = manifest["records"]
-    with Reader(path, backend) as reader:
-        key, value = next(reader.items(), (None, None))
-        if records is None:
-            records = len(reader)
-    if key is None or records == 0:
-        raise ImgprepError(f"{path} holds no records")
-    try:
-        data, _, encoded, (channels, height, width) = datum_payload(value)
-    except RecordError as e:
-        raise ImgprepError(f"{path} does not hold Caffe Datum records (key {key[:40]!r}: {e})") from None
-    identity = manifest.get("identity", {})
-    stored, shorter = None, None
-    if identity:
-        channels = 1 if identity.get("gray") else 3
-        policy = parse_resize(identity.get("resize", "none"))
-        if policy.kind == "squash":
-            stored = (policy.height, policy.width)
-        elif identity.get("check_size") and not encoded:
-            stored = (height, width)
-        if policy.kind == "shorter":
-            shorter = policy.width or policy.height
-    elif encoded:
-        channels = 3  # decoded as RGB, whatever the JPEG holds
-    else:
-        stored = (height, width)
-    if stored is not None:
-        shorter = min(stored)
-    return DatabaseInfo(path, backend, records, encoded, channels, stored, shorter)
-
-
-def _build_manifest(path: Path, allow_partial: bool) -> dict:
-    """The build manifest ({} for a database imgprep did not build); a partial build is an error
-    unless `allow_partial`."""
-    manifest = read_manifest(path)
-    require_complete(path, manifest, allow_partial)
-    return manifest or {}
-
-
-@dataclass
-class Normalisation:
-    """How pixels are normalised; `mean_image` (C, H, W) BGR float32 from a .binaryproto."""
-
-    mean: tuple[float, ...] = IMAGENET_MEAN_RGB
-    std: tuple[float, ...] = IMAGENET_STD_RGB
-    mean_image: np.ndarray | None = None
-
-    @classmethod
-    def parse(cls, normalize) -> "Normalisation":
-        """'imagenet' (torchvision's mean/std), 'none', a .binaryproto path, or (mean, std) RGB 0..255."""
-        if isinstance(normalize, Normalisation):
-            return normalize
-        if normalize in (None, "none"):
-            return cls((0.0,), (1.0,))
-        if normalize == "imagenet":
-            return cls()
-        if isinstance(normalize, (str, Path)):
-            return cls((0.0,), (1.0,), load_mean(normalize))
-        mean, std = normalize
-        return cls(tuple(mean), tuple(std))
 
 
 class _Feed:
@@ -312,7 +218,7 @@ class Loader:
         if channel_order not in CHANNEL_ORDERS:
             raise OptionError(f"channel_order must be 'RGB' or 'BGR', not {channel_order!r}")
         self.policy = parse_policy(policy, train, crop, resize_shorter)
-        _build_manifest(Path(db), allow_partial)  # a partial build is refused before the keys are read
+        complete_manifest(Path(db), allow_partial)  # a partial build is refused before the keys are read
         if device == "auto":
             device = "gpu" if gpu_count() > 0 else "cpu"
         if device == "gpu" and gpu_count() == 0:

@@ -22,12 +22,13 @@ feed hands to it.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from imgprep import ImgprepError
+from imgprep.formats.codec import load_mean
 from imgprep.loading.draws import lighting, resized_crop_windows, shorter_sides
 from imgprep.formats.order import augmentation
 
@@ -35,6 +36,8 @@ TRAIN_POLICIES = ("caffe", "resnet", "inception")
 EVAL_POLICIES = ("center", "ten-crop")
 TEN_CROP_POSITIONS = ((0.0, 0.0), (1.0, 0.0), (0.0, 1.0), (1.0, 1.0), (0.5, 0.5))  # (x, y) as DALI's crop_pos
 CHANNEL_ORDERS = ("RGB", "BGR")
+IMAGENET_MEAN_RGB = (0.485 * 255, 0.456 * 255, 0.406 * 255)  # torchvision's, in 0..255
+IMAGENET_STD_RGB = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 
 
 @dataclass(frozen=True)
@@ -264,3 +267,27 @@ def graph(info, chosen: Policy, norm, dtype, layout, gpu, feed, decode_on_cpu=Fa
     if gpu:
         label = label.gpu()
     return images, label
+
+
+@dataclass
+class Normalisation:
+    """How pixels are normalised; `mean_image` (C, H, W) BGR float32 from a .binaryproto."""
+
+    mean: tuple[float, ...] = IMAGENET_MEAN_RGB
+    std: tuple[float, ...] = IMAGENET_STD_RGB
+    mean_image: np.ndarray | None = None
+
+    @classmethod
+    def parse(cls, normalize) -> "Normalisation":
+        """'imagenet' (torchvision's mean/std), 'none', a .binaryproto path, or (mean, std) RGB 0..255."""
+        if isinstance(normalize, Normalisation):
+            return normalize
+        if normalize in (None, "none"):
+            return cls((0.0,), (1.0,))
+        if normalize == "imagenet":
+            return cls()
+        if isinstance(normalize, (str, Path)):
+            return cls((0.0,), (1.0,), load_mean(normalize))
+        mean, std = normalize
+        return cls(tuple(mean), tuple(std))
+

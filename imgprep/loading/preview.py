@@ -139,7 +139,7 @@ def write_preview(db, out, policy=None, train: bool = True, count: int = 8, seed
     """Writes the contact sheet of `db`'s first `count` records under `policy` (a name or
     policies.Policy; default "caffe", or "center" when not `train`) as a PNG at `out`. An incomplete
     build is refused unless `allow_partial`."""
-    from imgprep.loading.loader import database_info
+    from imgprep.formats.database import database_info
     from imgprep.loading.policies import parse_policy, policy as make_policy
 
     out = Path(out)

@@ -20,25 +20,22 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import os
-import re
 import stat
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from imgprep import ImgprepError, __version__
-from imgprep.formats.codec import RecordError, decode_datum, encode_datum
+from imgprep.formats.codec import encode_datum
 from imgprep.formats.imageops import ImageFailure, ImageSpec, check_max_aspect, parse_resize, process_image
 from imgprep.formats.lists import ImageList, read_list
-from imgprep.formats.files import open_regular
-from imgprep.formats.manifest import (FAILURES, LOCK, MANIFEST, MANIFEST_FORMAT, OLD_FORMATS, OutputLock,  # noqa: F401
+from imgprep.formats.manifest import (FAILURES, LOCK, MANIFEST, MANIFEST_FORMAT, OLD_FORMATS, OutputLock, Failure, read_failures,  # noqa: F401
                        clear_output, contents, file_sha256, finish_hint, made_by_merge, open_own, read_manifest,
                        refuse_links, require_complete, write_manifest)
+from imgprep.formats.database import entry_key, key_position, record_shape
 from imgprep.formats.order import permutation
 from imgprep.prepare.parallel import chunked, ordered_map, resolve_jobs, shared_put
 from imgprep.prepare.progress import Progress
@@ -103,31 +100,6 @@ class BuildOptions:
 
 
 @dataclass
-class Failure:
-    position: int
-    path: str
-    reason: str
-    detail: str
-
-    def line(self) -> str:
-        clean = self.detail.replace("\t", " ").replace("\n", " ")
-        return f"{self.position}\t{escape_path(self.path)}\t{self.reason}\t{clean}\n"
-
-
-_ESCAPES = {"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"}
-_UNESCAPES = {"\\": "\\", "t": "\t", "n": "\n", "r": "\r"}
-
-
-def escape_path(path: str) -> str:
-    """A path as the failure report's column: backslash, tab, LF and CR written as \\\\, \\t, \\n, \\r."""
-    return "".join(_ESCAPES.get(c, c) for c in path)
-
-
-def unescape_path(text: str) -> str:
-    return re.sub(r"\\(.)", lambda m: _UNESCAPES.get(m[1], m[0]), text)
-
-
-@dataclass
 class BuildReport:
     out: Path
     records: int = 0
@@ -149,18 +121,6 @@ class BuildReport:
         if self.failures:
             text += f"; failures by reason: {reasons}; see {self.out / FAILURES}"
         return text
-
-
-def entry_key(position: int, path: str) -> bytes:
-    """Caffe's key: `%08d_%s` of the entry's position in the (shuffled) list and its path."""
-    return f"{position:08d}_{path}".encode("utf-8", "surrogateescape")
-
-
-def key_position(key: bytes) -> int:
-    head = key.split(b"_", 1)[0]
-    if not head.isdigit():
-        raise ImgprepError(f"key {key[:40]!r} does not start with a position; not built by imgprep")
-    return int(head)
 
 
 def list_order(count: int, shuffle: bool, seed: int) -> np.ndarray:
@@ -222,19 +182,6 @@ def crashed_failure(position: int, rel: str, detail: str) -> Failure:
 def crashed_entry(item, detail: str):
     position, rel, _ = item
     return position, rel, crashed_failure(position, rel, detail), None
-
-
-def read_failures(out: Path) -> list[Failure]:
-    failures = []
-    try:
-        with io.TextIOWrapper(open_regular(out / FAILURES), encoding="utf-8", errors="surrogateescape") as f:
-            for line in f:
-                parts = line.rstrip("\n").split("\t", 3)
-                if len(parts) == 4 and parts[0].isdigit():
-                    failures.append(Failure(int(parts[0]), unescape_path(parts[1]), parts[2], parts[3]))
-    except FileNotFoundError:
-        pass
-    return failures
 
 
 def _prepare_output(out: Path, identity: dict, resume: bool, overwrite: bool) -> dict | None:
@@ -435,22 +382,6 @@ def _build_locked(list_path, root, source, out, options, entries, order, identit
     write_manifest(out, manifest)
     progress.finish(report.summary())
     return report
-
-
-def record_shape(value: bytes) -> tuple[int, int, int]:
-    """(channels, height, width) of a record; an encoded record (which, as Caffe's, need not carry
-    them) is decoded for them."""
-    return datum_shape(decode_datum(value))
-
-
-def datum_shape(datum) -> tuple[int, int, int]:
-    if datum.encoded:  # imgprep stores encoded images upright, so the header's size is the image's
-        try:
-            with Image.open(io.BytesIO(datum.data)) as image:
-                return len(image.getbands()), image.height, image.width
-        except (OSError, ValueError, Image.DecompressionBombError) as e:
-            raise RecordError(f"encoded image does not open: {e}") from None
-    return datum.channels, datum.height, datum.width
 
 
 def _count_reasons(failures: list[Failure]) -> dict:

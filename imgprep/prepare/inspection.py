@@ -9,7 +9,9 @@ from pathlib import Path
 from imgprep import ImgprepError
 import numpy as np
 
-from imgprep.prepare.build import FAILURES, datum_shape, entry_key, list_order, read_failures
+from imgprep.prepare.build import list_order
+from imgprep.formats.manifest import FAILURES, read_failures
+from imgprep.formats.database import datum_shape, entry_key
 from imgprep.formats.codec import RecordError, decode_datum
 from imgprep.formats.imageops import ImageFailure, decode_upright
 from imgprep.formats.lists import read_list

@@ -27,11 +27,11 @@ import numpy as np
 from PIL import Image
 
 from imgprep import ImgprepError
-from imgprep.prepare.build import datum_shape
-from imgprep.formats.codec import RecordError, decode_blob, decode_datum, encode_blob, is_plain_raw_tail, raw_datum_prefix
+from imgprep.formats.database import datum_shape
+from imgprep.formats.codec import RecordError, decode_datum, encode_blob, is_plain_raw_tail, raw_datum_prefix
 from imgprep.formats.imageops import (ImageFailure, ImageSpec, ResizePolicy, bgr_chw_to_rgb_hwc, center_crop,
                        decode_upright, to_bgr_chw)
-from imgprep.formats.files import check_output_file, read_regular, refuse_overlaps, write_atomic
+from imgprep.formats.files import check_output_file, refuse_overlaps, write_atomic
 from imgprep.formats.manifest import read_manifest, record_count, require_complete
 from imgprep.prepare.parallel import ordered_map, resolve_jobs
 from imgprep.prepare.progress import Progress
@@ -340,14 +340,3 @@ def write_mean(result: MeanResult, path, values_out=None) -> None:
                     f"rgb {' '.join(f'{v:.6f}' for v in values['rgb'])}\n")
         write_atomic(values_out, text.encode())
 
-
-def load_mean(path) -> np.ndarray:
-    """A `.binaryproto` -> float32 (C, H, W) mean image, BGR planar (Caffe's layout)."""
-    try:
-        data = read_regular(path)
-    except OSError as e:
-        raise ImgprepError(f"cannot read mean file {path}: {e.strerror}") from None
-    try:
-        return decode_blob(data)
-    except RecordError as e:
-        raise ImgprepError(f"{path} is not a valid .binaryproto mean: {e}") from None

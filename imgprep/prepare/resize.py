@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from imgprep import ImgprepError
-from imgprep.prepare.build import Failure, crashed_failure
+from imgprep.prepare.build import crashed_failure
+from imgprep.formats.manifest import Failure
 from imgprep.formats.files import read_regular, refuse_overlaps, write_atomic
 from imgprep.formats.imageops import ImageFailure, ImageSpec, process_image
 from imgprep.formats.lists import is_image_name
