@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from imgprep._scale import make_pool_tree, measure, write_long_list
+from scale_fixtures import make_pool_tree, measure, write_long_list
 
 
 def main():

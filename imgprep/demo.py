@@ -16,7 +16,7 @@ from imgprep.formats.imageops import ImageSpec, parse_resize
 from imgprep.prepare.inspection import inspect_db
 from imgprep.prepare.make_lists import make_lists
 from imgprep.prepare.mean import MeanTransform, compute_mean, write_mean
-from imgprep.prepare.listing import TRAIN_TAR, VAL_TAR
+from imgprep.prepare.download import TRAIN_TAR, VAL_TAR
 from imgprep.prepare.sample import make_sample, write_download
 
 # Marks a folder as a demo's own, which the next demo in it may delete.

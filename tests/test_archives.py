@@ -15,7 +15,7 @@ from imgprep.formats.manifest import read_failures
 from imgprep.formats.imageops import ImageFailure, ImageSpec, parse_resize
 from imgprep.formats.lists import SYNSETS_FILE, load_synsets
 from imgprep.prepare.make_lists import ilsvrc2012_count_warnings, make_lists
-from imgprep.prepare.listing import DEVKIT_TAR, TRAIN_TAR, VAL_TAR
+from imgprep.prepare.download import DEVKIT_TAR, TRAIN_TAR, VAL_TAR
 from imgprep.formats.manifest import read_manifest
 from imgprep.prepare.merge import merge_parts
 from imgprep.prepare.resize import resize_tree

@@ -1,6 +1,10 @@
 """Memory stays flat with scale: list parsing per line, and the writer's peak RSS per record."""
 
-from imgprep._scale import make_pool_tree, measure, write_long_list
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
+from scale_fixtures import make_pool_tree, measure, write_long_list  # noqa: E402
 
 
 def test_million_line_list_parses_in_bounded_memory(tmp_path):

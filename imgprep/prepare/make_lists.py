@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from imgprep import ImgprepError
-from imgprep.prepare.listing import DEVKIT_TAR, TRAIN_TAR, VAL_TAR, MemberListing, TreeListing, find_download
+from imgprep.prepare.download import DEVKIT_TAR, TRAIN_TAR, VAL_TAR, MemberListing, TreeListing, find_download
 from imgprep.prepare.progress import Progress
 from imgprep.prepare.archives import compression, decompress_command
 from imgprep.prepare.sources import open_regular, open_source, read_user_file

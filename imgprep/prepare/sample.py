@@ -29,7 +29,7 @@ from PIL import Image
 from imgprep import ImgprepError
 from imgprep.formats.lists import load_synset_words, load_synsets
 from imgprep.prepare.make_lists import DEVKIT_GROUND_TRUTH, KAGGLE_SOLUTION
-from imgprep.prepare.listing import DEVKIT_TAR, TRAIN_TAR, VAL_TAR
+from imgprep.prepare.download import DEVKIT_TAR, TRAIN_TAR, VAL_TAR
 
 PHOTOS_DIR = Path(__file__).parent.parent / "data" / "photos"
 ID_TABLE_NAME = "ILSVRC2012_id_to_wnid.csv"

@@ -35,7 +35,7 @@ from pathlib import Path
 from imgprep import ImgprepError
 from imgprep.prepare.build import PRESETS, BuildOptions, Interrupted, build_database, image_spec
 from imgprep.formats.imageops import parse_resize
-from imgprep.prepare.listing import DEVKIT_TAR, TRAIN_TAR, VAL_TAR, find_download
+from imgprep.prepare.download import DEVKIT_TAR, TRAIN_TAR, VAL_TAR, find_download
 from imgprep.prepare.make_lists import find_val_labels, make_lists
 from imgprep.formats.manifest import OutputLock, file_sha256, open_own, read_manifest
 from imgprep.prepare.mean import MeanTransform, compute_mean, write_mean
