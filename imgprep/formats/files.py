@@ -34,15 +34,19 @@ def file_kind(mode: int) -> str | None:
     return "special file"
 
 
-def not_regular(path, kind: str) -> ImgprepError:
-    return ImgprepError(f"{path} is a {kind}, not a regular file; imgprep reads only regular files")
+class NotRegular(ImgprepError):
+    """A path imgprep was to read names a FIFO, a device, a socket or a folder; `kind` says which."""
+
+    def __init__(self, path, kind: str):
+        super().__init__(f"{path} is a {kind}, not a regular file; imgprep reads only regular files")
+        self.kind = kind
 
 
 def require_regular(path) -> None:
     """Refuses `path` (links followed) unless it is a regular file; FileNotFoundError where nothing is there."""
     kind = file_kind(os.stat(path).st_mode)
     if kind:
-        raise not_regular(path, kind)
+        raise NotRegular(path, kind)
 
 
 def open_regular(path):
@@ -54,7 +58,7 @@ def open_regular(path):
     try:
         kind = file_kind(os.fstat(fd).st_mode)
         if kind:
-            raise not_regular(path, kind)
+            raise NotRegular(path, kind)
     except BaseException:
         os.close(fd)
         raise
@@ -65,6 +69,31 @@ def read_regular(path) -> bytes:
     """The bytes of a regular file (see open_regular)."""
     with open_regular(path) as f:
         return f.read()
+
+
+def open_user_file(path, what: str):
+    """A user's file (an archive, a devkit, a label file) opened for binary reading when it is a regular
+    file; otherwise an ImgprepError naming `what` and saying what is wrong (missing, a FIFO, unreadable),
+    never a hang."""
+    try:
+        return open_regular(path)
+    except FileNotFoundError:
+        raise ImgprepError(f"cannot read {what}: no such file: {path}") from None
+    except NotRegular as e:
+        raise ImgprepError(f"cannot read {what}: {e}") from None
+    except OSError as e:
+        raise ImgprepError(f"cannot read {what}: {path}: {e.strerror or e}") from None
+    except ValueError as e:  # a NUL byte in the name
+        raise ImgprepError(f"cannot read {what}: {str(path)!r}: {e}") from None
+
+
+def read_user_file(path, what: str) -> bytes:
+    """The bytes of a user's regular file (see `open_user_file`)."""
+    with open_user_file(path, what) as f:
+        try:
+            return f.read()
+        except OSError as e:
+            raise ImgprepError(f"cannot read {what} {path}: {e.strerror or e}") from None
 
 
 def identity(path) -> tuple[int, int] | None:

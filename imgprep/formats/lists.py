@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from imgprep import ImgprepError
-from imgprep.prepare.sources import read_user_file
+from imgprep.formats.files import read_user_file
 
 PACKAGE_ILSVRC12 = Path(__file__).parent.parent / "data" / "ilsvrc12"
 SYNSETS_FILE = PACKAGE_ILSVRC12 / "synsets.txt"

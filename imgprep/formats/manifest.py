@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from imgprep import ImgprepError
-from imgprep.formats.files import file_kind, link_refused, not_regular, open_regular, read_regular
+from imgprep.formats.files import NotRegular, file_kind, link_refused, open_regular, read_regular
 
 MANIFEST = "imgprep-build.json"
 FAILURES = "imgprep-failures.tsv"
@@ -199,7 +199,7 @@ def refuse_special_files(path: Path) -> None:
             kind = file_kind(os.stat(entry.path).st_mode)
         except FileNotFoundError:  # a dangling link: as absent as a missing file
             continue
-        raise not_regular(Path(path) / name, kind)
+        raise NotRegular(Path(path) / name, kind)
 
 
 def contents(out: Path) -> list[str]:

@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 
 from imgprep import ImgprepError
-from imgprep.formats.files import file_kind, not_regular, read_regular, require_regular
+from imgprep.formats.files import NotRegular, file_kind, read_regular, require_regular
 
 # torchvision.datasets.folder.IMG_EXTENSIONS
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -44,7 +44,7 @@ def image_files(root: Path, list_file: Path | None = None) -> list[tuple[str, in
             except OSError:
                 continue
             if kind:
-                raise not_regular(path, kind)
+                raise NotRegular(path, kind)
         return samples
     classes = sorted(d.name for d in root.iterdir() if d.is_dir())
     return [(str(path), label) for label, name in enumerate(classes)

@@ -38,7 +38,7 @@ import numpy as np
 from imgprep import ImgprepError
 from imgprep.formats.imageops import ImageFailure
 from imgprep.prepare.progress import Progress
-from imgprep.prepare.sources import open_regular
+from imgprep.formats.files import open_user_file
 
 INDEX_MAGIC = b"imgprep-archive-index/2\n"
 INDEX_FAMILY = b"imgprep-archive-index/"  # older versions' indexes are made again without a warning
@@ -62,7 +62,7 @@ def compression_of(head: bytes) -> str | None:
 
 def compression(path: Path) -> str | None:
     """The compression of the file at `path` (see `compression_of`); only a regular file is read."""
-    with open_regular(path, "archive") as f:
+    with open_user_file(path, "archive") as f:
         return compression_of(f.read(6))
 
 
@@ -212,7 +212,7 @@ def index_archive(path: Path, show_progress: bool = True) -> Members:
     resolved."""
     members = Members()
     progress = Progress(f"indexing {path.name}", None, unit="members", enabled=show_progress)
-    with open_regular(path, "archive") as f:
+    with open_user_file(path, "archive") as f:
         kind = compression_of(f.read(6))
         if kind:
             raise ImgprepError(f"{path} is {kind}-compressed; images are read from an uncompressed tar at their "
@@ -289,7 +289,7 @@ class ArchiveIndex:
 
     def __init__(self, path: Path, verify: bool = False):
         try:
-            with open_regular(path, "archive index") as f:
+            with open_user_file(path, "archive index") as f:
                 self.map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         except ImgprepError as e:
             raise (FileNotFoundError if not os.path.lexists(path) else ValueError)(str(e)) from None
@@ -407,7 +407,7 @@ class TarSource:
         found = _OPENED.get(slot)
         if found and found[0] == os.getpid():
             return found[1], found[2]
-        with open_regular(self.path, "archive") as f:
+        with open_user_file(self.path, "archive") as f:
             fd = os.dup(f.fileno())
         st = os.fstat(fd)
         if (st.st_size, st.st_mtime_ns) != (self.key["size"], self.key["mtime_ns"]):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from imgprep import ImgprepError
 from imgprep.prepare.archives import compression
-from imgprep.prepare.sources import open_regular
+from imgprep.formats.files import open_user_file
 
 TRAIN_TAR = "ILSVRC2012_img_train.tar"
 VAL_TAR = "ILSVRC2012_img_val.tar"
@@ -90,7 +90,7 @@ def archive_kind(path: Path) -> str:
     if compression(path):
         return "devkit"
     try:
-        with open_regular(path, "archive") as f, tarfile.open(fileobj=f, mode="r:") as tar:
+        with open_user_file(path, "archive") as f, tarfile.open(fileobj=f, mode="r:") as tar:
             first = tar.next()
             while first is not None and not first.isreg():
                 first = tar.next()

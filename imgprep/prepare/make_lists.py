@@ -23,7 +23,8 @@ from imgprep import ImgprepError
 from imgprep.prepare.download import DEVKIT_TAR, TRAIN_TAR, VAL_TAR, MemberListing, TreeListing, find_download
 from imgprep.prepare.progress import Progress
 from imgprep.prepare.archives import compression, decompress_command
-from imgprep.prepare.sources import open_regular, open_source, read_user_file
+from imgprep.formats.files import open_user_file, read_user_file
+from imgprep.prepare.sources import open_source
 
 from imgprep.formats.lists import ILSVRC2012_COUNTS, SHOWN, is_image_name, load_synset_words, load_synsets, read_text, write_list
 
@@ -334,7 +335,7 @@ def read_devkit_labels(devkit: Path) -> tuple[dict[str, str], str]:
     if kind not in DECOMPRESSORS:
         raise ImgprepError(f"the devkit {devkit} is {kind}-compressed; {decompress_command(kind)} it and give the tar")
     try:
-        with open_regular(devkit, "devkit") as raw, DECOMPRESSORS[kind](raw) as stream:
+        with open_user_file(devkit, "devkit") as raw, DECOMPRESSORS[kind](raw) as stream:
             with tarfile.open(fileobj=stream, mode="r|") as tar:
                 for member in tar:
                     base = posixpath.basename(member.name)

@@ -7,70 +7,27 @@ such entries, like missing and unreadable files, become `ImageFailure`s for the 
 from __future__ import annotations
 
 import os
-import stat
 from pathlib import Path
 
 from imgprep import ImgprepError
+from imgprep.formats.files import NotRegular, file_kind, open_regular
 from imgprep.formats.imageops import ImageFailure
 
 
-def _open_regular(path: str | os.PathLike) -> int:
-    """A file descriptor of the regular file at `path` (symlinks followed); anything else is an
-    `ImageFailure` (reasons `missing`, `not-a-file`, `unreadable`)."""
+def read_regular_file(path: str | os.PathLike) -> bytes:
+    """The bytes of an image file that is a regular file (symlinks followed); anything else is an
+    `ImageFailure` (reasons `missing`, `not-a-file`, `unreadable`) for the failure report."""
     try:
-        kind = _kind(os.stat(path).st_mode)
-        if kind:
-            raise ImageFailure("not-a-file", f"{path} is a {kind}, not a regular file")
-        # O_NONBLOCK: should the path become a FIFO after the stat, opening it still cannot block.
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
-        kind = _kind(os.fstat(fd).st_mode)
-        if kind:
-            os.close(fd)
-            raise ImageFailure("not-a-file", f"{path} is a {kind}, not a regular file")
-        return fd
+        with open_regular(path) as f:
+            return f.read()
     except FileNotFoundError:
         raise ImageFailure("missing", f"no such file: {path}") from None
+    except NotRegular as e:
+        raise ImageFailure("not-a-file", f"{path} is a {e.kind}, not a regular file") from None
     except OSError as e:
         raise ImageFailure("unreadable", f"{path}: {e.strerror or e}") from None
     except ValueError as e:  # a NUL byte in the name
         raise ImageFailure("unreadable", f"{str(path)!r}: {e}") from None
-
-
-def read_regular_file(path: str | os.PathLike) -> bytes:
-    """The bytes of a regular file (symlinks followed); anything else is an `ImageFailure`."""
-    try:
-        with open(_open_regular(path), "rb") as f:
-            return f.read()
-    except OSError as e:
-        raise ImageFailure("unreadable", f"{path}: {e.strerror or e}") from None
-
-
-def open_regular(path: str | os.PathLike, what: str):
-    """A user's file (an archive, a devkit, a label file), opened for binary reading; a FIFO, device,
-    socket or folder is an ImgprepError naming it, never a hang."""
-    try:
-        return open(_open_regular(path), "rb")
-    except ImageFailure as e:
-        raise ImgprepError(f"cannot read {what}: {e.detail}") from None
-
-
-def read_user_file(path: str | os.PathLike, what: str) -> bytes:
-    """The bytes of a user's regular file (see `open_regular`)."""
-    with open_regular(path, what) as f:
-        try:
-            return f.read()
-        except OSError as e:
-            raise ImgprepError(f"cannot read {what} {path}: {e.strerror or e}") from None
-
-
-def _kind(mode: int) -> str | None:
-    if stat.S_ISREG(mode):
-        return None
-    for test, name in ((stat.S_ISDIR, "folder"), (stat.S_ISFIFO, "FIFO"), (stat.S_ISSOCK, "socket"),
-                       (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device")):
-        if test(mode):
-            return name
-    return "special file"
 
 
 def read_source(root: Path, rel: str, allow_outside_root: bool) -> bytes:
@@ -100,7 +57,7 @@ def open_source(path, allow_outside_root: bool = False, show_progress: bool = Tr
         return TarSource.open(path, show_progress=show_progress)
     if not path.exists():
         raise ImgprepError(f"image root {path} does not exist")
-    raise ImgprepError(f"image root {path} is a {_kind(path.stat().st_mode)}, neither a folder nor a tar archive")
+    raise ImgprepError(f"image root {path} is a {file_kind(path.stat().st_mode)}, neither a folder nor a tar archive")
 
 
 class TreeSource:
