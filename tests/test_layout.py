@@ -1,0 +1,58 @@
+"""The two halves stay apart: loading/ never imports prepare/ nor prepare/ loading/, and formats/ imports
+neither; a trainer that imports the loader and the Dataset loads none of the preparation stack."""
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).parent.parent / "imgprep"
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Every imgprep module a file's import statements name, at any depth (function-level imports too)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            assert node.level == 0, f"{path}: relative import of {node.module}"
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return {name for name in names if name.startswith("imgprep.")}
+
+
+@pytest.mark.parametrize("half, forbidden", [("loading", ("imgprep.prepare",)), ("prepare", ("imgprep.loading",)),
+                                             ("formats", ("imgprep.prepare", "imgprep.loading"))])
+def test_no_import_statement_crosses_between_the_halves(half, forbidden):
+    crossing = {str(path.relative_to(PACKAGE)): sorted(name for name in imported_modules(path)
+                                                        if name.startswith(forbidden))
+                for path in sorted((PACKAGE / half).glob("*.py"))}
+    assert not {path: names for path, names in crossing.items() if names}
+
+
+def modules_loaded_by(*modules: str) -> list[str]:
+    """sys.modules after importing `modules` in a fresh interpreter."""
+    code = ("import importlib, json, sys\n"
+            f"for name in {list(modules)!r}: importlib.import_module(name)\n"
+            "print(json.dumps(sorted(sys.modules)))")
+    return json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                     check=True).stdout)
+
+
+def test_a_trainer_importing_the_loader_and_the_dataset_loads_no_preparation_module():
+    loaded = modules_loaded_by("imgprep.loading.loader", "imgprep.loading.dataset")
+    assert "imgprep.loading.loader" in loaded and "imgprep.loading.dataset" in loaded
+    assert not [name for name in loaded if name.startswith("imgprep.prepare")]
+    assert not [name for name in loaded if name.split(".")[0] in ("joblib", "loky", "scipy", "dask")]
+
+
+def test_the_public_api_imports_its_parts_only_when_used():
+    loaded = modules_loaded_by("imgprep")
+    assert not [name for name in loaded if name.startswith(("imgprep.prepare", "imgprep.loading"))]
+    loaded = modules_loaded_by("imgprep.prepare.build", "imgprep.prepare.make_lists", "imgprep.prepare.mean",
+                               "imgprep.prepare.merge", "imgprep.prepare.inspection")
+    assert not [name for name in loaded if name.startswith(("imgprep.loading", "nvidia.dali", "torch"))]
