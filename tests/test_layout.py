@@ -56,3 +56,14 @@ def test_the_public_api_imports_its_parts_only_when_used():
     loaded = modules_loaded_by("imgprep.prepare.build", "imgprep.prepare.make_lists", "imgprep.prepare.mean",
                                "imgprep.prepare.merge", "imgprep.prepare.inspection")
     assert not [name for name in loaded if name.startswith(("imgprep.loading", "nvidia.dali", "torch"))]
+
+
+def test_every_public_name_resolves_and_is_documented():
+    import imgprep
+
+    for name in imgprep.__all__:
+        value = getattr(imgprep, name)
+        if callable(value):
+            assert (value.__doc__ or "").strip(), f"imgprep.{name} has no docstring"
+    with pytest.raises(AttributeError):
+        imgprep.not_a_name  # noqa: B018

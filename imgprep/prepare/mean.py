@@ -256,6 +256,11 @@ def _sum_in_threads(reader: Reader, transform, shape, jobs: int, total: int, pro
 def compute_mean(db, transform: MeanTransform = MeanTransform(), jobs: int | None = None,
                  scheduler: str | None = None, show_progress: bool = True,
                  allow_partial: bool = False) -> MeanResult:
+    """The exact mean of every record of the database `db` (summed in integers, so exact at any N), as
+    `transform` says: the stored size, a center crop (`MeanTransform(crop=224)`) or a squash resize.
+    Encoded records are decoded first; records of differing sizes need a crop or a resize. `jobs` threads
+    (or the Dask cluster at `scheduler`) sum disjoint key ranges. An incomplete build is refused unless
+    `allow_partial`. `write_mean` writes the result as Caffe's `.binaryproto`."""
     db = Path(db)
     detect_backend(db)
     manifest = read_manifest(db)

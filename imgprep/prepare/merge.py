@@ -58,6 +58,10 @@ def _replaceable(out: Path, overwrite: bool) -> None:
 
 
 def merge_parts(parts, out, overwrite: bool = False, show_progress: bool = True, allow_partial: bool = False) -> dict:
+    """The parts of one sharded build (`build-lmdb --num-shards K --shard-index i`), copied in order into
+    one database at `out`, equal record for record to a single build, with their failure reports joined;
+    returns the merged manifest. The parts must be complete (unless `allow_partial`) parts of the same
+    build; `out` is replaced only with `overwrite`. A stopped merge is finished by the same call."""
     parts = [Path(p) for p in parts]
     out = Path(out)
     refuse_overlaps(parts, [out], "part")
