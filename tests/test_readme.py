@@ -12,8 +12,8 @@ import pytest
 from imgprep.formats.storage import Reader
 
 REPO = Path(__file__).parents[1]
-DOCS = [REPO / "README.md", REPO / "benchmarks" / "README.md"]
-REPO_DIRS = ("benchmarks", "data", "examples", "imgprep", "scripts", "tests")
+DOCS = [REPO / "README.md", REPO / "benchmarks" / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+REPO_DIRS = ("benchmarks", "data", "docs", "examples", "imgprep", "scripts", "tests")
 # A repository path: starts with one of the top folders and is not part of a longer path ($DATA/...,
 # /data/...).
 REPO_PATH = re.compile(rf"(?<![\w/.$-])((?:{'|'.join(REPO_DIRS)})/[\w./-]*)")
