@@ -10,13 +10,13 @@
 # Results go to $OUT (else build/gpu-check): summary.json, report.md, log.txt, rewritten after each step.
 # Data and state stay in /tmp/imgprep-gpu between calls while the machine is up.
 #
-# Device time, 15 minutes in all; the plan takes about 12.7 (s = seconds, measured or set here):
+# Device time, 15 minutes in all; the plan takes about 12.8 (s = seconds, measured or set here):
 #   machine start                                      120 s  (1-2 min)
 #   call 1: carry DALI part p0 (56 MiB), copy it        20 s
 #   call 2: carry part p1 (15 MiB), unpack (754 MiB),   15 s
 #           tier 1: doctor, GPU graph per policy,      150 s  budget
 #           contract + policy tests, break/restart
-#   call 3: tier 2: data (10,000 JPEGs, 2 LMDBs),      210 s  budget
+#   call 3: tier 2: data (10,000 JPEGs, 2 LMDBs),      215 s  budget
 #           bench-loader rows, policies, feed CPU,
 #           record source, resnet on 480, split
 #   call 4: tier 3: ResNet-50 fed 3 ways + eval,       180 s  budget
@@ -24,7 +24,7 @@
 #   transfers back, and 3 gaps between calls (<30 s     65 s
 #   each, or the machine goes back), give_back at once
 #   ----------------------------------------------------------
-#   total                                              760 s = 12.7 min (13 planned, 15 lent)
+#   total                                              765 s = 12.8 min (13 planned, 15 lent)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 py=${PYTHON:-python3}

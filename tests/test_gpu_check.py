@@ -3,6 +3,7 @@ skip what would not fit, and scripts/pack_dali.py's pruning keeps exactly one GP
 
 import json
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -131,3 +132,14 @@ def test_pack_keeps_what_the_loader_loads_and_leaves_out_the_rest():
     assert not pack_dali.wanted("nvidia/dali/backend_impl.cpython-311-x86_64-linux-gnu.so", None, "312")
     assert not pack_dali.wanted("nvidia/dali/include/dali/core/common.h", None, "312")
     assert not any(name.startswith(("nvidia-libnvcomp", "libcst", "nvtx", "makefun")) for name in pack_dali.WHEELS)
+
+
+def test_each_tier_fits_its_budget_and_the_plan_fits_13_minutes():
+    for tier, budget in gpu_check.TIER_BUDGETS.items():
+        # tier 3 reuses tier 2's data (made again only on a machine that went back in between)
+        planned = [1 if (st.tier, st.name) == (3, "data") else st.estimate for st in gpu_check.STEPS if st.tier == tier]
+        assert sum(planned) <= budget, tier
+    total = sum(gpu_check.TIER_BUDGETS.values()) + sum(gpu_check.PLAN_OVERHEAD.values())
+    assert total <= gpu_check.PLAN_LIMIT
+    header = (ROOT / "scripts" / "gpu-check.sh").read_text()
+    assert re.search(r"^#   total +(\d+) s", header, re.M).group(1) == str(total)  # the header adds up the same
