@@ -118,9 +118,10 @@ def main():
             start = time.perf_counter()
             evaluate(model, val, device)
             seconds = time.perf_counter() - start
+            views = ", 10 views each" if mode == "ten-crop" else ""
             rows.append({"feed": f"evaluation, {mode} policy", "images_per_s": round(val.epoch_size / seconds, 1),
                          "ms_per_step": round(1000 * seconds / len(val), 2),
-                         "note": f"{val.epoch_size} images, batch {batch}" + (", 10 views each" if mode == "ten-crop" else "")})
+                         "note": f"{val.epoch_size} images, batch {batch}{views}"})
     print(json.dumps({"device": str(device), "gpu": torch.cuda.get_device_name(0) if cuda else None,
                       "batch": args.batch, "warmup": args.warmup, "steps": args.steps, "rows": rows}))
 

@@ -110,7 +110,8 @@ STEPS: list[Step] = []
 def step(tier: int, name: str, estimate: float, dry_estimate: float, gate: str | None = None):
     """Registers a step of `tier`, in the order of importance the tier runs them in."""
     def register(run):
-        STEPS.append(Step(tier, name, estimate, dry_estimate, run, (run.__doc__ or "").strip().splitlines()[0], gate))
+        what = " ".join((run.__doc__ or "").strip().split("\n\n")[0].split())  # its docstring's first paragraph
+        STEPS.append(Step(tier, name, estimate, dry_estimate, run, what, gate))
         return run
     return register
 
@@ -251,8 +252,8 @@ def smoke(ctx: Context):
         ctx.run(ctx.imgprep("make-lists", where / "sample", "--out", where / "lists"))
         ctx.run(ctx.imgprep("build-lmdb", where / "lists" / "train.txt", where / "sample" / "train", where / "db",
                             "--preset", "resnet", "--shuffle", "--jobs", 1))
-    rows = bench(ctx, where / "db", "--batch", 8, "--threads", 2, "--seconds", ctx.sizes.smoke_seconds, "--policy", "all",
-                 "--torch-workers", 0)
+    rows = bench(ctx, where / "db", "--batch", 8, "--threads", 2, "--seconds", ctx.sizes.smoke_seconds,
+                 "--policy", "all", "--torch-workers", 0)
     return {"rows": rows}, bench_table(rows)
 
 
@@ -299,7 +300,8 @@ def data_ready(ctx: Context) -> bool:
 
 
 def make_data(ctx: Context):
-    """ImageNet-sized JPEGs, their list, the training LMDB (--preset resnet) and an evaluation LMDB, once per machine."""
+    """ImageNet-sized JPEGs, their list, the training LMDB (--preset resnet) and an evaluation LMDB, once per
+    machine."""
     s = ctx.sizes
     if data_ready(ctx):
         return {**json.loads((ctx.data / "ready.json").read_text())["figures"], "reused": True}, "reused"
@@ -341,7 +343,8 @@ def link_copies(train: Path, images: int) -> int:
 
 @step(2, "data", 30, 8, gate="")
 def data(ctx: Context):
-    """ImageNet-sized JPEGs, their list, the training LMDB (--preset resnet) and an evaluation LMDB, once per machine."""
+    """ImageNet-sized JPEGs, their list, the training LMDB (--preset resnet) and an evaluation LMDB, once per
+    machine."""
     return make_data(ctx)
 
 
@@ -367,7 +370,8 @@ def bench_step(ctx: Context, db, *args):
 
 @step(2, "bench-loader", 50, 18)
 def headline(ctx: Context):
-    """bench-loader: the loader (caffe policy), decode only, CaffeDataset, DALI's file reader and a torch DataLoader on the originals."""
+    """bench-loader: the loader (caffe policy), decode only, CaffeDataset, DALI's file reader and a torch
+    DataLoader on the originals."""
     s = ctx.sizes
     return bench_step(ctx, ctx.train_db, "--batch", s.batch, "--threads", s.threads, "--seconds", s.seconds,
                       "--compare", ctx.sample / "train", "--torch-workers", s.workers)
@@ -393,7 +397,8 @@ def feed_cpu(ctx: Context):
 
 @step(2, "record-source", 18, 8)
 def record_source(ctx: Context):
-    """benchmarks/bench_record_source.py: records/s the record source hands to DALI, alone and through external_source."""
+    """benchmarks/bench_record_source.py: records/s the record source hands to DALI, alone and through
+    external_source."""
     s = ctx.sizes
     before = {p.name for p in ctx.data.iterdir()}
     _, out = ctx.run(ctx.script("benchmarks/bench_record_source.py", "--images", s.images, "--workdir", ctx.data,
@@ -409,7 +414,8 @@ def record_source(ctx: Context):
 
 @step(2, "bench-resnet480", 35, 8)
 def resnet480(ctx: Context):
-    """The resnet policy on the shorter-480 records it is meant for (build-lmdb --preset resnet480, then bench-loader)."""
+    """The resnet policy on the shorter-480 records it is meant for (build-lmdb --preset resnet480, then
+    bench-loader)."""
     s = ctx.sizes
     if not (ctx.train480_db / "data.mdb").exists():
         ctx.run(ctx.imgprep("build-lmdb", ctx.lists / "train.txt", ctx.sample / "train", ctx.train480_db,
@@ -437,7 +443,8 @@ def data_again(ctx: Context):
 
 @step(3, "train-feeds", 50, 15)
 def train_feeds(ctx: Context):
-    """ResNet-50 (AMP, channels_last) fed by synthetic batches, the loader and a torch DataLoader; center and ten-crop evaluation."""
+    """ResNet-50 (AMP, channels_last) fed by synthetic batches, the loader and a torch DataLoader; center and
+    ten-crop evaluation."""
     s = ctx.sizes
     _, out = ctx.run(ctx.script("scripts/bench_train.py", ctx.train_db, "--originals", ctx.sample / "train",
                                 "--list", ctx.lists / "train.txt", "--val", ctx.val_db, "--batch", s.train_batch,
@@ -448,7 +455,8 @@ def train_feeds(ctx: Context):
     rows = [[r["feed"], f"{r['images_per_s']:,.0f}", r["ms_per_step"],
              f"{r['images_per_s'] / base:.2f}" if not r["feed"].startswith("evaluation") else "", r["note"]]
             for r in figures["rows"]]
-    head = f"{figures['gpu'] or figures['device']}, batch {figures['batch']}, {figures['steps']} steps after {figures['warmup']}"
+    head = (f"{figures['gpu'] or figures['device']}, batch {figures['batch']}, {figures['steps']} steps after "
+            f"{figures['warmup']}")
     return figures, head + "\n\n" + md_table(["feed", "img/s", "ms/step", "x synthetic", "note"], rows)
 
 
@@ -465,7 +473,8 @@ def example(ctx: Context):
     steps = sum(-(-int(n) // s.example_batch) for _, n, _ in epochs)
     figures = {"img_per_s_reports": rates, "epochs": [{"epoch": int(e), "images": int(n), "seconds": float(t)}
                                                        for e, n, t in epochs],
-               "evaluations": [{"epoch": int(e), "mode": m, "top1": float(a), "top5": float(b)} for e, m, a, b in evals],
+               "evaluations": [{"epoch": int(e), "mode": m, "top1": float(a), "top5": float(b)}
+                               for e, m, a, b in evals],
                "steps": steps}
     if steps != s.example_steps or len(evals) != 2 * len(epochs):
         raise StepFailed(f"ran {steps} steps in {len(epochs)} epochs with {len(evals)} evaluations, "
@@ -501,8 +510,8 @@ def claim(folder: Path, marker: str | None, allowed: tuple = ()) -> None:
     if folder.exists():
         others = [p.name for p in folder.iterdir() if p.name not in allowed and p.name != marker]
         if others and not (marker and (folder / marker).exists()):
-            raise SystemExit(f"gpu-check: {folder} holds files that are not the check's own ({', '.join(sorted(others)[:5])});"
-                             " name another folder, or empty this one yourself")
+            raise SystemExit(f"gpu-check: {folder} holds files that are not the check's own "
+                             f"({', '.join(sorted(others)[:5])}); name another folder, or empty this one yourself")
     folder.mkdir(parents=True, exist_ok=True)
     if marker:
         (folder / marker).write_text("Made by scripts/gpu-check.sh, which reuses and replaces what is in it.\n")
@@ -523,7 +532,8 @@ class Summary:
     def record(self, entry: dict, report: str) -> None:
         key = f"{entry['tier']}:{entry['name']}"
         self.data["steps"] = [s for s in self.data["steps"] if f"{s['tier']}:{s['name']}" != key] + [entry]
-        self.data["steps"].sort(key=lambda s: (s["tier"], [st.name for st in STEPS if st.tier == s["tier"]].index(s["name"])))
+        order = [(st.tier, st.name) for st in STEPS]
+        self.data["steps"].sort(key=lambda s: order.index((s["tier"], s["name"])))
         self.reports[key] = report
         self.save()
 
@@ -617,11 +627,13 @@ def main(argv=None):
     parser.add_argument("--tier", type=int, action="append", choices=sorted(TIER_BUDGETS),
                         help="run this tier (repeatable; default: all three)")
     parser.add_argument("--budget", type=float, default=None,
-                        help=f"seconds for each tier (default: {', '.join(f'{t}: {b}' for t, b in TIER_BUDGETS.items())})")
+                        help="seconds for each tier (default: "
+                             + ", ".join(f"{t}: {b}" for t, b in TIER_BUDGETS.items()) + ")")
     parser.add_argument("--dry-run", action="store_true", help="the rehearsal on a CPU: tiny sizes, DALI's CPU mode")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or ROOT / "build" / "gpu-check"))
     parser.add_argument("--work", type=Path, default=None,
-                        help="data and state kept between tiers (default: /tmp/imgprep-gpu; dry run: build/gpu-check-work)")
+                        help="data and state kept between tiers (default: /tmp/imgprep-gpu; dry run: "
+                             "build/gpu-check-work)")
     parser.add_argument("--site", type=Path, default=None, help="an unpacked DALI site folder to put first on the path")
     args = parser.parse_args(argv)
     if args.site:

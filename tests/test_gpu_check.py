@@ -143,3 +143,24 @@ def test_each_tier_fits_its_budget_and_the_plan_fits_13_minutes():
     assert total <= gpu_check.PLAN_LIMIT
     header = (ROOT / "scripts" / "gpu-check.sh").read_text()
     assert re.search(r"^#   total +(\d+) s", header, re.M).group(1) == str(total)  # the header adds up the same
+
+
+def test_the_packs_nvidia_package_imports_beside_the_machines_own(tmp_path):
+    """The pack's nvidia.dali comes first on the path; the nvidia.* packages installed on the machine (torch's
+    and JAX's CUDA libraries), regular packages or namespace ones, still import."""
+    site, regular, namespace = tmp_path / "site", tmp_path / "regular", tmp_path / "namespace"
+    (site / "nvidia" / "dali").mkdir(parents=True)
+    (site / "nvidia" / "__init__.py").write_text(pack_dali.NVIDIA_INIT)
+    (site / "nvidia" / "dali" / "__init__.py").write_text("WHERE = 'pack'\n")
+    (regular / "nvidia" / "dali").mkdir(parents=True)
+    (regular / "nvidia" / "__init__.py").write_text("")
+    (regular / "nvidia" / "dali" / "__init__.py").write_text("WHERE = 'machine'\n")
+    (regular / "nvidia" / "cublas").mkdir()
+    (regular / "nvidia" / "cublas" / "__init__.py").write_text("")
+    (namespace / "nvidia" / "cu13").mkdir(parents=True)
+    (namespace / "nvidia" / "cu13" / "__init__.py").write_text("")
+    code = "import nvidia.dali, nvidia.cublas, nvidia.cu13; print(nvidia.dali.WHERE)"
+    for order in ([site, regular, namespace], [site, namespace, regular]):
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(map(str, order)))
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+        assert result.stdout.strip() == "pack", result.stderr
