@@ -56,11 +56,33 @@ def evaluate(model, loader, device) -> tuple[float, float]:
     return (hits[0] / hits[2]).item(), (hits[1] / hits[2]).item()
 
 
+def train_loop(loader, epochs: int, steps: int, train_step, end_of_epoch, step: int = 0) -> int:
+    """Runs `train_step(images, labels, step, img/s so far this epoch, epoch)` on every batch: whole
+    epochs from the loader's up to `epochs`, or, with `steps` > 0, as many epochs as it takes to reach
+    `steps` steps in all (the last one cut short), whatever `epochs` says. `end_of_epoch(epoch,
+    images, seconds)` follows each epoch, the cut one too. `step` counts the steps a resumed run has
+    already made (the loader continues inside its epoch). Returns the steps made in all."""
+    epoch = loader.epoch
+    while step < steps if steps else epoch < epochs:
+        loader.set_epoch(epoch)  # keeps a resumed position inside this epoch
+        seen, start = 0, time.perf_counter()
+        for images, labels in loader:
+            step += 1
+            seen += labels.shape[0]
+            train_step(images, labels, step, seen / (time.perf_counter() - start), epoch)
+            if steps and step >= steps:
+                break
+        end_of_epoch(epoch, seen, time.perf_counter() - start)
+        epoch += 1
+    return step
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("db")
     parser.add_argument("--epochs", type=int, default=1)
-    parser.add_argument("--steps", type=int, default=0, help="stop after this many steps (0: whole epochs)")
+    parser.add_argument("--steps", type=int, default=0,
+                        help="stop after this many steps, running as many epochs as they take (0: --epochs epochs)")
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--lr", type=float, default=0.1)
     parser.add_argument("--threads", type=int, default=8)
@@ -101,34 +123,29 @@ def main():
         loader.load_state_dict(saved["loader"])  # the same position on every rank
         step = saved["step"]
         print(f"resumed at epoch {loader.epoch} step {loader.step}", flush=True)
-    for epoch in range(loader.epoch, args.epochs):
-        loader.set_epoch(epoch)  # keeps a resumed position inside this epoch
-        seen, start = 0, time.perf_counter()
-        for images, labels in loader:
-            with torch.autocast(device.type, enabled=device.type == "cuda"):
-                loss = F.cross_entropy(model(images.contiguous(memory_format=torch.channels_last)), labels.to(device))
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            seen += labels.shape[0]
-            step += 1
-            if step % 20 == 0:
-                rate = seen / (time.perf_counter() - start)
-                print(f"epoch {epoch} step {step} loss {loss.item():.3f} {rate:,.0f} img/s per process", flush=True)
-            if args.checkpoint and step % args.save_every == 0 and rank == 0:
-                torch.save({"model": (model.module if distributed else model).state_dict(),
-                            "optimizer": optimizer.state_dict(), "loader": loader.state_dict(), "step": step},
-                           args.checkpoint)
-            if args.steps and step >= args.steps:
-                break
-        print(f"epoch {epoch}: {seen} images in {time.perf_counter() - start:.1f}s")
+
+    def train_step(images, labels, step, rate, epoch):
+        with torch.autocast(device.type, enabled=device.type == "cuda"):
+            loss = F.cross_entropy(model(images.contiguous(memory_format=torch.channels_last)), labels.to(device))
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        if step % 20 == 0:
+            print(f"epoch {epoch} step {step} loss {loss.item():.3f} {rate:,.0f} img/s per process", flush=True)
+        if args.checkpoint and step % args.save_every == 0 and rank == 0:
+            torch.save({"model": (model.module if distributed else model).state_dict(),
+                        "optimizer": optimizer.state_dict(), "loader": loader.state_dict(), "step": step},
+                       args.checkpoint)
+
+    def end_of_epoch(epoch, seen, seconds):
+        print(f"epoch {epoch}: {seen} images in {seconds:.1f}s")
         for mode, val_loader in evaluations.items():
             top1, top5 = evaluate(model, val_loader, device)
             if rank == 0:
                 print(f"epoch {epoch} eval {mode}: top-1 {top1:.2%} top-5 {top5:.2%}", flush=True)
-        if args.steps and step >= args.steps:
-            return
+
+    train_loop(loader, args.epochs, args.steps, train_step, end_of_epoch, step)
 
 
 if __name__ == "__main__":

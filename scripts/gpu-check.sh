@@ -1,53 +1,61 @@
 #!/usr/bin/env bash
-# Everything imgprep wants measured on a GPU machine with many cores, in one run: the loader's contract and
-# policy tests through the GPU graph, bench-loader (every policy, peers, cpu_share splits), the record
-# source, the ResNet-50 example, and build-lmdb at 1-16 jobs and in shards. Needs imgprep's dependencies;
-# DALI_SITE=DIR puts a DALI unpacked in DIR on the path. PER_CLASS (default 500) sizes the 20-class sample.
-# Writes doctor.txt, loader-tests.txt, bench.md, bench-policies.md, bench-split.md, record-source.md,
-# train-resnet50.txt and bench-cores.md to $OUT (or build/gpu-check).
-set -uo pipefail
-site=${DALI_SITE:-/tmp/dali/site}
-out=${OUT:-build/gpu-check}
-work=${WORK:-/tmp/imgprep-gpu}
-export PYTHONPATH=$site:$PWD PYTHONUNBUFFERED=1
-mkdir -p "$out" "$work"
+# imgprep's GPU check, in tiers that each fit a budget of device time; scripts/GPU-CHECK.md has the
+# exact sequence of device calls. Every option but the first two goes to scripts/gpu_check.py:
+#
+#   scripts/gpu-check.sh --take-part .gpu/dali/p0     copy a carried DALI part to /tmp/parts (and stop,
+#                                                     unless a tier follows: then unpack first)
+#   scripts/gpu-check.sh --tier N [--budget S]        run tier N within S seconds (default: its budget)
+#   scripts/gpu-check.sh --dry-run                    every step of every tier on a CPU, tiny (<= 3 min)
+#
+# Results go to $OUT (else build/gpu-check): summary.json, report.md, log.txt, rewritten after each step.
+# Data and state stay in /tmp/imgprep-gpu between calls while the machine is up.
+#
+# Device time, 15 minutes in all; the plan takes about 12.8 (s = seconds, measured or set here):
+#   machine start                                      120 s  (1-2 min)
+#   call 1: carry DALI part p0 (56 MiB), copy it        20 s
+#   call 2: carry part p1 (15 MiB), unpack (754 MiB),   15 s
+#           tier 1: doctor, GPU graph per policy,      150 s  budget
+#           contract + policy tests, break/restart
+#   call 3: tier 2: data (10,000 JPEGs, 2 LMDBs),      215 s  budget
+#           bench-loader rows, policies, feed CPU,
+#           record source, resnet on 480, split
+#   call 4: tier 3: ResNet-50 fed 3 ways + eval,       180 s  budget
+#           the example, build-lmdb 1-16 jobs + shards
+#   transfers back, and 3 gaps between calls (<30 s     65 s
+#   each, or the machine goes back), give_back at once
+#   ----------------------------------------------------------
+#   total                                              765 s = 12.8 min (13 planned, 15 lent)
+set -euo pipefail
+cd "$(dirname "$0")/.."
 py=${PYTHON:-python3}
-$py -m imgprep doctor 2>&1 | tee "$out/doctor.txt"
-# the loader's assertions through the GPU graph ('mixed' decode, GPU crop/normalise, torch on CUDA), the
-# order contract included: uneven shards across processes (train and eval), break then whole epochs,
-# kill -9 mid-epoch and restart from state_dict (same records, labels and crops as an uninterrupted run);
-# every policy's images against its numpy reference
-IMGPREP_TEST_DEVICE=gpu $py -m pytest -q -p no:cacheprovider tests/test_loader.py tests/test_order.py \
-    tests/test_policies.py 2>&1 \
-    | tee "$out/loader-tests.txt"
-# ImageNet-sized data (10k images, ~100 s to make): originals, then the ResNet-preset LMDB
-if [ ! -d "$work/sample/train" ]; then
-    $py -m imgprep sample "$work/sample" --classes 20 --train-per-class "${PER_CLASS:-500}" --val-per-class 1 --grain 8
-    $py -m imgprep make-lists "$work/sample" --out "$work/lists"
-    $py -m imgprep build-lmdb "$work/lists/train.txt" "$work/sample/train" "$work/train_lmdb" --preset resnet --shuffle
+parts=${DALI_PARTS:-/tmp/parts}
+dali=${DALI_DIR:-/tmp/dali}
+take=
+if [ "${1:-}" = "--take-part" ]; then
+    take=${2:?--take-part needs the carried part folder, e.g. .gpu/dali/p0}
+    shift 2
+    mkdir -p "$parts"
+    cp "$take/part" "$parts/$(basename "$take")"
+    if [ -f "$(dirname "$take")/pack.json" ]; then cp "$(dirname "$take")/pack.json" "$parts/pack.json"; fi
+    echo "gpu-check: $(basename "$take") in $parts ($(ls "$parts" | grep -c '^p[0-9]$') part(s) there)" >&2
+    [ $# -gt 0 ] || exit 0
 fi
-if [ ! -d "$work/train480_lmdb" ]; then  # records for the resnet policy's scale augmentation up to 480
-    $py -m imgprep build-lmdb "$work/lists/train.txt" "$work/sample/train" "$work/train480_lmdb" --preset resnet480 --shuffle
+if [ ! -d "$dali/site" ] && [ -f "$parts/pack.json" ]; then
+    # every part named in pack.json must be there, whole, before the stream is unpacked
+    "$py" - "$parts" <<'EOF'
+import hashlib, json, pathlib, sys
+parts = pathlib.Path(sys.argv[1])
+for i, part in enumerate(json.loads((parts / "pack.json").read_text())["parts"]):
+    have = parts / f"p{i}"
+    if not have.exists() or hashlib.sha256(have.read_bytes()).hexdigest() != part["sha256"]:
+        sys.exit(f"gpu-check: DALI part p{i} is {'damaged' if have.exists() else 'missing'} in {parts}: "
+                 f"carry .gpu/dali/p{i} with --take-part again")
+EOF
+    mkdir -p "$dali"
+    start=$(date +%s)
+    cat "$parts"/p? | xz -d | tar x -C "$dali"
+    echo "gpu-check: DALI unpacked into $dali/site in $(( $(date +%s) - start )) s" >&2
 fi
-$py -m imgprep bench-loader "$work/train_lmdb" --batch 256 --threads 8 --seconds 10 \
-    --compare "$work/sample/train" --torch-workers 16 2>&1 | tee "$out/bench.md"
-# every policy side by side on the 256 records, and the resnet policy on the 480 records it is meant for
-$py -m imgprep bench-loader "$work/train_lmdb" --batch 256 --threads 8 --seconds 5 --policy all \
-    --torch-workers 16 2>&1 | tee "$out/bench-policies.md"
-$py -m imgprep bench-loader "$work/train480_lmdb" --batch 256 --threads 8 --seconds 5 --policy caffe,resnet \
-    --torch-workers 16 2>&1 | tee -a "$out/bench-policies.md"
-for split in "6 0.3 10" "6 0.35 10" "8 0.4 8"; do
-    set -- $split
-    $py -m imgprep bench-loader "$work/train_lmdb" --batch 256 --threads "$1" --seconds 10 \
-        --cpu-share "$2" --cpu-threads "$3" 2>&1 | tee -a "$out/bench-split.md"
-done
-# the record source alone (records/s handed to DALI), which must stay well above the GPU's decode rate
-$py benchmarks/bench_record_source.py --images 2000 --workdir "$work/bench" 2>&1 | tee "$out/record-source.md"
-# the example trainer on the GPU: ResNet-50, fp16 batches from the loader, throughput per 20 steps
-$py examples/train_resnet50.py "$work/train_lmdb" --steps 100 --batch 128 2>&1 | tee "$out/train-resnet50.txt"
-$py examples/train_resnet50.py "$work/train480_lmdb" --policy resnet --steps 40 --batch 128 --val "$work/train_lmdb" \
-    --eval center --eval ten-crop 2>&1 | tee -a "$out/train-resnet50.txt"
-# build-lmdb beyond 2 cores: img/s and the single writer's share of its core at 1-16 jobs, then
-# shards built at once + merge (the way past one writer), on the same 10k ImageNet-sized JPEGs
-$py benchmarks/bench_cores.py --list "$work/lists/train.txt" --root "$work/sample/train" --workdir "$work/cores" \
-    --jobs 1,2,4,8,16 --shards 2,4,8 --preset caffe 2>&1 | tee "$out/bench-cores.md"
+site=()
+if [ -d "$dali/site" ]; then site=(--site "$dali/site"); fi
+exec "$py" scripts/gpu_check.py "${site[@]}" "$@"

@@ -63,3 +63,37 @@ def test_train_resnet50_evaluates_center_and_ten_crop_per_image(sample_tree, tmp
             counts = np.sum([reference(images, labels) for images, labels in loader], axis=0)
         assert got == pytest.approx((counts[0] / counts[2], counts[1] / counts[2]))
         assert 0 < counts[1] < counts[2]
+
+
+def test_train_resnet50_steps_run_as_many_epochs_as_they_take(sample_tree, tmp_path):
+    """--steps 20 on a database of 8 batches an epoch runs epochs 0, 1 and 2 (8 + 8 + 4 steps), whatever
+    --epochs says, and a run resumed at step 11 makes the remaining 9 steps from the loader's position."""
+    pytest.importorskip("torch")
+    from imgprep.loader import Loader
+    from train_resnet50 import train_loop
+
+    options = BuildOptions(jobs=1, spec=ImageSpec(parse_resize("shorter:256"), encoded=True))
+    build_database(sample_tree.lists / "val.txt", sample_tree.root / "val", tmp_path / "db", options,
+                   show_progress=False)
+    with Loader(tmp_path / "db", batch_size=4, train=True, device="cpu", num_threads=1) as loader:
+        batches = len(loader)
+        steps, epochs = [], []
+        made = train_loop(loader, 1, 2 * batches + batches // 2, lambda images, labels, step, rate, epoch:
+                          steps.append((epoch, step)), lambda epoch, seen, seconds: epochs.append((epoch, seen)))
+        assert made == 2 * batches + batches // 2 == len(steps)
+        assert [s for _, s in steps] == list(range(1, made + 1))
+        assert [e for e, _ in epochs] == [0, 1, 2] and epochs[0][1] == loader.epoch_size
+        assert [e for e, _ in steps] == [0] * batches + [1] * batches + [2] * (batches // 2)
+        assert train_loop(loader, 1, 0, lambda *a: None, lambda *a: None) == 0  # past --epochs: nothing more
+
+    with Loader(tmp_path / "db", batch_size=4, train=True, device="cpu", num_threads=1) as loader:
+        done = []
+        train_loop(loader, 1, batches + 3, lambda images, labels, step, rate, epoch: done.append(labels.tolist()),
+                   lambda *a: None)
+        state = loader.state_dict()
+    with Loader(tmp_path / "db", batch_size=4, train=True, device="cpu", num_threads=1) as loader:
+        loader.load_state_dict(state)
+        rest = []
+        made = train_loop(loader, 1, 2 * batches, lambda images, labels, step, rate, epoch: rest.append((epoch, step)),
+                          lambda *a: None, step=batches + 3)
+        assert made == 2 * batches and rest[0] == (1, batches + 4) and len(rest) == batches - 3
