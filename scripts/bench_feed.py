@@ -14,9 +14,9 @@ import argparse
 import json
 import time
 
-from imgprep import loader as loader_module
-from imgprep.bench import time_batches
-from imgprep.loader import Loader
+from imgprep.loading import loader as loader_module
+from imgprep.loading.bench import time_batches
+from imgprep.loading.loader import Loader
 
 
 class FeedClock:

@@ -26,8 +26,9 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from train_resnet50 import evaluate  # noqa: E402
 
-from imgprep.folder_peer import ImageFiles, PillowTransform, image_files, torchvision_transform  # noqa: E402
-from imgprep.loader import IMAGENET_MEAN_RGB, IMAGENET_STD_RGB, Loader  # noqa: E402
+from imgprep.loading.peers import ImageFiles, PillowTransform, image_files, torchvision_transform  # noqa: E402
+from imgprep.loading.loader import Loader
+from imgprep.loading.policies import IMAGENET_MEAN_RGB, IMAGENET_STD_RGB  # noqa: E402
 
 
 def timed_steps(model, optimizer, scaler, batches, device, warmup: int, steps: int) -> tuple[float, float]:

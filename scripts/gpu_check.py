@@ -358,7 +358,7 @@ def bench(ctx: Context, db, *args) -> list[dict]:
 
 
 def bench_table(rows: list[dict]) -> str:
-    from imgprep.bench import BenchRow, format_table
+    from imgprep.loading.bench import BenchRow, format_table
 
     return format_table([BenchRow(**row) for row in rows])
 
