@@ -549,3 +549,27 @@ def test_encoded_records_without_sizes_as_caffe_may_write_them(dbs, tmp_path):
     assert bare.info.stored_size is None and len(got) == 12
     for label, image in got:
         np.testing.assert_array_equal(image, reference[label])
+
+
+def test_the_gpu_is_the_requested_or_the_current_device_and_must_exist():
+    """device_id: explicit, else the current CUDA device (torch.cuda.set_device), else under torchrun
+    LOCAL_RANK where every rank sees every GPU; an id that is not a visible GPU is a clear error."""
+    from imgprep.loader import choose_device_id
+
+    assert choose_device_id(None, {}, 1, 0) == 0
+    assert choose_device_id(None, {}, 4, 2) == 2  # torch.cuda.set_device(2), no LOCAL_RANK
+    assert choose_device_id(None, {}, 4, None) == 0
+    assert choose_device_id(3, {"LOCAL_RANK": "1"}, 4, 2) == 3
+    assert choose_device_id(None, {"LOCAL_RANK": "3"}, 4, 0) == 3  # torchrun, every GPU visible, no set_device
+    assert choose_device_id(None, {"LOCAL_RANK": "3"}, 4, 1) == 1  # set_device wins over LOCAL_RANK
+    assert choose_device_id(None, {"LOCAL_RANK": "3", "CUDA_VISIBLE_DEVICES": "3"}, 1, 0) == 0  # one GPU per rank
+    for requested, visible, current, env, message in (
+            (1, 1, 0, {"CUDA_VISIBLE_DEVICES": "5"}, r"device_id 1 is not a GPU of this process: 1 GPU\(s\) "
+                                                    r"visible \(CUDA_VISIBLE_DEVICES='5'\), id 0"),
+            (-1, 2, 0, {}, r"device_id -1 is not a GPU of this process: 2 GPU\(s\) visible, ids 0..1"),
+            (True, 2, 0, {}, "device_id True"),
+            (None, 2, 5, {}, "the current CUDA device 5 is not a GPU of this process"),
+            (None, 0, None, {}, "needs a GPU and there is none"),
+            (None, 2, 0, {"LOCAL_RANK": "x"}, "LOCAL_RANK='x' is not a GPU index")):
+        with pytest.raises(ImgprepError, match=message):
+            choose_device_id(requested, env, visible, current)
