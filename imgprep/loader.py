@@ -278,6 +278,16 @@ class Loader:
     (`order.augmentation`, `draws`), not from DALI's random generators, so a restart or another
     machine gets the same crops.
 
+    Pixels: the same records, order, labels and crop windows on CPU and GPU, but not always the same
+    JPEG-decoded pixel values. DALI's CPU decoder is libjpeg-turbo; on the GPU ('mixed') nvJPEG
+    decodes, and DALI splits each batch between the GPU's hardware JPEG decoder (where it has one,
+    `hw_decoder_load`, by position in the batch) and its CUDA decoder. The loader asks both for
+    libjpeg-turbo's chroma upsampling (`jpeg_fancy_upsampling`), so what remains is the rounding of
+    their IDCTs: small differences (the tests allow a mean absolute difference of 1 level of 255 per
+    image) between CPU and GPU, between the two GPU decoders, and so between batches that place a
+    record differently (another batch size or rank count, the `cpu_share` split). The same batches
+    on the same machine give the same pixels; raw records are not decoded and are exact everywhere.
+
     `device_id` (GPU only): the GPU the pipelines run on; by default the current CUDA device (after
     `torch.cuda.set_device(k)`, GPU k), or under torchrun GPU LOCAL_RANK while the current device is
     still the default 0 (see `choose_device_id`). Torch output lands on that GPU.

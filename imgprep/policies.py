@@ -211,7 +211,10 @@ def graph(info, chosen: Policy, norm, dtype, layout, gpu, feed, decode_on_cpu=Fa
         images = fn.decoders.image_crop(value, device="cpu", output_type=output_type, **window)
         window = {}
     elif info.encoded:
-        images = fn.decoders.image(value, device="cpu" if cpu_decoder else "mixed", output_type=output_type)
+        # nvJPEG upsamples chroma as libjpeg-turbo (DALI's CPU decoder) does only when asked to
+        gpu_decoder = {} if cpu_decoder else {"jpeg_fancy_upsampling": True}
+        images = fn.decoders.image(value, device="cpu" if cpu_decoder else "mixed", output_type=output_type,
+                                   **gpu_decoder)
     else:
         if gpu:
             value = value.gpu()

@@ -18,6 +18,21 @@ from imgprep.codec import decode_datum
 # The loader tests run in DALI's CPU mode here; on a GPU machine IMGPREP_TEST_DEVICE=gpu runs them
 # through the GPU graph ('mixed' decoding, GPU crop/normalise) with the same assertions.
 DEVICE = os.environ.get("IMGPREP_TEST_DEVICE", "cpu")
+# On a GPU, JPEG pixels decoded in different places (the CPU, the GPU's hardware decoder, its CUDA decoder:
+# DALI splits a batch between the last two by position) differ by their IDCTs' rounding (see Loader's
+# docstring): labels and crops stay exact, pixels agree within this mean absolute difference (0..255).
+GPU_DECODE_TOLERANCE = 1.0
+
+
+def assert_same_decoded(a, b):
+    """The same JPEG-decoded images: equal on the CPU; on a GPU within GPU_DECODE_TOLERANCE per image."""
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    if DEVICE != "gpu":
+        np.testing.assert_array_equal(a, b)
+        return
+    assert a.shape == b.shape
+    for i, (x, y) in enumerate(zip(a.reshape(len(a), -1), b.reshape(len(b), -1))):
+        assert np.abs(x - y).mean() < GPU_DECODE_TOLERANCE, f"image {i}: mean |difference| {np.abs(x - y).mean():.2f}"
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +92,8 @@ def test_split_loader_interleaves_two_pipelines_over_the_same_order(dbs, name):
             Loader(dbs["encoded"], batch_size=8, train=False, device=DEVICE, normalize="none", layout="NHWC",
                    cpu_share=0.5) as split:
         for (a, la), (b, lb) in zip(whole, split):
-            assert la.tolist() == lb.tolist() and np.array_equal(a, b)
+            assert la.tolist() == lb.tolist()
+            assert_same_decoded(a, b)  # half of these batches decoded on the CPU
     with pytest.raises(ImgprepError, match="raw records"):
         Loader(dbs["raw"], device=DEVICE, cpu_share=0.3)
 
@@ -547,8 +563,7 @@ def test_encoded_records_without_sizes_as_caffe_may_write_them(dbs, tmp_path):
         reference = {int(l): im for images, labels in full for im, l in zip(images, labels)}
         got = [(int(l), im) for images, labels in bare for im, l in zip(images, labels)]
     assert bare.info.stored_size is None and len(got) == 12
-    for label, image in got:
-        np.testing.assert_array_equal(image, reference[label])
+    assert_same_decoded([image for _, image in got], [reference[label] for label, _ in got])  # other batches
 
 
 def test_the_gpu_is_the_requested_or_the_current_device_and_must_exist():
