@@ -83,21 +83,20 @@ def resized_crop_windows(seed: int, epoch: int, positions: np.ndarray, heights: 
     positions = np.asarray(positions)
     heights, widths = np.asarray(heights, np.int64), np.asarray(widths, np.int64)
     n = len(positions)
+    # all ten attempts of every sample at once (rows), with the window's position (lanes 0 and 1): on a
+    # batch, fewer numpy calls cost less than computing only the attempts that are needed
+    u = lanes(seed, epoch, positions, (0, 1, *range(LANE_RESIZED_CROP, LANE_RESIZED_CROP + 2 * ATTEMPTS)))
+    u_left, u_top = u[0], u[1]
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    area = (heights * widths)[None, :] * (scale[0] + u[2::2] * (scale[1] - scale[0]))  # (attempts, n)
+    r = np.exp(log_lo + u[3::2] * (log_hi - log_lo))
+    w, h = np.rint(np.sqrt(area * r)).astype(np.int64), np.rint(np.sqrt(area / r)).astype(np.int64)
+    fits = (w > 0) & (w <= widths) & (h > 0) & (h <= heights)
+    found = fits.any(axis=0)
+    first = fits.argmax(axis=0)  # the first attempt that fits (0 where none does)
+    columns = np.arange(n)
     out = np.zeros((n, 4), np.int64)
-    # attempt 0 for every sample (with the window's position, lanes 0 and 1), then attempts 1..9 at once
-    # for those it did not fit (a quarter or so)
-    fits, h, w, (u_left, u_top) = _attempts(seed, epoch, positions, heights, widths, range(1), scale, ratio, (0, 1))
-    found = fits[0].copy()
-    out[found, 2], out[found, 3] = h[0, found], w[0, found]
-    todo = np.flatnonzero(~found)
-    if len(todo):
-        fits, h, w, _ = _attempts(seed, epoch, positions[todo], heights[todo], widths[todo], range(1, ATTEMPTS),
-                                  scale, ratio)
-        first, hit = fits.argmax(axis=0), fits.any(axis=0)  # the first attempt that fits, where one does
-        columns = np.arange(len(todo))[hit]
-        taken = todo[hit]
-        out[taken, 2], out[taken, 3] = h[first[hit], columns], w[first[hit], columns]
-        found[taken] = True
+    out[:, 2], out[:, 3] = h[first, columns], w[first, columns]
     # the fallback, where no attempt fitted
     rest = ~found
     if rest.any():
@@ -113,16 +112,3 @@ def resized_crop_windows(seed: int, epoch: int, positions: np.ndarray, heights: 
     out[:, 1] = np.where(found, left, (widths - out[:, 3]) // 2)
     return out
 
-
-def _attempts(seed, epoch, positions, heights, widths, attempts, scale, ratio, extra=()):
-    """RandomResizedCrop's attempts `attempts` of each sample: (fits, h, w), each (len(attempts), n),
-    and the uniforms of the `extra` lanes, drawn in the same pass."""
-    k = np.asarray(attempts)
-    drawn = np.stack([LANE_RESIZED_CROP + 2 * k, LANE_RESIZED_CROP + 2 * k + 1], 1).ravel()
-    u = lanes(seed, epoch, positions, np.concatenate([drawn, np.asarray(extra, np.int64)]))
-    u, rest = u[:len(drawn)], u[len(drawn):]
-    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
-    area = (heights * widths)[None, :] * (scale[0] + u[0::2] * (scale[1] - scale[0]))
-    r = np.exp(log_lo + u[1::2] * (log_hi - log_lo))
-    w, h = np.rint(np.sqrt(area * r)).astype(np.int64), np.rint(np.sqrt(area / r)).astype(np.int64)
-    return (w > 0) & (w <= widths) & (h > 0) & (h <= heights), h, w, rest
