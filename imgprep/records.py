@@ -7,8 +7,11 @@ lookup by key. Values come back as views into LMDB's memory map (no copy) until 
 
 The loader's feed calls `read` (and, for RandomResizedCrop, `sizes`) once per batch on one Python
 thread, so both are kept to a few microseconds per record: Datums laid out as Caffe writes them are
-parsed by hand (anything else goes through `codec.datum_payload`, which validates), and a JPEG's
-size comes from its frame header (`jpeg_size`) rather than from opening it with Pillow.
+parsed by hand (anything else goes through `codec.datum_payload`, which validates), a JPEG's size
+comes from its frame header (`jpeg_size`) rather than from opening it with Pillow, and what a record's
+first read learnt (where its data lies in the value, its label, its size: 24 bytes per record) is
+kept, so later epochs only look the record up. The values cannot change while the source is open:
+LMDB's read transaction sees one snapshot, and LevelDB's one handle keeps every other process out.
 """
 
 from __future__ import annotations
@@ -55,6 +58,11 @@ class RecordSource:
         try:
             self._keys = KeyIndex(self._reader.keys())
             self._txn = self._reader.env.begin(buffers=True) if self._reader.env is not None else None
+            # per record: data start and end in the value (start -1: not parsed yet), height, width,
+            # channels (0: encoded; its height and width 0 until `sizes` reads them), and the label
+            self._layout = np.zeros((len(self._keys), 5), np.int32)
+            self._layout[:, 0] = -1
+            self._labels = np.zeros(len(self._keys), np.int32)
         except BaseException:
             self._reader.close()
             raise
@@ -75,34 +83,61 @@ class RecordSource:
     def read(self, indices: np.ndarray) -> tuple[list[memoryview], np.ndarray]:
         """The records at `indices`: their data as memoryviews (into LMDB's map, or into LevelDB's
         value bytes; encoded: the image file's bytes, raw: shaped (H, W, C) as `readers.caffe` labels
-        Caffe's planar bytes) and int32 labels."""
+        Caffe's planar bytes) and int32 labels (a new array)."""
+        indices = np.asarray(indices)
         keys = self._keys.take(indices)
         get = self._txn.get if self._txn is not None else self._reader.db.get
-        data, labels = [], []
-        for key in keys:
+        data, first = [], []  # first: (index, label, start, end, h, w, c) of records read for the first time
+        for index, key, (start, end, h, w, c) in zip(indices.tolist(), keys, self._layout[indices].tolist()):
             value = get(key)
-            parsed = _canonical(value) if value is not None else None
-            if parsed is None:  # another layout, or malformed: the full decoder says which
-                try:
-                    payload, label, encoded, (c, h, w) = datum_payload(value)
-                except (RecordError, TypeError) as e:  # TypeError: the key went away (None)
-                    raise self._bad(key, value, e) from None
-                parsed = (payload if encoded else payload.cast("B", (h, w, c)), label)
-            data.append(parsed[0])
-            labels.append(parsed[1])
-        return data, np.array(labels, np.int32)
+            if value is None:
+                raise self._bad(key, None, None)
+            view = value if type(value) is memoryview else memoryview(value)
+            if start < 0:
+                data.append(self._parse(index, key, view, first))
+            elif c:
+                data.append(view[start:end].cast("B", (h, w, c)))
+            else:
+                data.append(view[start:end])
+        if first:  # kept in one step per batch: numpy's per-element writes cost more than the parse
+            rows = np.array(first, np.int64)
+            self._labels[rows[:, 0]] = rows[:, 1]
+            known, raw = rows[:, 2] >= 0, rows[:, 6] > 0
+            self._layout[rows[known & ~raw, 0], :2] = rows[known & ~raw, 2:4]  # encoded: the size comes later
+            self._layout[rows[known & raw, 0]] = rows[known & raw, 2:]
+        return data, self._labels[indices]
+
+    def _parse(self, index: int, key: bytes, view: memoryview, first: list):
+        """A record's first read: its data; its label and layout appended to `first` (start -1 where
+        it is not in Caffe's layout, so datum_payload parses it every time)."""
+        parsed = _canonical(view)
+        if parsed is None:  # another layout, or malformed: the full decoder says which
+            try:
+                payload, label, encoded, (c, h, w) = datum_payload(view)
+            except RecordError as e:
+                raise self._bad(key, view, e) from None
+            first.append((index, label, -1, -1, 0, 0, 0))
+            return payload if encoded else payload.cast("B", (h, w, c))
+        start, end, label, shape = parsed
+        first.append((index, label, start, end, *(shape or (0, 0, 0))))
+        return view[start:end] if shape is None else view[start:end].cast("B", shape)
 
     def sizes(self, indices: np.ndarray, data: list) -> np.ndarray:
         """(height, width) of the records at `indices`, whose data `read` returned, as DALI's
         decoders produce them: a raw record's shape; an encoded one's image size from its header
         (`jpeg_size`: EXIF orientation applied, as DALI applies it), with Pillow reading the header
-        of any other format."""
-        out = np.zeros((len(data), 2), np.int64)
-        for i, array in enumerate(data):
-            if array.ndim == 3:
-                out[i] = array.shape[:2]
-            else:
-                out[i] = jpeg_size(array) or self._image_size(int(indices[i]), array)
+        of any other format; each read once."""
+        indices = np.asarray(indices)
+        out = self._layout[indices, 2:4].astype(np.int64)
+        missing = np.flatnonzero(out[:, 0] == 0)
+        if len(missing):
+            found = []
+            for i in missing.tolist():
+                array = data[i]
+                found.append(array.shape[:2] if array.ndim == 3 else
+                             jpeg_size(array) or self._image_size(int(indices[i]), array))
+            out[missing] = found
+            self._layout[indices[missing], 2:4] = found
         return out
 
     def _image_size(self, index: int, data) -> tuple[int, int]:
@@ -154,14 +189,15 @@ class RecordSource:
 
 
 def _canonical(value):
-    """(data, label) of a Datum laid out as Caffe's serializer writes it (fields 1-3 optional and
-    in order, then data, label, encoded last), as `codec.datum_payload` returns them (raw data
-    shaped (H, W, C)); None for any other layout or anything malformed, for datum_payload to judge."""
-    view = memoryview(value)
+    """(start, end, label, shape) of a Datum laid out as Caffe's serializer writes it (fields 1-3
+    optional and in order, then data, label, encoded last): its data is value[start:end], the label
+    and (H, W, C) of a raw record (None: encoded) as `codec.datum_payload` reads them; None for any
+    other layout or anything malformed, for datum_payload to judge."""
+    view = value if type(value) is memoryview else memoryview(value)
     try:
         pos, c, h, w = 0, 0, 0, 0
         tag = view[0]
-        for number in (0x08, 0x10, 0x18):  # channels, height, width: each optional, in this order
+        for number in () if tag == 0x22 else (0x08, 0x10, 0x18):  # channels, height, width: optional, in order
             if tag != number:
                 continue
             b = view[pos + 1]
@@ -208,12 +244,11 @@ def _canonical(value):
             return None
     except IndexError:
         return None
-    data = view[pos:end]
     if view[q + 1]:
-        return data, _int32(label)
+        return pos, end, _int32(label), None
     if not c * h * w or c * h * w != size:
         return None
-    return data.cast("B", (_int32(h), _int32(w), _int32(c))), _int32(label)
+    return pos, end, _int32(label), (_int32(h), _int32(w), _int32(c))
 
 
 _SOF = frozenset((0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF))
