@@ -299,7 +299,9 @@ def graph_ops(*outputs):
 
 
 # Where each input reaches the GPU: anything else on the CPU in a GPU graph is a placement mistake.
-CPU_SIDE = {"external_source"}
+# The per-sample values are argument inputs, which DALI takes on the CPU: split off the feed's packed array
+# (`_tensor_subscript`), the mirror flag cast to int32.
+CPU_SIDE = {"external_source", "_tensor_subscript", "cast"}
 
 
 @pytest.mark.parametrize("name", ["encoded", "encoded_leveldb", "raw", "raw_leveldb", "raw_shorter"])
