@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Everything imgprep wants measured on a GPU machine with many cores, in one run: the loader's contract and
-# policy tests through the GPU graph, bench-loader (every policy, peers, cpu_share splits), the record
-# source, the ResNet-50 example, and build-lmdb at 1-16 jobs and in shards. Needs imgprep's dependencies;
+# policy tests through the GPU graph, bench-loader (every policy, peers, cpu_share splits), the loader's
+# feed per policy, the ResNet-50 example, and build-lmdb at 1-16 jobs and in shards. Needs imgprep's dependencies;
 # DALI_SITE=DIR puts a DALI unpacked in DIR on the path. PER_CLASS (default 500) sizes the 20-class sample.
-# Writes doctor.txt, loader-tests.txt, bench.md, bench-policies.md, bench-split.md, record-source.md,
+# Writes doctor.txt, loader-tests.txt, bench.md, bench-policies.md, bench-split.md, feed.md,
 # train-resnet50.txt and bench-cores.md to $OUT (or build/gpu-check).
 set -uo pipefail
 site=${DALI_SITE:-/tmp/dali/site}
@@ -41,8 +41,8 @@ for split in "6 0.3 10" "6 0.35 10" "8 0.4 8"; do
     $py -m imgprep bench-loader "$work/train_lmdb" --batch 256 --threads "$1" --seconds 10 \
         --cpu-share "$2" --cpu-threads "$3" 2>&1 | tee -a "$out/bench-split.md"
 done
-# the record source alone (records/s handed to DALI), which must stay well above the GPU's decode rate
-$py benchmarks/bench_record_source.py --images 2000 --workdir "$work/bench" 2>&1 | tee "$out/record-source.md"
+# the feed alone, per policy (CPU per record on the feeding thread), which must stay well above the GPU's decode rate
+$py benchmarks/bench_feed.py --images 2000 --workdir "$work/bench" 2>&1 | tee "$out/feed.md"
 # the example trainer on the GPU: ResNet-50, fp16 batches from the loader, throughput per 20 steps
 $py examples/train_resnet50.py "$work/train_lmdb" --steps 100 --batch 128 2>&1 | tee "$out/train-resnet50.txt"
 $py examples/train_resnet50.py "$work/train480_lmdb" --policy resnet --steps 40 --batch 128 --val "$work/train_lmdb" \
