@@ -57,21 +57,22 @@ def cpu_us_per_record(feed: _Feed, records: int) -> float:
     return 1e6 * (time.thread_time() - start) / done
 
 
-def through_dali(feed: _Feed, chosen_name: str, batch: int):
+def through_dali(feed: _Feed, batch: int):
     """A pipeline whose only work is taking in the feed's batches: DALI's own cost on the feeding thread."""
     from nvidia.dali import fn, pipeline_def, types
-
-    drawn = bool(policy(chosen_name).params())  # one packed array of per-sample values, or none
 
     def source():
         out = feed()
         feed.scheduled.clear()
         return out
 
+    values = source()[2:]  # the drawn values, however many inputs the feed hands them over in
+    kinds = [types.INT32 if np.asarray(v).dtype == np.int32 else types.FLOAT for v in values]
+
     @pipeline_def(batch_size=batch, num_threads=1, device_id=None, prefetch_queue_depth=2, exec_dynamic=False)
     def pipe():
-        outputs = fn.external_source(source=source, num_outputs=2 + drawn, batch=True, no_copy=True,
-                                     dtype=[types.UINT8, types.INT32] + [types.FLOAT] * drawn)
+        outputs = fn.external_source(source=source, num_outputs=2 + len(kinds), batch=True, no_copy=True,
+                                     dtype=[types.UINT8, types.INT32] + kinds)
         return (outputs[0].shape(), *outputs[1:])
 
     built = pipe()
@@ -79,7 +80,7 @@ def through_dali(feed: _Feed, chosen_name: str, batch: int):
     return built
 
 
-def dali_us_per_record(pipe, batch: int, records: int) -> float:
+def dali_us_per_record(pipe, records: int) -> float:
     """CPU µs of this thread per record over pipeline runs totalling at least `records`."""
     done, start = 0, time.thread_time()
     while done < records:
@@ -107,17 +108,17 @@ def main():
     names = TRAIN_POLICIES + EVAL_POLICIES
     source = RecordSource(db, "lmdb")
     feeds = {name: make_feed(source, name, args.batch) for name in names}
-    pipes = {name: through_dali(make_feed(source, name, args.batch), name, args.batch) for name in names}
+    pipes = {name: through_dali(make_feed(source, name, args.batch), args.batch) for name in names}
     for name in names:  # warm-up: the page cache, the epoch's order
         first_epoch_us(db, name, args.batch)
         cpu_us_per_record(feeds[name], len(source))
-        dali_us_per_record(pipes[name], args.batch, len(source))
+        dali_us_per_record(pipes[name], len(source))
     first, later, dali = ({name: [] for name in names} for _ in range(3))
     for _ in range(args.rounds):
         for name in names:
             first[name].append(first_epoch_us(db, name, args.batch))
             later[name].append(cpu_us_per_record(feeds[name], args.records))
-            dali[name].append(dali_us_per_record(pipes[name], args.batch, args.records))
+            dali[name].append(dali_us_per_record(pipes[name], args.records))
     print(f"{len(source):,} records ({describe_jpegs(root)}; stored shorter side 256, JPEG q90), "
           f"batch {args.batch}, median of {args.rounds} rounds; CPU µs per record of the feeding thread, "
           f"goal {GOAL_US:g}")

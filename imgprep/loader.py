@@ -531,9 +531,9 @@ def choose_device_id(requested: int | None, env, visible: int, current: int | No
         raise ImgprepError(f"the loader needs a GPU and there is none: {seen}")
     ids = "id 0" if visible == 1 else f"ids 0..{visible - 1}"
     if requested is not None:
-        if isinstance(requested, bool) or not isinstance(requested, int) or not 0 <= requested < visible:
+        if isinstance(requested, bool) or not isinstance(requested, (int, np.integer)) or not 0 <= requested < visible:
             raise ImgprepError(f"device_id {requested!r} is not a GPU of this process: {seen}, {ids}")
-        return requested
+        return int(requested)
     chosen = 0 if current is None else current
     local = env.get("LOCAL_RANK")
     if chosen == 0 and local not in (None, ""):

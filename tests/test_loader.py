@@ -577,6 +577,7 @@ def test_the_gpu_is_the_requested_or_the_current_device_and_must_exist():
     assert choose_device_id(None, {}, 4, 2) == 2  # torch.cuda.set_device(2), no LOCAL_RANK
     assert choose_device_id(None, {}, 4, None) == 0
     assert choose_device_id(3, {"LOCAL_RANK": "1"}, 4, 2) == 3
+    assert choose_device_id(np.int64(1), {}, 2, 0) == 1
     assert choose_device_id(None, {"LOCAL_RANK": "3"}, 4, 0) == 3  # torchrun, every GPU visible, no set_device
     assert choose_device_id(None, {"LOCAL_RANK": "3"}, 4, 1) == 1  # set_device wins over LOCAL_RANK
     assert choose_device_id(None, {"LOCAL_RANK": "3", "CUDA_VISIBLE_DEVICES": "3"}, 1, 0) == 0  # one GPU per rank
