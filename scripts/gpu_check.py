@@ -61,7 +61,7 @@ class Sizes:
     workers: int  # DataLoader worker processes
     seconds: float  # per bench-loader row, headline
     policy_seconds: float  # per bench-loader row, policies and the split
-    source_seconds: float
+    feed_records: int
     source_runs: int
     feed_seconds: float
     train_batch: int
@@ -78,11 +78,11 @@ class Sizes:
 
 
 REAL = Sizes(images=10_000, unique=1_000, classes=20, val=2_000, batch=256, threads=8, workers=16, seconds=4,
-             policy_seconds=2.5, source_seconds=2, source_runs=3, feed_seconds=5, train_batch=256, train_warmup=10,
+             policy_seconds=2.5, feed_records=20000, source_runs=3, feed_seconds=5, train_batch=256, train_warmup=10,
              train_steps=40, example_steps=100, example_batch=128, jobs="1,2,4,8,16", shards="2,4,8", device="gpu")
 # The dry run: the tests run in DALI's CPU mode in CI already, so a few of them show the lines work.
 DRY = Sizes(images=32, unique=16, classes=4, val=8, batch=8, threads=2, workers=0, seconds=0.1, policy_seconds=0.05,
-            source_seconds=0.05, source_runs=1, feed_seconds=0.1, train_batch=4, train_warmup=1, train_steps=2,
+            feed_records=64, source_runs=1, feed_seconds=0.1, train_batch=4, train_warmup=1, train_steps=2,
             example_steps=10, example_batch=4, jobs="1,2", shards="2", device="cpu", smoke_per_class=4,
             smoke_seconds=0.05,
             pytest_select={"contract-tests": ["-k", "splitmix64 or documented_lanes or permutation_is_pinned"],
@@ -387,26 +387,21 @@ def policies(ctx: Context):
 
 @step(2, "feed-cpu", 12, 5)
 def feed_cpu(ctx: Context):
-    """The feed's CPU time per record while the whole GPU pipeline runs (scripts/bench_feed.py)."""
+    """The feed's CPU time per record while the whole GPU pipeline runs (scripts/feed_in_pipeline.py)."""
     s = ctx.sizes
-    _, out = ctx.run(ctx.script("scripts/bench_feed.py", ctx.train_db, "--batch", s.batch, "--threads", s.threads,
+    _, out = ctx.run(ctx.script("scripts/feed_in_pipeline.py", ctx.train_db, "--batch", s.batch, "--threads", s.threads,
                                 "--seconds", s.feed_seconds, "--device", s.device, "--policy", "caffe"))
     figures = last_json(out)
     return figures, md_table(list(figures), [list(figures.values())])
 
 
-@step(2, "record-source", 18, 8)
-def record_source(ctx: Context):
-    """benchmarks/bench_record_source.py: records/s the record source hands to DALI, alone and through
-    external_source."""
+@step(2, "feed-per-policy", 18, 8)
+def feed_per_policy(ctx: Context):
+    """benchmarks/bench_feed.py: the feed alone, every policy, CPU time per record (first epoch, later
+    epochs, with DALI's intake) against the 10 us goal, on its own ImageNet-sized LMDB."""
     s = ctx.sizes
-    before = {p.name for p in ctx.data.iterdir()}
-    _, out = ctx.run(ctx.script("benchmarks/bench_record_source.py", "--images", s.images, "--workdir", ctx.data,
-                                "--batch", s.batch, "--seconds", s.source_seconds, "--runs", s.source_runs))
-    extra = {p.name for p in ctx.data.iterdir()} - before
-    if any(not name.startswith("source_lmdb") for name in extra):
-        raise StepFailed(f"bench_record_source.py made its own sample ({sorted(extra)}): its names differ from "
-                         "WORK/data's")
+    _, out = ctx.run(ctx.script("benchmarks/bench_feed.py", "--images", s.images, "--workdir", ctx.data / "feed",
+                                "--batch", s.batch, "--rounds", s.source_runs, "--records", s.feed_records))
     tables = md_tables(out)
     rows = [{k: number(v) for k, v in row.items()} for row in (tables[0] if tables else [])]
     return {"rows": rows}, out.strip()

@@ -57,12 +57,14 @@ def test_bench_codec_prints_both_codecs():
     assert result.stdout.count("| ") >= 6 and "JPEG Datum, 38 KB, decode" in result.stdout
 
 
-def test_bench_record_source_prints_the_source_alone_and_through_dali(tmp_path):
-    out = run_benchmark("bench_record_source.py", tmp_path, "--runs", "1", "--seconds", "0.2", "--batch", "16")
-    rows = re.findall(r"^\| (record source[^|]*) \| ([\d,]+) \|", out, re.M)
-    assert [name.strip() for name, _ in rows] == ["record source (read by key, parse, crops)",
-                                                  "record source through DALI's external_source"]
-    assert all(float(rate.replace(",", "")) > 0 for _, rate in rows)
+def test_bench_feed_prints_every_policys_cpu_per_record_first_later_and_through_dali(tmp_path):
+    out = run_benchmark("bench_feed.py", tmp_path, "--rounds", "3", "--records", "64", "--batch", "16")
+    cell = r"([\d.]+) \| ([\d.]+)-([\d.]+)"
+    rows = re.findall(rf"^\| ([a-z-]+) \| {cell} \| {cell} \| [\d.]+, [\d.]+ \| {cell} \|$", out, re.M)
+    assert [row[0] for row in rows] == ["caffe", "resnet", "inception", "center", "ten-crop"], out
+    for row in rows:
+        for median, low, high in (row[1:4], row[4:7], row[7:10]):
+            assert 0 < float(low) <= float(median) <= float(high)
 
 
 def test_bench_archives_prints_the_tar_and_the_unpack_routes(tmp_path):

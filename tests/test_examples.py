@@ -69,7 +69,7 @@ def test_train_resnet50_steps_run_as_many_epochs_as_they_take(sample_tree, tmp_p
     """--steps 20 on a database of 8 batches an epoch runs epochs 0, 1 and 2 (8 + 8 + 4 steps), whatever
     --epochs says, and a run resumed at step 11 makes the remaining 9 steps from the loader's position."""
     pytest.importorskip("torch")
-    from imgprep.loader import Loader
+    from imgprep.loading.loader import Loader
     from train_resnet50 import train_loop
 
     options = BuildOptions(jobs=1, spec=ImageSpec(parse_resize("shorter:256"), encoded=True))

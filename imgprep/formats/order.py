@@ -25,37 +25,54 @@ _MASK = (1 << 64) - 1
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
 _M2 = np.uint64(0x94D049BB133111EB)
+_S27, _S30, _S31, _S11 = np.uint64(27), np.uint64(30), np.uint64(31), np.uint64(11)
 
 
 def mix(x: np.ndarray) -> np.ndarray:
     """SplitMix64's finaliser, element-wise on uint64 (wrapping arithmetic)."""
     with np.errstate(over="ignore"):
-        z = x.astype(np.uint64) + _GOLDEN
-        z = (z ^ (z >> np.uint64(30))) * _M1
-        z = (z ^ (z >> np.uint64(27))) * _M2
-        return z ^ (z >> np.uint64(31))
+        z = x.astype(np.uint64)  # a copy, updated in place below
+        z += _GOLDEN
+        z ^= z >> _S30
+        z *= _M1
+        z ^= z >> _S27
+        z *= _M2
+        z ^= z >> _S31
+        return z
 
 
 def _mix_int(x: int) -> int:
-    return int(mix(np.array([x & _MASK], np.uint64))[0])
+    """mix of one integer (taken mod 2**64), in Python's integers: the same value as `mix`'s."""
+    z = (x + 0x9E3779B97F4A7C15) & _MASK
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK
+    return z ^ (z >> 31)
 
 
 def permutation(count: int, seed: int, epoch: int = 0) -> np.ndarray:
     """The documented permutation of range(count) for (seed, epoch), as int64."""
     if count < 0:
         raise ValueError("count must be >= 0")
-    stream = _mix_int(_mix_int(seed) + epoch)
+    stream = stream_of(seed, epoch)
     scores = mix(np.uint64(stream) ^ np.arange(count, dtype=np.uint64))
     return np.argsort(scores, kind="stable").astype(np.int64)
 
 
 # --- the loader's epochs -------------------------------------------------------------------------
 
-def _uniform(stream: int, positions: np.ndarray, lane: int) -> np.ndarray:
-    """Floats in [0, 1): the top 53 bits of mix(mix(stream ^ position) + lane + 1)."""
+def stream_of(seed: int, epoch: int) -> int:
+    """mix(mix(seed) + epoch): the permutation's stream, and the draws'."""
+    return _mix_int(_mix_int(seed) + epoch)
+
+
+def _uniforms(stream: int, positions: np.ndarray, lanes) -> np.ndarray:
+    """Floats in [0, 1), shape (len(lanes), len(positions)): row j holds the top 53 bits of
+    mix(mix(stream ^ position) + lanes[j] + 1), all lanes of a batch in one pass."""
     with np.errstate(over="ignore"):
-        bits = mix(mix(np.uint64(stream) ^ positions.astype(np.uint64)) + np.uint64(lane + 1))
-    return (bits >> np.uint64(11)).astype(np.float64) * 2.0**-53
+        inner = mix(np.uint64(stream) ^ np.asarray(positions).astype(np.uint64))
+        bits = mix(inner[None, :] + (np.asarray(lanes, np.uint64) + np.uint64(1))[:, None])
+    bits >>= _S11
+    return bits.astype(np.float64) * 2.0**-53
 
 
 def augmentation(seed: int, epoch: int, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -66,9 +83,8 @@ def augmentation(seed: int, epoch: int, positions: np.ndarray) -> tuple[np.ndarr
         crop_x = u(p, 0), crop_y = u(p, 1) (as float32, DALI's crop_pos_x/y), mirror = u(p, 2) < 0.5
 
     A pure function of (seed, epoch, position), so a restarted run draws the same crops and mirrors."""
-    stream = _mix_int(_mix_int(seed) + epoch)
-    return (_uniform(stream, positions, 0).astype(np.float32), _uniform(stream, positions, 1).astype(np.float32),
-            (_uniform(stream, positions, 2) < 0.5).astype(np.int32))
+    crop_x, crop_y, mirror = _uniforms(stream_of(seed, epoch), positions, (0, 1, 2))
+    return crop_x.astype(np.float32), crop_y.astype(np.float32), (mirror < 0.5).astype(np.int32)
 
 
 class EmptyShard(ValueError):

@@ -18,7 +18,7 @@ import math
 
 import numpy as np
 
-from imgprep.formats.order import _mix_int, _uniform
+from imgprep.formats.order import _uniforms, stream_of
 
 # Krizhevsky et al.'s PCA of ImageNet's RGB pixels (0..1 scale), as fb.resnet.torch uses it
 PCA_EIGVAL = np.array([0.2175, 0.0188, 0.0045])
@@ -29,13 +29,15 @@ LANE_SCALE, LANE_LIGHT, LANE_RESIZED_CROP = 3, 4, 16
 ATTEMPTS = 10
 
 
-def _stream(seed: int, epoch: int) -> int:
-    return _mix_int(_mix_int(seed) + epoch)
-
-
 def uniforms(seed: int, epoch: int, positions: np.ndarray, lane: int) -> np.ndarray:
     """u(p, lane) for each position p (float64 in [0, 1))."""
-    return _uniform(_stream(seed, epoch), np.asarray(positions), lane)
+    return lanes(seed, epoch, positions, (lane,))[0]
+
+
+def lanes(seed: int, epoch: int, positions: np.ndarray, which) -> np.ndarray:
+    """u(p, lane) for each lane of `which` (rows) and each position p (columns), in one pass over
+    the batch: float64 (len(which), len(positions))."""
+    return _uniforms(stream_of(seed, epoch), np.asarray(positions), which)
 
 
 def shorter_sides(seed: int, epoch: int, positions: np.ndarray, low: int, high: int) -> np.ndarray:
@@ -48,13 +50,14 @@ def shorter_sides(seed: int, epoch: int, positions: np.ndarray, low: int, high: 
 def normals(seed: int, epoch: int, positions: np.ndarray, count: int = 3) -> np.ndarray:
     """(len(positions), count) standard normals by Box-Muller from lanes 4, 5, ...: pair j uses
     u1 = u(p, 4 + 2j), u2 = u(p, 5 + 2j) and gives sqrt(-2 ln(1 - u1)) * (cos, sin)(2 pi u2)."""
-    out = []
-    for pair in range(-(-count // 2)):
-        u1 = uniforms(seed, epoch, positions, LANE_LIGHT + 2 * pair)
-        u2 = uniforms(seed, epoch, positions, LANE_LIGHT + 2 * pair + 1)
-        radius = np.sqrt(-2.0 * np.log1p(-u1))
-        out += [radius * np.cos(2 * np.pi * u2), radius * np.sin(2 * np.pi * u2)]
-    return np.stack(out[:count], axis=1)
+    pairs = -(-count // 2)
+    u = lanes(seed, epoch, positions, range(LANE_LIGHT, LANE_LIGHT + 2 * pairs))
+    u1, u2 = u[0::2], u[1::2]  # (pairs, n) each
+    radius = np.sqrt(-2.0 * np.log1p(-u1))
+    angle = 2 * np.pi * u2
+    out = np.empty((pairs, 2, u.shape[1]))
+    out[:, 0], out[:, 1] = radius * np.cos(angle), radius * np.sin(angle)
+    return np.ascontiguousarray(out.reshape(2 * pairs, -1)[:count].T)  # (n, count), as matmul got it
 
 
 def lighting(seed: int, epoch: int, positions: np.ndarray, std: float = 0.1) -> np.ndarray:
@@ -80,27 +83,32 @@ def resized_crop_windows(seed: int, epoch: int, positions: np.ndarray, heights: 
     positions = np.asarray(positions)
     heights, widths = np.asarray(heights, np.int64), np.asarray(widths, np.int64)
     n = len(positions)
-    out = np.zeros((n, 4), np.int64)
-    found = np.zeros(n, bool)
+    # all ten attempts of every sample at once (rows), with the window's position (lanes 0 and 1): on a
+    # batch, fewer numpy calls cost less than computing only the attempts that are needed
+    u = lanes(seed, epoch, positions, (0, 1, *range(LANE_RESIZED_CROP, LANE_RESIZED_CROP + 2 * ATTEMPTS)))
+    u_left, u_top = u[0], u[1]
     log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
-    for k in range(ATTEMPTS):
-        area = heights * widths * (scale[0] + uniforms(seed, epoch, positions, LANE_RESIZED_CROP + 2 * k)
-                                   * (scale[1] - scale[0]))
-        r = np.exp(log_lo + uniforms(seed, epoch, positions, LANE_RESIZED_CROP + 2 * k + 1) * (log_hi - log_lo))
-        w, h = np.rint(np.sqrt(area * r)).astype(np.int64), np.rint(np.sqrt(area / r)).astype(np.int64)
-        fits = ~found & (w > 0) & (w <= widths) & (h > 0) & (h <= heights)
-        out[fits, 2], out[fits, 3] = h[fits], w[fits]
-        found |= fits
+    area = (heights * widths)[None, :] * (scale[0] + u[2::2] * (scale[1] - scale[0]))  # (attempts, n)
+    r = np.exp(log_lo + u[3::2] * (log_hi - log_lo))
+    w, h = np.rint(np.sqrt(area * r)).astype(np.int64), np.rint(np.sqrt(area / r)).astype(np.int64)
+    fits = (w > 0) & (w <= widths) & (h > 0) & (h <= heights)
+    found = fits.any(axis=0)
+    first = fits.argmax(axis=0)  # the first attempt that fits (0 where none does)
+    columns = np.arange(n)
+    out = np.zeros((n, 4), np.int64)
+    out[:, 2], out[:, 3] = h[first, columns], w[first, columns]
     # the fallback, where no attempt fitted
-    in_ratio = widths / heights
-    w, h = widths.copy(), heights.copy()
-    narrow, wide = in_ratio < min(ratio), in_ratio > max(ratio)
-    h[narrow] = np.rint(w[narrow] / min(ratio)).astype(np.int64)
-    w[wide] = np.rint(h[wide] * max(ratio)).astype(np.int64)
     rest = ~found
-    out[rest, 2], out[rest, 3] = h[rest], w[rest]
-    top = np.floor(uniforms(seed, epoch, positions, 1) * (heights - out[:, 2] + 1)).astype(np.int64)
-    left = np.floor(uniforms(seed, epoch, positions, 0) * (widths - out[:, 3] + 1)).astype(np.int64)
+    if rest.any():
+        in_ratio = widths / heights
+        fw, fh = widths.copy(), heights.copy()
+        narrow, wide = in_ratio < min(ratio), in_ratio > max(ratio)
+        fh[narrow] = np.rint(fw[narrow] / min(ratio)).astype(np.int64)
+        fw[wide] = np.rint(fh[wide] * max(ratio)).astype(np.int64)
+        out[rest, 2], out[rest, 3] = fh[rest], fw[rest]
+    top = np.floor(u_top * (heights - out[:, 2] + 1)).astype(np.int64)
+    left = np.floor(u_left * (widths - out[:, 3] + 1)).astype(np.int64)
     out[:, 0] = np.where(found, top, (heights - out[:, 2]) // 2)
     out[:, 1] = np.where(found, left, (widths - out[:, 3]) // 2)
     return out
+

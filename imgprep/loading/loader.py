@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 import warnings
 from collections import deque
 from pathlib import Path
@@ -77,11 +78,20 @@ class _Feed:
         records, positions, real = self.plan.batch(epoch, step)
         data, labels = self.source.read(records)
         labels[~real] = -1  # evaluation padding
-        batch = (data, labels.reshape(-1, 1), *self.params(epoch, positions, records, data))
-        self._alive.append(batch)
+        batch = (_tensor_list(data), labels.reshape(-1, 1), *self.params(epoch, positions, records, data))
+        self._alive.append((batch, data))
         self.scheduled.append((epoch, step))
         self.cursor = self._ours(*self.plan.after(epoch, step))
         return batch
+
+
+def _tensor_list(data: list):
+    """The batch's records as one DALI TensorListCPU sharing their memory (no copy). DALI takes a
+    TensorList as it is; a list of arrays it converts sample by sample in Python on the feeding
+    thread, about 5 µs more per record (`benchmarks/bench_feed.py`)."""
+    from nvidia.dali.tensors import TensorCPU, TensorListCPU
+
+    return TensorListCPU([TensorCPU(d) for d in data], contiguous=False)
 
 
 class _Stream:
@@ -174,8 +184,21 @@ class Loader:
     every rank. Augmentation is reproducible too: every policy's draws (crop positions, mirror flags,
     shorter sides, RandomResizedCrop windows, lighting) come from (seed, epoch, position)
     (`order.augmentation`, `draws`), not from DALI's random generators, so a restart or another
-    machine gets the same crops; the pixel values of a crop may differ in the last bit between CPU
-    and GPU decoders (and DALI versions).
+    machine gets the same crops.
+
+    Pixels: the same records, order, labels and crop windows on CPU and GPU, but not always the same
+    JPEG-decoded pixel values. DALI's CPU decoder is libjpeg-turbo; on the GPU ('mixed') nvJPEG
+    decodes, and DALI splits each batch between the GPU's hardware JPEG decoder (where it has one,
+    `hw_decoder_load`, by position in the batch) and its CUDA decoder. The loader asks both for
+    libjpeg-turbo's chroma upsampling (`jpeg_fancy_upsampling`), so what remains is the rounding of
+    their IDCTs: small differences (the tests allow a mean absolute difference of 1 level of 255 per
+    image) between CPU and GPU, between the two GPU decoders, and so between batches that place a
+    record differently (another batch size or rank count, the `cpu_share` split). The same batches
+    on the same machine give the same pixels; raw records are not decoded and are exact everywhere.
+
+    `device_id` (GPU only): the GPU the pipelines run on; by default the current CUDA device (after
+    `torch.cuda.set_device(k)`, GPU k), or under torchrun GPU LOCAL_RANK while the current device is
+    still the default 0 (see `choose_device_id`). Torch output lands on that GPU.
 
     `policy` (see `policies`): None ("caffe" for training, "center" for evaluation), a name, or a
     `policies.Policy`. "ten-crop" yields (B, 10, C, H, W) images. `channel_order="BGR"` gives Caffe's
@@ -243,8 +266,8 @@ class Loader:
             self._epoch, self._step, self._iteration = 0, 0, 0
             self._cpu_share = cpu_share
             gpu = device == "gpu"
-            if device_id is None and gpu:
-                device_id = int(os.environ.get("LOCAL_RANK", 0))
+            if gpu:
+                device_id = choose_device_id(device_id, os.environ, gpu_count(), _current_cuda_device())
             threads = num_threads or max(1, min(8, len(os.sched_getaffinity(0))))
             norm = Normalisation.parse(normalize)
             check_pixels(self.info, self.policy, norm)
@@ -406,6 +429,56 @@ def _build_pipeline(graph_args: dict, pipeline_args: dict, threads: int, feed: _
     built = pipeline()
     built.build()
     return built
+
+
+def choose_device_id(requested: int | None, env, visible: int, current: int | None) -> int:
+    """The GPU a loader's pipelines run on, given `requested` (the `device_id` argument), the
+    environment `env`, the number of `visible` GPUs and the `current` CUDA device (None: unknown):
+
+    - `requested` when given;
+    - else the current CUDA device, as DALI itself defaults (after `torch.cuda.set_device(k)`, k);
+    - except under torchrun (LOCAL_RANK=k) while the current device is still the default 0 and
+      GPU k is visible: GPU k, the rank's own GPU where every rank sees every GPU. Where each rank
+      sees only its own GPU (CUDA_VISIBLE_DEVICES per rank), that GPU is 0, whatever LOCAL_RANK is.
+
+    An id that is not a visible GPU is an ImgprepError naming the GPUs there are."""
+    seen = f"{visible} GPU(s) visible"
+    if "CUDA_VISIBLE_DEVICES" in env:
+        seen += f" (CUDA_VISIBLE_DEVICES={env['CUDA_VISIBLE_DEVICES']!r})"
+    if visible < 1:
+        raise ImgprepError(f"the loader needs a GPU and there is none: {seen}")
+    ids = "id 0" if visible == 1 else f"ids 0..{visible - 1}"
+    if requested is not None:
+        if isinstance(requested, bool) or not isinstance(requested, (int, np.integer)) or not 0 <= requested < visible:
+            raise ImgprepError(f"device_id {requested!r} is not a GPU of this process: {seen}, {ids}")
+        return int(requested)
+    chosen = 0 if current is None else current
+    local = env.get("LOCAL_RANK")
+    if chosen == 0 and local not in (None, ""):
+        try:
+            rank = int(local)
+        except ValueError:
+            raise ImgprepError(f"LOCAL_RANK={local!r} is not a GPU index; pass device_id") from None
+        if 0 < rank < visible:
+            chosen = rank
+    if not 0 <= chosen < visible:
+        raise ImgprepError(f"the current CUDA device {chosen} is not a GPU of this process: {seen}, {ids}; "
+                           "pass device_id")
+    return chosen
+
+
+def _current_cuda_device() -> int | None:
+    """torch's current CUDA device where torch has initialised CUDA, else the CUDA runtime's
+    (cudaGetDevice, through DALI); None where neither can say."""
+    torch = sys.modules.get("torch")
+    try:
+        if torch is not None and torch.cuda.is_initialized():
+            return int(torch.cuda.current_device())
+        from nvidia.dali.backend import GetCUDACurrentDevice
+
+        return int(GetCUDACurrentDevice())
+    except Exception:  # noqa: BLE001 - no driver: the caller falls back to GPU 0
+        return None
 
 
 def _on_gpu(tensor_list) -> bool:

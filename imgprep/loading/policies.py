@@ -131,30 +131,56 @@ def output_mean_std(norm, channels: int, channel_order: str) -> tuple[np.ndarray
     return mean, std
 
 
+PARAM_WIDTHS = {"crop_x": 1, "crop_y": 1, "mirror": 1, "shorter": 1, "roi_start": 2, "roi_end": 2, "mean": 3}
+
+
 def batch_params(chosen: Policy, seed: int, epoch: int, positions: np.ndarray, sizes: np.ndarray | None,
                  base_mean: np.ndarray, channel_order: str = "RGB") -> list[np.ndarray]:
-    """The per-sample values of `chosen.params()` for the samples at `positions` of `epoch`.
-    `sizes` (n, 2): the records' (height, width), needed by "inception". With lighting, "mean" is the
-    per-channel mean minus the sample's lighting offset: crop_mirror_normalize's (x - mean) / std is
-    then (x + offset - mean) / std."""
+    """The per-sample values of `chosen.params()` for the samples at `positions` of `epoch`, packed
+    as one float32 array (n, columns; PARAM_WIDTHS columns each, in the order of `params()`: one
+    input for DALI to take in, where one per value costs its feeding thread about 0.5 µs per sample
+    each), in a list: [] for a policy without per-sample values. `sizes` (n, 2): the records'
+    (height, width), needed by "inception". With lighting, "mean" is the per-channel mean minus the
+    sample's lighting offset: crop_mirror_normalize's (x - mean) / std is then (x + offset - mean) / std."""
     names = chosen.params()
+    if not names:
+        return []
     values = {}
     if "mirror" in names:
         crop_x, crop_y, mirror = augmentation(seed, epoch, positions)
-        values.update(crop_x=crop_x, crop_y=crop_y, mirror=mirror if chosen.mirror else np.zeros_like(mirror))
+        values.update(crop_x=crop_x, crop_y=crop_y, mirror=mirror if chosen.mirror else 0)
     if "shorter" in names:
-        values["shorter"] = shorter_sides(seed, epoch, positions, *chosen.scale).astype(np.float32)
+        values["shorter"] = shorter_sides(seed, epoch, positions, *chosen.scale)
     if "roi_start" in names:
         heights, widths = sizes[:, 0], sizes[:, 1]
         top, left, h, w = resized_crop_windows(seed, epoch, positions, heights, widths, chosen.area, chosen.ratio).T
-        values["roi_start"] = np.stack([top / heights, left / widths], axis=1).astype(np.float32)
-        values["roi_end"] = np.stack([(top + h) / heights, (left + w) / widths], axis=1).astype(np.float32)
+        values["roi_start"] = np.stack([top / heights, left / widths], axis=1)
+        values["roi_end"] = np.stack([(top + h) / heights, (left + w) / widths], axis=1)
     if "mean" in names:
         offset = lighting(seed, epoch, positions, chosen.lighting)
         if channel_order == "BGR":
             offset = offset[:, ::-1]
-        values["mean"] = (base_mean[None, :] - offset).astype(np.float32)
-    return [np.ascontiguousarray(values[name]) for name in names]
+        values["mean"] = base_mean[None, :] - offset
+    packed = np.empty((len(positions), sum(PARAM_WIDTHS[name] for name in names)), np.float32)
+    column = 0
+    for name in names:  # rounded to float32 as they are stored
+        width = PARAM_WIDTHS[name]
+        packed[:, column:column + width] = np.reshape(values[name], (len(positions), -1) if width > 1 else (-1, 1))
+        column += width
+    return [packed]
+
+
+def _unpack(packed, names) -> dict:
+    """The graph's per-sample values out of batch_params' packed array (the mirror flag as int32)."""
+    from nvidia.dali import fn, types
+
+    drawn, column = {}, 0
+    for name in names:
+        width = PARAM_WIDTHS[name]
+        node = packed[column] if width == 1 else packed[column:column + width]
+        drawn[name] = fn.cast(node, dtype=types.INT32) if name == "mirror" else node
+        column += width
+    return drawn
 
 
 def check_mean(mean_image, info, chosen: Policy, gray: bool) -> None:
@@ -179,15 +205,15 @@ def check_mean(mean_image, info, chosen: Policy, gray: bool) -> None:
 
 def graph(info, chosen: Policy, norm, dtype, layout, gpu, feed, decode_on_cpu=False, channel_order="RGB"):
     """The DALI graph of `chosen` over the records `feed` hands over (data, label, then the values of
-    `chosen.params()` per sample). With `decode_on_cpu` a GPU graph decodes on CPU threads and does
-    the rest on the GPU."""
+    `chosen.params()` per sample, packed by `batch_params`). With `decode_on_cpu` a GPU graph decodes
+    on CPU threads and does the rest on the GPU."""
     from nvidia.dali import fn, types
 
     names = chosen.params()
-    kinds = {"mirror": types.INT32}
-    outputs = fn.external_source(source=feed, num_outputs=2 + len(names), batch=True, no_copy=True,
-                                 dtype=[types.UINT8, types.INT32] + [kinds.get(n, types.FLOAT) for n in names])
-    value, label, drawn = outputs[0], outputs[1], dict(zip(names, outputs[2:]))
+    outputs = fn.external_source(source=feed, num_outputs=2 + bool(names), batch=True, no_copy=True,
+                                 dtype=[types.UINT8, types.INT32] + [types.FLOAT] * bool(names))
+    value, label = outputs[0], outputs[1]
+    drawn = _unpack(outputs[2], names) if names else {}
     gray, bgr, crop = info.channels == 1, channel_order == "BGR", chosen.crop
     if gray and chosen.lighting:
         raise ImgprepError("PCA lighting needs RGB records; the database is grayscale")
@@ -214,7 +240,10 @@ def graph(info, chosen: Policy, norm, dtype, layout, gpu, feed, decode_on_cpu=Fa
         images = fn.decoders.image_crop(value, device="cpu", output_type=output_type, **window)
         window = {}
     elif info.encoded:
-        images = fn.decoders.image(value, device="cpu" if cpu_decoder else "mixed", output_type=output_type)
+        # nvJPEG upsamples chroma as libjpeg-turbo (DALI's CPU decoder) does only when asked to
+        gpu_decoder = {} if cpu_decoder else {"jpeg_fancy_upsampling": True}
+        images = fn.decoders.image(value, device="cpu" if cpu_decoder else "mixed", output_type=output_type,
+                                   **gpu_decoder)
     else:
         if gpu:
             value = value.gpu()

@@ -2,7 +2,7 @@
 DALI its batches (records read by key, Datum parsed, the policy's draws), next to the process's CPU
 time per record (DALI's threads included) and the rate.
 
-    python scripts/bench_feed.py DB [--batch 256] [--threads 8] [--seconds 5] [--device gpu] [--policy caffe]
+    python scripts/feed_in_pipeline.py DB [--batch 256] [--threads 8] [--seconds 5] [--device gpu] [--policy caffe]
 
 One Python thread runs the feed: 1 / (feed CPU per record) is the most records per second it can
 hand over, to be set against the GPU's decode rate. Prints one JSON object.
