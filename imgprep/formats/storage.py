@@ -132,6 +132,8 @@ class LevelDBWriter:
 
 
 def open_writer(path, backend: str, map_size: int = INITIAL_MAP_SIZE):
+    """A batch writer for a new or existing database at `path`: `put_batch([(key, value), ...])` writes
+    one transaction, `close()` ends it. `backend` is "lmdb" or "leveldb" (Caffe's LevelDB options)."""
     if backend == "lmdb":
         return LmdbWriter(path, map_size)
     if backend == "leveldb":
