@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from imgprep import ImgprepError, __version__
-from imgprep.prepare.build import PRESETS, image_spec
+from imgprep.prepare.presets import PRESETS
 
 EXIT_IMAGES_FAILED = 3
 
@@ -287,6 +287,7 @@ def resize(src, dst, resize, quality, gray, max_aspect, jobs, overwrite, schedul
       imgprep resize /data/ILSVRC2012/train /data/train_sq --resize squash:256x256 --quality 95
       imgprep resize downloads/ILSVRC2012_img_train.tar /data/train256
     """
+    from imgprep.prepare.build import image_spec
     from imgprep.prepare.resize import resize_tree
 
     report = resize_tree(src, dst, image_spec(None, resize, True, quality, gray, max_aspect), jobs,
@@ -364,7 +365,7 @@ def build_lmdb(list_file, root, out, preset, backend, resize, encoded, quality, 
       imgprep build-lmdb train.txt /data/train train_lmdb --preset resnet --shuffle --resume
       imgprep build-lmdb train.txt downloads/ILSVRC2012_img_train.tar train_lmdb --preset resnet --shuffle
     """
-    from imgprep.prepare.build import BuildOptions, build_database, report_to_dict
+    from imgprep.prepare.build import BuildOptions, build_database, image_spec, report_to_dict
 
     options = BuildOptions(backend=backend, spec=image_spec(preset, resize, encoded, quality, gray, max_aspect),
                            shuffle=shuffle, seed=seed, check_size=check_size, jobs=jobs,

@@ -67,9 +67,11 @@ def wait_for_progress(proc, done, stage=b"build-lmdb"):
 
 
 def loky_workers(pid: int) -> list[int]:
-    """The pids of a process's joblib (loky) worker processes."""
+    """The pids of a build's worker processes: its children forked from it (same command line; the
+    resource tracker is another one)."""
+    own = Path(f"/proc/{pid}/cmdline").read_bytes()
     children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    return [int(c) for c in children if b"LokyProcess" in Path(f"/proc/{c}/cmdline").read_bytes()]
+    return [int(c) for c in children if Path(f"/proc/{c}/cmdline").read_bytes() == own]
 
 
 def assert_clean_error(result, *fragments):

@@ -312,7 +312,7 @@ def test_a_fifo_where_a_file_is_read_is_refused_not_waited_on(dbs, tmp_path):
     assert_clean_error(run_cli("compute-mean", db, tmp_path / "m.binaryproto", check=False, timeout=60),
                        f"{db / MANIFEST} is a FIFO, not a regular file")
     os.mkfifo(tmp_path / "mean.binaryproto")  # a mean file for the loader or the Dataset
-    loaded = subprocess.run([sys.executable, "-c", "import sys; from imgprep.prepare.mean import load_mean; "
+    loaded = subprocess.run([sys.executable, "-c", "import sys; from imgprep.formats.codec import load_mean; "
                              "load_mean(sys.argv[1])", str(tmp_path / "mean.binaryproto")],
                             capture_output=True, text=True, timeout=60)
     assert loaded.returncode == 1 and "is a FIFO, not a regular file" in loaded.stderr, loaded.stderr

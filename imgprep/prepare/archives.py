@@ -283,8 +283,11 @@ class OutdatedIndex(ValueError):
     """An index written by an older imgprep: made again, without a warning."""
 
 
+_HASHES: dict = {}  # per interpreter: (index sha256, count) -> ArchiveIndex._hashes()
+
+
 class ArchiveIndex:
-    """A mapped index file: lookups by binary search over the sorted names. A file that is not a
+    """A mapped index file: lookups by the names' hashes (`find`). A file that is not a
     whole index (of this version) is a ValueError; `verify` also checks the sha256 of its body."""
 
     def __init__(self, path: Path, verify: bool = False):
@@ -333,21 +336,39 @@ class ArchiveIndex:
         return self.map[self.names_at + begin:self.names_at + int(self.ends[i])]
 
     def find(self, rel: str) -> int:
-        """The member's position, or -1."""
+        """The member's position, or -1: one search of a sorted array of the names' hashes (see `_hashes`),
+        then a comparison of the name found."""
         wanted = rel.encode(*NAME_ENCODING)
-        lo, hi = 0, self.count
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if self.name(mid) < wanted:
-                lo = mid + 1
-            else:
-                hi = mid
-        return lo if lo < self.count and self.name(lo) == wanted else -1
+        hashes, order = self._hashes()
+        h = hash(wanted)
+        k = int(np.searchsorted(hashes, h))
+        while k < self.count and hashes[k] == h:  # equal hashes of other names: rare, each checked
+            i = int(order[k])
+            if self.name(i) == wanted:
+                return i
+            k += 1
+        return -1
 
-    def names(self) -> list[str]:
+    def _hashes(self) -> tuple[np.ndarray, np.ndarray]:
+        """(sorted hashes of the names, the position of each), made once per index and interpreter (a
+        forked worker inherits its parent's; Python's bytes hash differs between interpreters): about
+        0.3 s for 1.28 million names, where a binary search over the mapped names took ~21 probes, some
+        30 us, per lookup."""
+        slot = (self.sha256, self.count)
+        found = _HASHES.get(slot)
+        if found is None:
+            hashes = np.fromiter(map(hash, self._name_list()), np.int64, self.count)
+            order = np.argsort(hashes, kind="stable")
+            found = _HASHES[slot] = (hashes[order], order)
+        return found
+
+    def _name_list(self) -> list[bytes]:
         blob = self.map[self.names_at:]
         bounds = [0, *self.ends.tolist()]
-        return [blob[a:b].decode(*NAME_ENCODING) for a, b in zip(bounds, bounds[1:])]
+        return [blob[a:b] for a, b in zip(bounds, bounds[1:])]
+
+    def names(self) -> list[str]:
+        return [name.decode(*NAME_ENCODING) for name in self._name_list()]
 
 
 def load_index(path: Path, show_progress: bool = True) -> tuple[ArchiveIndex, Path]:

@@ -37,6 +37,7 @@ from imgprep.formats.manifest import (FAILURES, LOCK, MANIFEST, MANIFEST_FORMAT,
                        refuse_links, require_complete, write_manifest)
 from imgprep.formats.database import entry_key, key_position, record_shape
 from imgprep.formats.order import permutation
+from imgprep.prepare.presets import PRESETS  # noqa: F401  (importable from here too)
 from imgprep.prepare.parallel import chunked, ordered_map, resolve_jobs, shared_put
 from imgprep.prepare.progress import Progress
 from imgprep.prepare.sources import open_source, read_source  # noqa: F401  (importable from here too)
@@ -48,12 +49,6 @@ AREA_BYTES_PER_RECORD = 320 * 1024
 ROOT_PROBES = 1000  # entries looked for in ROOT before a build starts (see check_root)
 
 
-# --preset: what each recipe's records are (explicit options override it; see image_spec)
-PRESETS = {
-    "caffe": {"resize": "squash:256x256", "encoded": False},
-    "resnet": {"resize": "shorter:256", "encoded": True},
-    "resnet480": {"resize": "shorter:480", "encoded": True},
-}
 
 
 def image_spec(preset: str | None = None, resize: str | None = None, encoded: bool | None = None,

@@ -234,7 +234,11 @@ def _sum_in_threads(reader: Reader, transform, shape, jobs: int, total: int, pro
             progress.update(n)
 
     def run(start, n):
-        return sum_records(itertools.islice(reader.items(start, buffers=True), n), transform, shape, stop, tick)
+        items = reader.items(start, buffers=True)
+        try:
+            return sum_records(itertools.islice(items, n), transform, shape, stop, tick)
+        finally:  # ends its read transaction now, not when a Ctrl-C's traceback is freed after the Reader closed
+            items.close()
 
     ranges = _ranges(reader, jobs if reader.backend == "lmdb" else 1, total)
     if len(ranges) == 1:
