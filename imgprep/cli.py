@@ -152,6 +152,9 @@ def sample(out, classes, train_per_class, val_per_class, seed, oddities, grain, 
     the devkit's ground truth (+ ID table) and as Kaggle's LOC_val_solution.csv. With --archives,
     the same images as the three ILSVRC2012 download files in OUT.
 
+    Each class is one of the bundled photos, assigned arbitrarily: a cup labelled "academic gown"
+    is the sample's label, not a wrong one.
+
     \b
     Examples:
       imgprep sample work/sample --classes 10 --oddities
