@@ -152,6 +152,9 @@ def sample(out, classes, train_per_class, val_per_class, seed, oddities, grain, 
     the devkit's ground truth (+ ID table) and as Kaggle's LOC_val_solution.csv. With --archives,
     the same images as the three ILSVRC2012 download files in OUT.
 
+    Each class is one of the bundled photos, assigned arbitrarily: a cup labelled "academic gown"
+    is the sample's label, not a wrong one.
+
     \b
     Examples:
       imgprep sample work/sample --classes 10 --oddities
@@ -455,7 +458,8 @@ def inspect_cmd(db, list_file, verify, allow_partial):
 
 @main.command("bench-loader")
 @click.argument("db", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--batch", type=click.IntRange(1), default=256, show_default=True)
+@click.option("--batch", type=click.IntRange(1), default=256, show_default=True,
+              help="Images per batch; a source holding fewer runs with all of them in one batch (its row says so).")
 @click.option("--threads", type=click.IntRange(1), default=None, show_default="cores, at most 8")
 @click.option("--device", type=click.Choice(["auto", "gpu", "cpu"]), default="auto", show_default=True)
 @click.option("--seconds", type=float, default=10.0, show_default=True, help="Measured time per row, after warm-up.")
@@ -464,7 +468,8 @@ def inspect_cmd(db, list_file, verify, allow_partial):
               help="Folder of the original images (ROOT/<class>/<image>, as torchvision's ImageFolder reads it): "
                    "also measure, in the same run, DALI's file reader on them and a PyTorch DataLoader whose "
                    "workers decode them with Pillow and apply torchvision's transforms (Resize 256 + RandomCrop "
-                   "224 + flip, and RandomResizedCrop 224 + flip; torchvision's own where it imports).")
+                   "224 + flip, and RandomResizedCrop 224 + flip; torchvision's own where it imports). Files they "
+                   "could not read (empty, not an image, truncated) are skipped first, and counted in their rows.")
 @click.option("--compare-list", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="With --compare: a 'path label' list of the images under that folder to use (default: "
                    "every image, ImageFolder-style).")

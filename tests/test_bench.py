@@ -1,6 +1,7 @@
 import json
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -50,21 +51,64 @@ def test_a_peer_that_cannot_run_says_why_and_shows_no_rate(sample_tree, val_db, 
     failed = [row for row in rows.values() if row["images_per_s"] is None]
     assert len(failed) == 3
     assert all(f"cannot run: no images in {tmp_path / 'empty'}'s class subfolders" in row["note"] for row in failed)
-    # folders of nothing but a zero-byte file, or random bytes named .JPEG: every read fails, whatever the order
-    for name, data, dali_says in (("zero-byte", b"", ["readers.file stopped: File mapping failed", "empty file"]),
-                                  ("junk", os.urandom(5000), ["not an image DALI can decode"])):
+    # folders of nothing but zero-byte files, or random bytes named .JPEG: every file is skipped, and said
+    for name, data, reason in (("zero-byte", b"", "empty"), ("junk", os.urandom(5000), "unreadable")):
         (tmp_path / name / "n01440764").mkdir(parents=True)
         for i in range(8):  # one batch
             (tmp_path / name / "n01440764" / f"x{i}.JPEG").write_bytes(data)
         rows = peer_rows(val_db, "--compare", tmp_path / name, "--torch-workers", "1")
-        dali = next(row for peer, row in rows.items() if peer.startswith("DALI file reader"))
-        assert dali["images_per_s"] is None and "no longer valid" not in dali["note"], dali
-        assert all(words in dali["note"] for words in dali_says), dali["note"]
-        for peer in (n for n in rows if n.startswith("torchvision")):
-            assert rows[peer]["images_per_s"] is None and "Pillow cannot read" in rows[peer]["note"], rows[peer]
+        peers = [row for peer, row in rows.items() if peer.startswith(("DALI file reader", "torchvision"))]
+        assert len(peers) == 3
+        for row in peers:
+            assert row["images_per_s"] is None and row["batch"] == 0, row
+            assert row["note"] == (f"cannot run: no readable images in {tmp_path / name}'s class subfolders "
+                                   f"(ROOT/<class>/<image>); skipped 8 unreadable files ({reason} 8)"), row
         table = format_table([BenchRow(**row) for row in rows.values()])
-        assert "| - | - | - | cannot run: a DataLoader worker failed: Pillow cannot read" in table
-        assert "| 0 |" not in table
+        assert "| - | - | - | - | cannot run: no readable images" in table and "| 0 |" not in table
+
+
+def test_a_peers_own_failure_is_said_in_words_a_user_understands(tmp_path):
+    """A file the quick check passes can still stop a peer: DALI's and a DataLoader worker's errors
+    are reduced to their cause (no C++ context, no worker traceback)."""
+    from imgprep.loading.bench import explain_failure, file_reader_pipeline, folder_step
+    from imgprep.loading.peers import PillowTransform
+
+    junk = [(str(tmp_path / f"x{i}.JPEG"), 0) for i in range(2)]
+    for path, _ in junk:
+        Path(path).write_bytes(b"")
+    step = folder_step(junk, 2, 1, False, PillowTransform(False, False, (0, 0, 0), (1, 1, 1)))
+    with pytest.raises(Exception) as error:
+        step()
+    step.close()
+    said = explain_failure(error.value)
+    assert said.startswith("a DataLoader worker failed: Pillow cannot read") and "Traceback" not in said, said
+    with pytest.raises(Exception) as error:
+        file_reader_pipeline(junk, 2, 1, False, False).run()
+    said = explain_failure(error.value)
+    assert "File mapping failed" in said and "empty file" in said and "no longer valid" not in said, said
+
+
+def test_bench_loader_compare_runs_on_the_sample_with_oddities(tmp_path):
+    """The README's --compare example on `imgprep sample --oddities`, through the CLI: every row runs
+    with a batch of all the images (fewer than the default 256), the unreadable originals are skipped
+    and counted, and the ratio column names the row it compares against."""
+    root, lists, db = tmp_path / "sample", tmp_path / "lists", tmp_path / "train_lmdb"
+    run_cli("sample", root, "--oddities", "--classes", "3", "--train-per-class", "5")  # 15 + 7 oddities
+    run_cli("make-lists", root, "--out", lists)
+    build = run_cli("build-lmdb", lists / "train.txt", root / "train", db, "--preset", "resnet", check=False)
+    assert build.returncode in (0, 3), build.stderr
+    args = ("--compare", root / "train", "--seconds", "0.2", "--threads", "2", "--torch-workers", "0")
+    rows = json.loads(run_cli("bench-loader", db, *args, "--json", timeout=300).stdout)
+    assert len(rows) == 6 and all(row["images_per_s"] > 0 for row in rows), rows
+    skipped = "skipped 3 unreadable files (empty 1, truncated 1, unreadable 1)"
+    for row in rows:
+        originals = row["source"].startswith(("DALI file reader", "torchvision"))
+        assert row["batch"] == 19, row  # 22 files, 3 unreadable; the database holds the same 19
+        assert (skipped in row["note"]) == originals, row
+        assert f"a batch of all 19 {'readable images' if originals else 'records'} (fewer than 256)" in row["note"]
+    table = run_cli("bench-loader", db, *args, timeout=300).stdout.splitlines()
+    assert table[0] == "| source | batch | img/s | ms/batch | x imgprep loader (training policy, cpu) | note |"
+    assert table[2].startswith("| imgprep loader (training policy, cpu) | 19 | ") and "| 1.00 |" in table[2]
 
 
 def test_caffe_dataset_row_on_leveldb_with_several_workers_says_why(sample_tree, tmp_path):

@@ -1,5 +1,10 @@
 """`bench-loader`: loader throughput after a warm-up, next to the peers a user would otherwise pick,
-measured in the same run on the same images."""
+measured in the same run on the same images.
+
+Every row runs with the batch asked for, or with every image in one batch where its source holds
+fewer (the row's `batch` says which). The original images of `--compare` are checked first: a file
+that would stop DALI's reader or a DataLoader worker (empty, not an image, truncated) is skipped,
+and the rows on the originals say how many were."""
 
 from __future__ import annotations
 
@@ -18,11 +23,14 @@ from imgprep.formats.database import database_info
 
 @dataclass
 class BenchRow:
+    """One row of the table: a source's rate, or (images_per_s None) why it could not run."""
+
     source: str
     images_per_s: float | None  # None: the source could not run; `note` says why
     ms_per_batch: float | None
     batches: int
     note: str = ""
+    batch: int = 0  # the images per batch it ran with (0: it did not run)
 
 
 def time_batches(step, batch_size: int, seconds: float, warmup: int) -> tuple[float, float, int]:
@@ -51,16 +59,17 @@ def _policy(images, fn, types, train, gpu):
                                     dtype=types.FLOAT16 if gpu else types.FLOAT, output_layout="CHW")
 
 
-def file_reader_pipeline(root: Path, list_file: Path | None, batch: int, threads: int, gpu: bool, train: bool):
-    """DALI's file reader over the original JPEGs, with the same policy."""
+def file_reader_pipeline(samples: list[tuple[str, int]], batch: int, threads: int, gpu: bool, train: bool):
+    """DALI's file reader over the original images `samples` ((path, label) pairs), with the same policy."""
     from nvidia.dali import fn, pipeline_def, types
+
+    files, labels = [path for path, _ in samples], [label for _, label in samples]
 
     @pipeline_def(batch_size=batch, num_threads=threads, device_id=0 if gpu else None, seed=0)
     def pipe():
-        kwargs = {"file_list": str(list_file)} if list_file else {}
-        jpegs, labels = fn.readers.file(file_root=str(root), random_shuffle=train, name="Reader", **kwargs)
+        jpegs, labels_out = fn.readers.file(files=files, labels=labels, random_shuffle=train, name="Reader")
         images = fn.decoders.image(jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB)
-        return _policy(images, fn, types, train, gpu), labels
+        return _policy(images, fn, types, train, gpu), labels_out
 
     p = pipe()
     p.build()
@@ -113,6 +122,7 @@ def _cycling(loader, on_epoch=None):
 
 
 def _data_loader(dataset, batch: int, workers: int, train: bool):
+    """A DataLoader as a trainer makes one: whole batches, persistent workers, pinned memory on a GPU machine."""
     import torch
 
     return torch.utils.data.DataLoader(dataset, batch_size=batch, shuffle=train, num_workers=workers,
@@ -158,7 +168,7 @@ def explain_failure(error: BaseException) -> str:
     return lines[-1] if lines else type(error).__name__
 
 
-def _measure_peer(rows, name, make_step, batch, seconds, warmup, note=""):
+def _measure_peer(rows, name, make_step, batch, seconds, warmup, note: str = ""):
     """A peer that cannot run (DALI's file reader on a zero-byte file, LevelDB with several workers,
     no torch) gives a row that says why, with no rate, instead of ending the benchmark."""
     step = None
@@ -166,11 +176,12 @@ def _measure_peer(rows, name, make_step, batch, seconds, warmup, note=""):
         step = make_step()
         rate, ms, n = time_batches(step, batch, seconds, warmup)
     except ImportError as e:
-        rows.append(BenchRow(name, None, None, 0, f"cannot run: {e.name or 'a module'} is not installed"))
+        rows.append(BenchRow(name, None, None, 0, _joined(f"cannot run: {e.name or 'a module'} is not installed",
+                                                          note)))
     except Exception as e:  # a peer's own failure, whatever its kind, is reported in its row
-        rows.append(BenchRow(name, None, None, 0, "cannot run: " + explain_failure(e)[:300]))
+        rows.append(BenchRow(name, None, None, 0, _joined("cannot run: " + explain_failure(e)[:300], note)))
     else:
-        rows.append(BenchRow(name, rate, ms, n, note))
+        rows.append(BenchRow(name, rate, ms, n, note, batch))
     finally:
         getattr(step, "close", gc.collect)()
 
@@ -182,6 +193,19 @@ def _time_loader(loader, batch, seconds, warmup) -> tuple[float, float, int]:
             yield from loader
     it = batches()
     return time_batches(lambda: next(it), batch, seconds, warmup)
+
+
+def _joined(*parts: str) -> str:
+    """The non-empty parts of a note, joined by '; '."""
+    return "; ".join(part for part in parts if part)
+
+
+def fitting_batch(batch: int, images: int, what: str = "images") -> tuple[int, str]:
+    """(the batch a source of `images` images runs with: `batch`, or all of them where it holds fewer;
+    the note that says so, or '')."""
+    if 0 < images < batch:
+        return images, f"a batch of all {images} {what} (fewer than {batch})"
+    return batch, ""
 
 
 def _loader_rate(db, batch, threads, device, seconds, warmup, policy, allow_partial=False):
@@ -208,6 +232,8 @@ def bench_loader(db, batch: int = 256, threads: int | None = None, device: str =
     from imgprep.loading.policies import parse_policy, policy as make_policy
 
     threads = threads or max(1, min(8, len(os.sched_getaffinity(0))))
+    info = database_info(db, allow_partial)
+    asked, (batch, fits) = batch, fitting_batch(batch, info.records, "records")
     rows = []
     chosen = [make_policy(name) for name in policies] if policies else [parse_policy(None, train)]
     train = chosen[0].train
@@ -220,7 +246,8 @@ def bench_loader(db, batch: int = 256, threads: int | None = None, device: str =
             label = ("training" if policy.train else "eval") if not policies else policy.name
             note = "fp16 NCHW" if gpu else "fp32 NCHW"
             note += f", {policy.views} views per image" if policy.views > 1 else ""
-            rows.append(BenchRow(f"imgprep loader ({label} policy, {device_name})", rate, ms, n, note))
+            rows.append(BenchRow(f"imgprep loader ({label} policy, {device_name})", rate, ms, n,
+                                 _joined(note, fits), batch))
     if cpu_share:
         with Loader(db, batch_size=batch, train=train, device=device, num_threads=threads,
                     dtype="float16" if gpu else "float32", cpu_share=cpu_share, cpu_threads=cpu_threads,
@@ -228,23 +255,24 @@ def bench_loader(db, batch: int = 256, threads: int | None = None, device: str =
                     allow_partial=allow_partial) as split:
             rate, ms, n = _time_loader(split, batch, seconds, warmup)
         rows.append(BenchRow(f"imgprep loader, {cpu_share:.0%} of records decoded on CPU threads", rate, ms, n,
-                             f"{cpu_threads or threads} CPU decode threads beside {threads}"))
-    info = database_info(db, allow_partial)
+                             _joined(f"{cpu_threads or threads} CPU decode threads beside {threads}", fits), batch))
     if info.encoded and info.backend == "lmdb":
         _measure_peer(rows, "same LMDB, read + decode only",
                       lambda: decode_only_pipeline(Path(db), batch, threads, gpu).run, batch, seconds, warmup,
-                      note="the decode ceiling")
+                      note=_joined("the decode ceiling", fits))
     workers = torch_workers if torch_workers is not None else threads
     _measure_peer(rows, f"imgprep CaffeDataset, same DB, DataLoader with {workers} workers",
-                  lambda: dataset_step(Path(db), batch, workers, train, allow_partial), batch, seconds, 1)
+                  lambda: dataset_step(Path(db), batch, workers, train, allow_partial), batch, seconds, 1, fits)
     if compare is not None:
-        _compare_originals(rows, Path(compare), compare_list, batch, threads, workers, gpu, train, seconds, warmup)
+        _compare_originals(rows, Path(compare), compare_list, asked, threads, workers, gpu, train, seconds, warmup)
     return rows
 
 
 def _compare_originals(rows, root: Path, list_file, batch, threads, workers, gpu, train, seconds, warmup):
-    """DALI's file reader and a torchvision DataLoader on the original images, same policy."""
-    from imgprep.loading.peers import PillowTransform, image_files, torchvision_transform
+    """DALI's file reader and a torchvision DataLoader on the original images, same policy; the files
+    neither could read are skipped first, and counted in the rows' notes."""
+    from imgprep.loading.peers import (PillowTransform, describe_skipped, image_files, readable_originals,
+                                       torchvision_transform)
 
     if not root.is_dir():
         raise ImgprepError(f"--compare {root} is not a folder of original images")
@@ -260,30 +288,40 @@ def _compare_originals(rows, root: Path, list_file, batch, threads, workers, gpu
         peers.append((name + f", original JPEGs, {workers} workers" + (", RandomResizedCrop" if resized_crop else ""),
                       transform or PillowTransform(train, resized_crop, IMAGENET_MEAN_RGB, IMAGENET_STD_RGB)))
     dali = f"DALI file reader, original JPEGs ({policy})"
+    samples, skipped = readable_originals(samples, threads)
+    said = describe_skipped(skipped)
     if not samples:
         where = "the list's entries" if list_file else "class subfolders (ROOT/<class>/<image>)"
-        why = unusable or f"no images in {root}'s {where}"
+        why = unusable or (f"no readable images in {root}'s {where}" if skipped else f"no images in {root}'s {where}")
         for name in [dali] + [name for name, _ in peers]:
-            rows.append(BenchRow(name, None, None, 0, f"cannot run: {why}"))
+            rows.append(BenchRow(name, None, None, 0, _joined(f"cannot run: {why}", said)))
         return
-    _measure_peer(rows, dali, lambda: file_reader_pipeline(root, list_file, batch, threads, gpu, train).run,
-                  batch, seconds, warmup)
+    batch, fits = fitting_batch(batch, len(samples), "readable images" if skipped else "images")
+    note = _joined(said, fits)
+    _measure_peer(rows, dali, lambda: file_reader_pipeline(samples, batch, threads, gpu, train).run,
+                  batch, seconds, warmup, note)
     for name, transform in peers:
-        _measure_peer(rows, name, lambda: folder_step(samples, batch, workers, train, transform), batch, seconds, 1)
+        _measure_peer(rows, name, lambda: folder_step(samples, batch, workers, train, transform), batch, seconds, 1,
+                      note)
 
 
 def format_table(rows: list[BenchRow]) -> str:
-    """Markdown rows; a source that could not run shows '-' and its reason, never a rate of 0."""
-    base = rows[0].images_per_s
-    lines = ["| source | img/s | ms/batch | imgprep is x faster | note |", "|---|---:|---:|---:|---|"]
+    """Markdown rows: each source's batch, img/s, ms per batch and img/s as a multiple of the first
+    row's (the column 'x <first row's source>': 2.00 is twice as fast, 0.50 half as fast). A source
+    that could not run shows '-' and its reason, never a rate of 0."""
+    base = rows[0].images_per_s if rows else None
+    baseline = rows[0].source if rows and base else "the first row"
+    lines = [f"| source | batch | img/s | ms/batch | x {baseline} | note |", "|---|---:|---:|---:|---:|---|"]
     for row in rows:
         if row.images_per_s is None:
-            lines.append(f"| {row.source} | - | - | - | {row.note} |")
+            lines.append(f"| {row.source} | - | - | - | - | {row.note} |")
             continue
-        ratio = f"{base / row.images_per_s:.2f}" if base else "-"
-        lines.append(f"| {row.source} | {row.images_per_s:,.0f} | {row.ms_per_batch:.1f} | {ratio} | {row.note} |")
+        ratio = f"{row.images_per_s / base:.2f}" if base else "-"
+        lines.append(f"| {row.source} | {row.batch or '-'} | {row.images_per_s:,.0f} | {row.ms_per_batch:.1f} "
+                     f"| {ratio} | {row.note} |")
     return "\n".join(lines)
 
 
 def rows_to_dicts(rows: list[BenchRow]) -> list[dict]:
+    """The rows as JSON-ready dicts (BenchRow's fields)."""
     return [asdict(r) for r in rows]

@@ -15,13 +15,15 @@ import io
 import math
 import os
 import random
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from imgprep import ImgprepError
-from imgprep.formats.files import NotRegular, file_kind, read_regular, require_regular
+from imgprep.formats.files import NotRegular, file_kind, open_regular, read_regular, require_regular
 
 # torchvision.datasets.folder.IMG_EXTENSIONS
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -50,6 +52,59 @@ def image_files(root: Path, list_file: Path | None = None) -> list[tuple[str, in
     return [(str(path), label) for label, name in enumerate(classes)
             for path in sorted((root / name).rglob("*"))
             if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()]
+
+
+# Where a whole file of each format ends: a file without it in its last TAIL bytes was cut short.
+END_MARKERS = {"JPEG": b"\xff\xd9", "PNG": b"IEND"}
+TAIL = 4096
+
+
+def original_fault(path: str) -> str | None:
+    """Why the peers cannot read the image file at `path`, in the words of build-lmdb's failure report
+    ('missing', 'empty', 'unreadable': not an image Pillow knows, 'truncated': a JPEG or PNG without
+    its end), or None. Reads the header and the last few KB, not the pixels: quick enough for a tree
+    of a million files, so that a file that would stop DALI's reader or a DataLoader worker is skipped."""
+    try:
+        with open_regular(path) as f:
+            size = os.fstat(f.fileno()).st_size
+            if size == 0:
+                return "empty"
+            try:
+                with Image.open(f) as img:
+                    kind, (w, h) = img.format, img.size
+            except Exception:  # Pillow raises many kinds for bytes it does not know
+                return "unreadable"
+            if w < 1 or h < 1:
+                return "unreadable"
+            if kind in END_MARKERS:
+                f.seek(max(0, size - TAIL))
+                if END_MARKERS[kind] not in f.read():
+                    return "truncated"
+    except FileNotFoundError:
+        return "missing"
+    except NotRegular:
+        return "not-a-file"
+    except OSError:
+        return "unreadable"
+    return None
+
+
+def readable_originals(samples: list[tuple[str, int]], threads: int = 8) -> tuple[list[tuple[str, int]], Counter]:
+    """(the samples whose file `original_fault` passes, the skipped files counted by reason), checked
+    on `threads` threads (the checks wait on the disk more than on the CPU)."""
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        faults = list(pool.map(original_fault, [path for path, _ in samples], chunksize=64))
+    kept = [sample for sample, fault in zip(samples, faults) if fault is None]
+    return kept, Counter(fault for fault in faults if fault)
+
+
+def describe_skipped(skipped: Counter) -> str:
+    """'skipped 3 unreadable files (empty 1, truncated 1, unreadable 1)', or '' when none was."""
+    total = sum(skipped.values())
+    if not total:
+        return ""
+    reasons = ", ".join(f"{reason} {n}" for reason, n in sorted(skipped.items()))
+    return f"skipped {total} unreadable file{'s' if total > 1 else ''} ({reasons})"
 
 
 def resize_shorter(img: Image.Image, size: int) -> Image.Image:
@@ -102,11 +157,14 @@ class PillowTransform:
     Randomness comes from Python's `random`, which DataLoader seeds in each worker (as torch's RNG)."""
 
     def __init__(self, train: bool, resized_crop: bool, mean_rgb, std_rgb, size: int = 224, shorter: int = 256):
+        """The training (random crop, or RandomResizedCrop with `resized_crop`) or evaluation (center crop)
+        transform to `size`, after resizing the shorter side to `shorter`; mean and std in 0..255 RGB."""
         self.train, self.resized_crop, self.size, self.shorter = train, resized_crop, size, shorter
         self.mean = np.asarray(mean_rgb, np.float32) / 255
         self.std = np.asarray(std_rgb, np.float32) / 255
 
     def __call__(self, img: Image.Image):
+        """The normalised CHW float32 tensor of `img` (an RGB PIL image)."""
         import torch
 
         if self.train and self.resized_crop:
@@ -144,14 +202,17 @@ class ImageFiles:
     """Map-style dataset of (path, label): torchvision's default loader (Pillow, RGB), then `transform`."""
 
     def __init__(self, samples: list[tuple[str, int]], transform):
+        """`samples`: (path, label) pairs, at least one; `transform`: PIL image -> tensor."""
         if not samples:
             raise ImgprepError("no images to read")
         self.samples, self.transform = samples, transform
 
     def __len__(self) -> int:
+        """The number of images."""
         return len(self.samples)
 
     def __getitem__(self, index: int):
+        """(transformed image, label) of sample `index`; an ImgprepError naming a file Pillow cannot read."""
         path, label = self.samples[index]
         try:
             data = read_regular(path)  # a regular file only, even if the path changed since it was listed

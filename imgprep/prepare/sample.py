@@ -3,7 +3,9 @@ as the ILSVRC2012 download (a train tar of per-class tars, a flat val tar, the d
 
 Images are crops of the photos at ImageNet-like sizes (about 500x375, some portrait, some
 large) and JPEG qualities; each class is one photo with a tint of its own, so that a tiny
-network can learn the classes. The photos are upscaled, so the files are smoother (about 50 KB)
+network can learn the classes. The photos are assigned to the classes arbitrarily (class k of
+the synsets picked gets photo k): a cup labelled "academic gown" is the sample's label, not a
+wrong one. The photos are upscaled, so the files are smoother (about 50 KB)
 than real ones; `grain` adds sensor-like noise, and 8 gives about ImageNet's file size and
 decoding cost (about 100 KB), which is what the benchmarks use. With `oddities=True` the train
 set also holds the files real ImageNet throws at a tool: CMYK JPEG, PNG named .JPEG,
