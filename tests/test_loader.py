@@ -314,7 +314,7 @@ def test_gpu_graph_places_every_stage_after_the_reader_on_the_gpu(dbs, tmp_path,
     from imgprep.loading.loader import _Feed
     from imgprep.loading.policies import Normalisation
     from imgprep.formats.database import database_info
-    from imgprep.formats.order import EpochPlan
+    from imgprep.loading.plan import EpochPlan
     from imgprep.loading.policies import graph, policy as make_policy
     from imgprep.loading.records import RecordSource
 
@@ -359,7 +359,7 @@ def key_order_labels(db):
 
 def plan_labels(db, epoch, **plan_args):
     """The labels of each batch the order contract promises, from imgprep.formats.order alone."""
-    from imgprep.formats.order import EpochPlan
+    from imgprep.loading.plan import EpochPlan
 
     labels = key_order_labels(db)
     plan = EpochPlan(len(labels), **plan_args)

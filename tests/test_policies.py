@@ -16,7 +16,7 @@ from imgprep.loading.draws import (PCA_EIGVAL, PCA_EIGVEC, lighting, normals, re
                            uniforms)
 from imgprep.formats.imageops import decode_to_rgb
 from imgprep.loading.loader import Loader, UpscaleWarning
-from imgprep.formats.order import augmentation
+from imgprep.loading.draws import augmentation
 from imgprep.loading.policies import policy
 from imgprep.formats.storage import Reader
 
@@ -330,3 +330,15 @@ def test_a_record_without_an_image_header_is_named_by_key_under_inception(dbs, t
     with pytest.raises(ImgprepError, match="00000003_broken.JPEG"):
         with Loader(tmp_path / "db", batch_size=4, device=DEVICE, num_threads=1, policy="inception") as loader:
             list(loader)
+
+
+def test_augmentation_follows_the_documented_algorithm():
+    from imgprep.loading.draws import augmentation
+
+    for seed, epoch in [(0, 0), (9, 4), (-1, 2)]:
+        positions = np.array([0, 1, 77, 10**6])
+        crop_x, crop_y, mirror = augmentation(seed, epoch, positions)
+        stream = reference_mix((reference_mix(seed & MASK) + epoch) & MASK)
+        for n, p in enumerate(positions.tolist()):
+            u = [(reference_mix((reference_mix(stream ^ p) + lane + 1) & MASK) >> 11) / 2**53 for lane in range(3)]
+            assert (crop_x[n], crop_y[n], mirror[n]) == (np.float32(u[0]), np.float32(u[1]), int(u[2] < 0.5))

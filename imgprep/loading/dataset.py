@@ -31,7 +31,7 @@ from imgprep.loading.policies import Normalisation
 from imgprep.formats.database import database_info
 from imgprep.loading.draws import resized_crop_windows
 from imgprep.loading.options import OptionError, check_pixels, whole
-from imgprep.formats.order import augmentation
+from imgprep.loading.draws import augmentation
 from imgprep.loading import policies
 from imgprep.loading.records import KeyIndex
 from imgprep.formats.storage import Reader, detect_backend

@@ -29,6 +29,18 @@ LANE_SCALE, LANE_LIGHT, LANE_RESIZED_CROP = 3, 4, 16
 ATTEMPTS = 10
 
 
+def augmentation(seed: int, epoch: int, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Training crop positions and mirror flags for `positions` of epoch `epoch`'s padded sequence:
+
+        stream     = mix(mix(seed) + epoch)                       (the permutation's stream)
+        u(p, lane) = (mix(mix(stream ^ p) + lane + 1) >> 11) / 2**53
+        crop_x = u(p, 0), crop_y = u(p, 1) (as float32, DALI's crop_pos_x/y), mirror = u(p, 2) < 0.5
+
+    A pure function of (seed, epoch, position), so a restarted run draws the same crops and mirrors."""
+    crop_x, crop_y, mirror = _uniforms(stream_of(seed, epoch), positions, (0, 1, 2))
+    return crop_x.astype(np.float32), crop_y.astype(np.float32), (mirror < 0.5).astype(np.int32)
+
+
 def uniforms(seed: int, epoch: int, positions: np.ndarray, lane: int) -> np.ndarray:
     """u(p, lane) for each position p (float64 in [0, 1))."""
     return lanes(seed, epoch, positions, (lane,))[0]

@@ -30,7 +30,7 @@ import numpy as np
 from imgprep import ImgprepError
 from imgprep.formats.codec import load_mean
 from imgprep.loading.draws import lighting, resized_crop_windows, shorter_sides
-from imgprep.formats.order import augmentation
+from imgprep.loading.draws import augmentation
 
 TRAIN_POLICIES = ("caffe", "resnet", "inception")
 EVAL_POLICIES = ("center", "ten-crop")
