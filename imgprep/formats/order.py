@@ -1,4 +1,6 @@
-"""Seeded orders: pure functions of (count, seed, epoch), the same on every machine and numpy version.
+"""Seeded orders and the random stream beside them: pure functions of (count or positions, seed, epoch),
+the same on every machine and numpy version (build-lmdb --shuffle writes `permutation`; the loader
+visits it and draws from `uniform`).
 
 The permutation is defined here, not by a random-number library, so that shards built on different
 nodes and loaders on different ranks agree on it, and an upgrade cannot change it:
@@ -11,6 +13,7 @@ nodes and loaders on different ranks agree on it, and an upgrade cannot change i
     stream      = mix(mix(seed) + epoch)
     score(i)    = mix(stream ^ i)                        for i in 0..count-1
     permutation = 0..count-1 sorted by score
+    uniform     = (mix(mix(stream ^ p) + lane + 1) >> 11) / 2**53   for position p: the loader's draws
 
 `mix` is a bijection of 64-bit integers, so no two indices share a score and the sort has no ties.
 Scoring and sorting 1.28 million records takes about 0.2 s (2-core x86 machine).
@@ -53,23 +56,29 @@ def permutation(count: int, seed: int, epoch: int = 0) -> np.ndarray:
     """The documented permutation of range(count) for (seed, epoch), as int64."""
     if count < 0:
         raise ValueError("count must be >= 0")
-    stream = stream_of(seed, epoch)
+    stream = _stream(seed, epoch)
     scores = mix(np.uint64(stream) ^ np.arange(count, dtype=np.uint64))
     return np.argsort(scores, kind="stable").astype(np.int64)
 
 
-# --- the loader's epochs -------------------------------------------------------------------------
+def uniform(seed: int, epoch: int, positions: np.ndarray, lane) -> np.ndarray:
+    """The random stream of (seed, epoch), documented as
 
-def stream_of(seed: int, epoch: int) -> int:
-    """mix(mix(seed) + epoch): the permutation's stream, and the draws'."""
-    return _mix_int(_mix_int(seed) + epoch)
+        u(p, lane) = (mix(mix(stream ^ p) + lane + 1) >> 11) / 2**53        in [0, 1)
 
-
-def _uniforms(stream: int, positions: np.ndarray, lanes) -> np.ndarray:
-    """Floats in [0, 1), shape (len(lanes), len(positions)): row j holds the top 53 bits of
-    mix(mix(stream ^ position) + lanes[j] + 1), all lanes of a batch in one pass."""
+    with `stream` the permutation's: float64 of shape (len(positions),) for one `lane`, or
+    (len(lane), len(positions)) for a sequence of lanes (row j: lane[j]), all in one pass. What
+    each lane is drawn for is `imgprep.loading.draws.LANES`'s."""
+    one = np.ndim(lane) == 0
+    lanes = np.atleast_1d(np.asarray(lane)).astype(np.uint64)
     with np.errstate(over="ignore"):
-        inner = mix(np.uint64(stream) ^ np.asarray(positions).astype(np.uint64))
-        bits = mix(inner[None, :] + (np.asarray(lanes, np.uint64) + np.uint64(1))[:, None])
+        inner = mix(np.uint64(_stream(seed, epoch)) ^ np.asarray(positions).astype(np.uint64))
+        bits = mix(inner[None, :] + (lanes + np.uint64(1))[:, None])
     bits >>= _S11
-    return bits.astype(np.float64) * 2.0**-53
+    out = bits.astype(np.float64) * 2.0**-53
+    return out[0] if one else out
+
+
+def _stream(seed: int, epoch: int) -> int:
+    """mix(mix(seed) + epoch), taken mod 2**64: the permutation's stream, and the draws'."""
+    return _mix_int(_mix_int(seed) + epoch)
