@@ -42,7 +42,7 @@ MEAN = np.array([124.0, 116.0, 104.0])
 
 
 def make_feed(source: RecordSource, name: str, batch: int, seed: int = 0) -> _Feed:
-    """The loader's feed for policy `name` (one lane, as a GPU-only loader has)."""
+    """The loader's feed for policy `name` (one pipeline, as a GPU-only loader has)."""
     chosen = policy(name)
     plan = EpochPlan(len(source), batch, seed=seed, shuffle=chosen.train, mark_padding=not chosen.train)
     return _Feed(plan, source, _policy_params(chosen, seed, MEAN, "RGB", source), 0, lambda step: 0)

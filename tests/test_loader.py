@@ -550,6 +550,19 @@ def test_partial_builds_are_refused_unless_allowed_and_counts_come_from_the_mani
         assert sorted(epoch_labels(loader)) == list(range(dbs["count"]))
 
 
+def test_opening_a_loader_reads_the_manifest_once_and_options_are_keywords(dbs, monkeypatch):
+    import imgprep.formats.database as database
+    from imgprep.formats.manifest import read_manifest
+
+    reads = []
+    monkeypatch.setattr(database, "read_manifest", lambda path: reads.append(path) or read_manifest(path))
+    with Loader(dbs["encoded"], batch_size=16, device=DEVICE) as loader:
+        assert len(loader) == -(-dbs["count"] // 16)
+    assert len(reads) == 1
+    with pytest.raises(TypeError, match="positional"):
+        Loader(dbs["encoded"], 16)
+
+
 def test_encoded_records_without_sizes_as_caffe_may_write_them(dbs, tmp_path):
     """Only data, label and encoded: the loader takes nothing from a record's channels/height/width."""
     from imgprep.formats.codec import LENGTH, VARINT, _key, _varint

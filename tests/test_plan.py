@@ -1,6 +1,7 @@
 """The epoch plan: which records each rank visits in each epoch, and in which batches."""
 
 import numpy as np
+import pytest
 
 
 def rank_epoch(plan_args, rank, epoch):
@@ -78,3 +79,79 @@ def test_split_steps_gives_a_share_of_the_steps_spread_evenly():
 
     assert [split_steps(0.4, s) for s in range(10)] == [0, 0, 1, 0, 1, 0, 0, 1, 0, 1]
     assert sum(split_steps(0.35, s) for s in range(1000)) == 350
+
+
+# --- the position: what a loader saves and restores, without DALI ---------------------------------
+
+def visit(position, stop_after=None):
+    """(epoch, step, records) of the batches a loader's `for` hands out from `position`, stopping
+    (as a `break` does) after `stop_after` batches."""
+    out = []
+    for epoch, step in position.epoch_steps():
+        out.append((epoch, step, position.plan.batch(epoch, step)[0].tolist()))
+        position.advance()
+        if stop_after is not None and len(out) == stop_after:
+            break
+    return out
+
+
+def make_position(**changes):
+    from imgprep.loading.plan import EpochPlan, Position
+
+    args = dict(records=23, batch_size=4, num_shards=2, shard_id=1, seed=5)
+    return Position(EpochPlan(**{**args, **changes}), {"train": True, "policy": "caffe"})
+
+
+def test_position_state_round_trips_through_json_into_another_position():
+    import json
+
+    position = make_position()
+    visit(position)
+    visit(position, stop_after=2)
+    state = json.loads(json.dumps(position.state_dict()))
+    assert (state["epoch"], state["step"]) == (1, 2) and state["policy"] == "caffe"
+    restored = make_position()
+    restored.load_state_dict(state)
+    restored.set_epoch(1)  # a torch loop calls it after restoring: it keeps the step
+    assert visit(restored) == visit(position)  # the rest of epoch 1, the same batches
+    assert restored.state_dict() == position.state_dict() and (restored.epoch, restored.step) == (2, 0)
+
+
+@pytest.mark.parametrize("change", [dict(seed=6), dict(batch_size=5), dict(num_shards=3), dict(records=24),
+                                    dict(shuffle=False), dict(drop_last=True)])
+def test_position_refuses_a_state_for_another_order(change):
+    from imgprep import ImgprepError
+
+    state = make_position().state_dict()
+    with pytest.raises(ImgprepError, match="for another order"):
+        make_position(**change).load_state_dict(state)
+    with pytest.raises(ImgprepError, match="for another order: policy"):
+        make_position().load_state_dict({**state, "policy": "resnet"})
+    with pytest.raises(ImgprepError, match="not in this loader's epochs"):
+        make_position().load_state_dict({**state, "step": 3})  # 12 samples a rank: steps 0..2
+    with pytest.raises(ImgprepError, match="not a loader state"):
+        make_position().load_state_dict({**state, "format": 2})
+
+
+def test_a_break_mid_epoch_then_the_next_epoch_gives_the_uninterrupted_batches():
+    whole = make_position()
+    expected = visit(whole) + visit(whole)
+    position = make_position()
+    first = visit(position, stop_after=1)
+    assert (position.epoch, position.step) == (0, 1)
+    rest = visit(position)  # the next `for` finishes epoch 0 from step 1
+    assert first + rest + visit(position) == expected
+    assert (position.epoch, position.step) == (2, 0)
+
+
+def test_an_iteration_stops_where_the_position_moves():
+    position = make_position()
+    steps = position.epoch_steps()
+    assert next(steps) == (0, 0)
+    position.advance()
+    position.set_epoch(4)  # another epoch: the open iteration stops, the next starts at (4, 0)
+    assert list(steps) == []
+    older, newer = position.epoch_steps(), position.epoch_steps()
+    assert next(newer) == (4, 0) and list(older) == []
+    position.set_epoch(4)  # already in epoch 4: nothing moves
+    assert next(newer) == (4, 0)

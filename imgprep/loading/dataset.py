@@ -168,7 +168,7 @@ class CaffeDataset(torch.utils.data.Dataset):
     `allow_partial=True`.
     """
 
-    def __init__(self, db, train: bool = True, crop: int = 224, resize_shorter: int = 256,
+    def __init__(self, db, *, train: bool = True, crop: int = 224, resize_shorter: int = 256,
                  normalize="imagenet", seed: int = 0, allow_partial: bool = False, policy: str | None = None):
         self.path = Path(db)
         self.backend = detect_backend(self.path)

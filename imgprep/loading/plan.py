@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from imgprep import ImgprepError
 from imgprep.formats.order import permutation
 
 
@@ -79,3 +80,74 @@ def split_steps(share: float, step: int) -> int:
     """Which of two pipelines runs batch `step`: 1 for a `share` of the steps, spread evenly
     (step s goes to pipeline 1 when floor((s+1)*share) > floor(s*share)), else 0."""
     return int(np.floor((step + 1) * share) > np.floor(step * share))
+
+
+STATE_FORMAT = 1
+
+
+class Position:
+    """Where a loader is in its plan: the (epoch, step) its next batch comes from, and the state
+    dict that saves it.
+
+    `epoch_steps()` gives the (epoch, step) of each remaining batch of the current epoch; the
+    caller hands that batch out and calls `advance()`. After a whole epoch the position is at
+    (e+1, 0); after a break at step s it is at s (the batches handed out are behind it). An
+    iteration stops where the position moves elsewhere (`set_epoch`, `load_state_dict`, another
+    `epoch_steps()`). `identity` holds what besides the plan fixes the batches (the loader's
+    `train` and policy); it is saved with the position and a state for another one is refused."""
+
+    def __init__(self, plan: EpochPlan, identity: dict | None = None):
+        self.plan, self.identity = plan, dict(identity or {})
+        self.epoch, self.step = 0, 0
+        self._moves = 0  # how often the position jumped or an iteration began: an older iteration stops
+
+    def epoch_steps(self):
+        """An iterator over the (epoch, step) of the batches left in the current epoch (see the class)."""
+        self._moves += 1
+        return self._steps(self._moves)
+
+    def _steps(self, moves: int):
+        epoch = self.epoch
+        while self.epoch == epoch and self._moves == moves:
+            yield epoch, self.step
+
+    def advance(self) -> None:
+        """Moves past the batch at the position, to the next step (or the next epoch's first)."""
+        self.epoch, self.step = self.plan.after(self.epoch, self.step)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Moves to the start of `epoch`, unless the position is already in it (so calling it after
+        `load_state_dict`, as a torch training loop does, keeps the restored step)."""
+        if epoch < 0:
+            raise ImgprepError(f"epoch must be >= 0, not {epoch}")
+        if epoch != self.epoch:
+            self.epoch, self.step = epoch, 0
+            self._moves += 1
+
+    def state_dict(self) -> dict:
+        """The position and what fixes the order; JSON-serialisable, the same on every rank."""
+        plan = self.plan
+        return {"format": STATE_FORMAT, "epoch": self.epoch, "step": self.step, "seed": plan.seed,
+                "records": plan.records, "num_shards": plan.num_shards, "batch_size": plan.batch_size,
+                "drop_last": plan.drop_last, "shuffle": plan.shuffle, **self.identity}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Moves to the position `state` saved (from `state_dict()`, possibly another process's or
+        rank's); an ImgprepError when it is not a state, is for another order, or its position is
+        not in this plan's epochs."""
+        mine = self.state_dict()
+        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+            raise ImgprepError(f"not a loader state (format {STATE_FORMAT}): {str(state)[:200]}")
+        differ = [f"{k} {state.get(k)!r} (this loader: {mine[k]!r})" for k in mine
+                  if k not in ("epoch", "step") and state.get(k) != mine[k]]
+        if differ:
+            raise ImgprepError("the saved loader state is for another order: " + ", ".join(differ))
+        missing = [k for k in ("epoch", "step") if k not in state]
+        if missing:
+            raise ImgprepError(f"the saved loader state has no {' or '.join(missing)}: {str(state)[:200]}")
+        epoch, step = state["epoch"], state["step"]
+        if not (type(epoch) is int and type(step) is int and epoch >= 0 and 0 <= step < self.plan.steps):
+            raise ImgprepError(f"saved position epoch {epoch!r}, step {step!r} is not in this loader's "
+                               f"epochs of {self.plan.steps} steps")
+        self.epoch, self.step = epoch, step
+        self._moves += 1
