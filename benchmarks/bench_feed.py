@@ -43,9 +43,9 @@ MEAN = np.array([124.0, 116.0, 104.0])
 
 def make_feed(source: RecordSource, name: str, batch: int, seed: int = 0) -> _Feed:
     """The loader's feed for policy `name` (one pipeline, as a GPU-only loader has)."""
-    chosen = policy(name)
-    plan = EpochPlan(len(source), batch, seed=seed, shuffle=chosen.train, mark_padding=not chosen.train)
-    return _Feed(plan, source, _policy_params(chosen, seed, MEAN, "RGB", source), 0, lambda step: 0)
+    made = policy(name)
+    plan = EpochPlan(len(source), batch, seed=seed, shuffle=made.train, mark_padding=not made.train)
+    return _Feed(plan, source, _policy_params(made, seed, MEAN, "RGB", source), 0, lambda step: 0)
 
 
 def cpu_us_per_record(feed: _Feed, records: int) -> float:

@@ -319,7 +319,7 @@ def test_gpu_graph_places_every_stage_after_the_reader_on_the_gpu(dbs, tmp_path,
     from imgprep.loading.records import RecordSource
 
     info = database_info(dbs[name])
-    chosen = make_policy(policy)
+    made = make_policy(policy)
     norms = [Normalisation.parse("imagenet"), Normalisation.parse(((120.0,), (60.0,))),
              Normalisation.parse(write_mean(tmp_path / "m224.binaryproto", np.zeros((3, 224, 224))))]
     if info.stored_size == (256, 256) and policy not in ("resnet", "inception"):
@@ -332,7 +332,7 @@ def test_gpu_graph_places_every_stage_after_the_reader_on_the_gpu(dbs, tmp_path,
             feed = _Feed(EpochPlan(info.records, 8), source, lambda *a: [], 0, lambda step: 0)
             pipe = Pipeline(batch_size=8, num_threads=1, device_id=0)
             with pipe:
-                images, labels = graph(info, chosen, norm, "float16", "NCHW", True, feed, decode_on_cpu=cpu_decode,
+                images, labels = graph(info, made, norm, "float16", "NCHW", True, feed, decode_on_cpu=cpu_decode,
                                        channel_order=order)
             assert (images.device, labels.device) == ("gpu", "gpu")
             ops = graph_ops(images, labels)

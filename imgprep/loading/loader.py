@@ -271,7 +271,7 @@ class Loader:
             norm = Normalisation.parse(normalize)
             check_pixels(self.info, self.policy, norm)
             self._warn_if_upscaling()
-            graph_args = dict(info=self.info, chosen=self.policy, norm=norm, dtype=dtype, layout=layout, gpu=gpu,
+            graph_args = dict(info=self.info, policy=self.policy, norm=norm, dtype=dtype, layout=layout, gpu=gpu,
                               channel_order=channel_order)
             base_mean = output_mean_std(norm, self.info.channels, channel_order)[0]
             params = _policy_params(self.policy, self.plan.seed, base_mean, channel_order, source)
@@ -387,11 +387,11 @@ class Loader:
         return _to_numpy(tensor_list)
 
 
-def _policy_params(chosen: Policy, seed: int, base_mean, channel_order: str, source: RecordSource):
+def _policy_params(policy: Policy, seed: int, base_mean, channel_order: str, source: RecordSource):
     """The feed's per-batch `params(epoch, positions, records, data)`: the policy's draws for those samples."""
     def params(epoch, positions, records, data):
-        sizes = source.sizes(records, data) if "roi_start" in chosen.params() else None
-        return batch_params(chosen, seed, epoch, positions, sizes, base_mean, channel_order)
+        sizes = source.sizes(records, data) if "roi_start" in policy.params() else None
+        return batch_params(policy, seed, epoch, positions, sizes, base_mean, channel_order)
     return params
 
 
@@ -428,19 +428,19 @@ def choose_device_id(requested: int | None, env, visible: int, current: int | No
         if isinstance(requested, bool) or not isinstance(requested, (int, np.integer)) or not 0 <= requested < visible:
             raise ImgprepError(f"device_id {requested!r} is not a GPU of this process: {seen}, {ids}")
         return int(requested)
-    chosen = 0 if current is None else current
+    device = 0 if current is None else current
     local = env.get("LOCAL_RANK")
-    if chosen == 0 and local not in (None, ""):
+    if device == 0 and local not in (None, ""):
         try:
             rank = int(local)
         except ValueError:
             raise ImgprepError(f"LOCAL_RANK={local!r} is not a GPU index; pass device_id") from None
         if 0 < rank < visible:
-            chosen = rank
-    if not 0 <= chosen < visible:
-        raise ImgprepError(f"the current CUDA device {chosen} is not a GPU of this process: {seen}, {ids}; "
+            device = rank
+    if not 0 <= device < visible:
+        raise ImgprepError(f"the current CUDA device {device} is not a GPU of this process: {seen}, {ids}; "
                            "pass device_id")
-    return chosen
+    return device
 
 
 def _current_cuda_device() -> int | None:

@@ -105,19 +105,19 @@ def policy(name: str, **changes) -> Policy:
     return made
 
 
-def parse_policy(chosen, train: bool, crop: int = 224, resize_shorter: int = 256) -> Policy:
-    """The loader's `policy=` argument: None ("caffe" for training, "center" for evaluation), a name,
-    or a Policy. A training policy needs train=True, an evaluation one train=False."""
-    if chosen is None:
-        chosen = "caffe" if train else "center"
-    if isinstance(chosen, str):
-        chosen = policy(chosen, crop=crop, resize_shorter=resize_shorter)
-    if not isinstance(chosen, Policy):
-        raise ImgprepError(f"policy must be a name ({', '.join(_DEFAULTS)}) or a policies.Policy, not {chosen!r}")
-    if chosen.train != train:
-        kind = "training" if chosen.train else "evaluation"
-        raise ImgprepError(f"{chosen.name!r} is an {kind} policy: use it with train={chosen.train}")
-    return chosen
+def parse_policy(value, train: bool, crop: int = 224, resize_shorter: int = 256) -> Policy:
+    """The loader's and the Dataset's `policy=` argument: None ("caffe" for training, "center" for
+    evaluation), a name, or a Policy. A training policy needs train=True, an evaluation one train=False."""
+    if value is None:
+        value = "caffe" if train else "center"
+    if isinstance(value, str):
+        value = policy(value, crop=crop, resize_shorter=resize_shorter)
+    if not isinstance(value, Policy):
+        raise ImgprepError(f"policy must be a name ({', '.join(_DEFAULTS)}) or a policies.Policy, not {value!r}")
+    if value.train != train:
+        kind = "training" if value.train else "evaluation"
+        raise ImgprepError(f"{value.name!r} is an {kind} policy: use it with train={value.train}")
+    return value
 
 
 def output_mean_std(norm, channels: int, channel_order: str) -> tuple[np.ndarray, np.ndarray]:
@@ -134,30 +134,30 @@ def output_mean_std(norm, channels: int, channel_order: str) -> tuple[np.ndarray
 PARAM_WIDTHS = {"crop_x": 1, "crop_y": 1, "mirror": 1, "shorter": 1, "roi_start": 2, "roi_end": 2, "mean": 3}
 
 
-def batch_params(chosen: Policy, seed: int, epoch: int, positions: np.ndarray, sizes: np.ndarray | None,
+def batch_params(policy: Policy, seed: int, epoch: int, positions: np.ndarray, sizes: np.ndarray | None,
                  base_mean: np.ndarray, channel_order: str = "RGB") -> list[np.ndarray]:
-    """The per-sample values of `chosen.params()` for the samples at `positions` of `epoch`, packed
+    """The per-sample values of `policy.params()` for the samples at `positions` of `epoch`, packed
     as one float32 array (n, columns; PARAM_WIDTHS columns each, in the order of `params()`: one
     input for DALI to take in, where one per value costs its feeding thread about 0.5 µs per sample
     each), in a list: [] for a policy without per-sample values. `sizes` (n, 2): the records'
     (height, width), needed by "inception". With lighting, "mean" is the per-channel mean minus the
     sample's lighting offset: crop_mirror_normalize's (x - mean) / std is then (x + offset - mean) / std."""
-    names = chosen.params()
+    names = policy.params()
     if not names:
         return []
     values = {}
     if "mirror" in names:
         crop_x, crop_y, mirror = augmentation(seed, epoch, positions)
-        values.update(crop_x=crop_x, crop_y=crop_y, mirror=mirror if chosen.mirror else 0)
+        values.update(crop_x=crop_x, crop_y=crop_y, mirror=mirror if policy.mirror else 0)
     if "shorter" in names:
-        values["shorter"] = shorter_sides(seed, epoch, positions, *chosen.scale)
+        values["shorter"] = shorter_sides(seed, epoch, positions, *policy.scale)
     if "roi_start" in names:
         heights, widths = sizes[:, 0], sizes[:, 1]
-        top, left, h, w = resized_crop_windows(seed, epoch, positions, heights, widths, chosen.area, chosen.ratio).T
+        top, left, h, w = resized_crop_windows(seed, epoch, positions, heights, widths, policy.area, policy.ratio).T
         values["roi_start"] = np.stack([top / heights, left / widths], axis=1)
         values["roi_end"] = np.stack([(top + h) / heights, (left + w) / widths], axis=1)
     if "mean" in names:
-        offset = lighting(seed, epoch, positions, chosen.lighting)
+        offset = lighting(seed, epoch, positions, policy.lighting)
         if channel_order == "BGR":
             offset = offset[:, ::-1]
         values["mean"] = base_mean[None, :] - offset
@@ -183,16 +183,16 @@ def _unpack(packed, names) -> dict:
     return drawn
 
 
-def check_mean(mean_image, info, chosen: Policy, gray: bool) -> None:
+def check_mean(mean_image, info, policy: Policy, gray: bool) -> None:
     """A .binaryproto mean fits the records and the policy (stored size: caffe/center/ten-crop only)."""
     c, h, w = mean_image.shape
-    crop = chosen.crop
+    crop = policy.crop
     if c != (1 if gray else 3):
         raise ImgprepError(f"mean file has {c} channels; the database has {1 if gray else 3}")
     if (h, w) == (crop, crop):
         return
-    if chosen.name in ("resnet", "inception"):
-        raise ImgprepError(f"mean file is {w}x{h}: the {chosen.name!r} policy rescales each image, so only a "
+    if policy.name in ("resnet", "inception"):
+        raise ImgprepError(f"mean file is {w}x{h}: the {policy.name!r} policy rescales each image, so only a "
                            f"{crop}x{crop} mean (compute-mean --crop {crop}) applies")
     if info.stored_size is None:
         raise ImgprepError(f"mean file is {w}x{h}: a stored-size mean (stock Caffe) needs records of one size, "
@@ -203,26 +203,26 @@ def check_mean(mean_image, info, chosen: Policy, gray: bool) -> None:
                            "Caffe needs the mean to match one of them")
 
 
-def graph(info, chosen: Policy, norm, dtype, layout, gpu, feed, decode_on_cpu=False, channel_order="RGB"):
-    """The DALI graph of `chosen` over the records `feed` hands over (data, label, then the values of
-    `chosen.params()` per sample, packed by `batch_params`). With `decode_on_cpu` a GPU graph decodes
+def graph(info, policy: Policy, norm, dtype, layout, gpu, feed, decode_on_cpu=False, channel_order="RGB"):
+    """The DALI graph of `policy` over the records `feed` hands over (data, label, then the values of
+    `policy.params()` per sample, packed by `batch_params`). With `decode_on_cpu` a GPU graph decodes
     on CPU threads and does the rest on the GPU."""
     from nvidia.dali import fn, types
 
-    names = chosen.params()
+    names = policy.params()
     outputs = fn.external_source(source=feed, num_outputs=2 + bool(names), batch=True, no_copy=True,
                                  dtype=[types.UINT8, types.INT32] + [types.FLOAT] * bool(names))
     value, label = outputs[0], outputs[1]
     drawn = _unpack(outputs[2], names) if names else {}
-    gray, bgr, crop = info.channels == 1, channel_order == "BGR", chosen.crop
-    if gray and chosen.lighting:
+    gray, bgr, crop = info.channels == 1, channel_order == "BGR", policy.crop
+    if gray and policy.lighting:
         raise ImgprepError("PCA lighting needs RGB records; the database is grayscale")
     mean_image = norm.mean_image
     if mean_image is not None:
-        check_mean(mean_image, info, chosen, gray)
-    subtract_at_source = mean_image is not None and mean_image.shape[1:] != (crop, crop)
-    fixed_resize = chosen.name in ("caffe", "center", "ten-crop") and not chosen.scale
-    needs_resize = fixed_resize and info.shorter_side != chosen.resize_shorter and not subtract_at_source
+        check_mean(mean_image, info, policy, gray)
+    subtract_at_source = norm.at_source(crop)
+    fixed_resize = policy.name in ("caffe", "center", "ten-crop") and not policy.scale
+    needs_resize = fixed_resize and info.shorter_side != policy.resize_shorter and not subtract_at_source
     # DALI places the window at round(crop_pos * (size - crop)), halves up; Caffe's TEST phase floors
     # the center offset.
     if "crop_x" in drawn:
@@ -233,7 +233,7 @@ def graph(info, chosen: Policy, norm, dtype, layout, gpu, feed, decode_on_cpu=Fa
     # resize comes between decode and crop; on the GPU decoding the window is slower than decoding whole
     # images (measured on an H100 with DALI 2.4), so the GPU decodes whole.
     cpu_decoder = not gpu or decode_on_cpu
-    decode_window = (info.encoded and cpu_decoder and fixed_resize and chosen.name != "ten-crop"
+    decode_window = (info.encoded and cpu_decoder and fixed_resize and policy.name != "ten-crop"
                      and not needs_resize and not subtract_at_source)
     output_type = types.GRAY if gray else types.RGB
     if decode_window:
@@ -263,14 +263,14 @@ def graph(info, chosen: Policy, norm, dtype, layout, gpu, feed, decode_on_cpu=Fa
     mean_chw = None if mean_image is None else (mean_image if bgr or gray else mean_image[::-1])  # output order
     if subtract_at_source:  # stock Caffe: mean of the stored size, before crop and mirror
         images = fn.cast(images, dtype=types.FLOAT) - constant(mean_chw.transpose(1, 2, 0))
-    elif chosen.name == "resnet" and chosen.scale:
+    elif policy.name == "resnet" and policy.scale:
         images = fn.resize(images, resize_shorter=drawn["shorter"], antialias=True)
-    elif chosen.name == "inception":
+    elif policy.name == "inception":
         images = fn.resize(images, size=(crop, crop), roi_start=drawn["roi_start"], roi_end=drawn["roi_end"],
                            roi_relative=True, antialias=True)
         window = {}
-    elif needs_resize or (chosen.name == "resnet" and info.shorter_side != chosen.resize_shorter):
-        images = fn.resize(images, resize_shorter=chosen.resize_shorter, antialias=True)
+    elif needs_resize or (policy.name == "resnet" and info.shorter_side != policy.resize_shorter):
+        images = fn.resize(images, resize_shorter=policy.resize_shorter, antialias=True)
     base_mean, std = output_mean_std(norm, channels, channel_order)
     mean = drawn["mean"] if "mean" in drawn else [float(m) for m in base_mean]
     out_dtype = types.FLOAT16 if dtype == "float16" else types.FLOAT
@@ -287,7 +287,7 @@ def graph(info, chosen: Policy, norm, dtype, layout, gpu, feed, decode_on_cpu=Fa
         return fn.crop_mirror_normalize(images, mirror=mirror, dtype=out_dtype, mean=mean,
                                         std=[float(s) for s in std], output_layout="CHW" if chw else "HWC", **where)
 
-    if chosen.name == "ten-crop":
+    if policy.name == "ten-crop":
         views = [normalise(mirror, dict(crop=(crop, crop), crop_pos_x=x, crop_pos_y=y))
                  for mirror in (0, 1) for x, y in TEN_CROP_POSITIONS]
         images = fn.stack(*views, axis=0)
@@ -305,6 +305,11 @@ class Normalisation:
     mean: tuple[float, ...] = IMAGENET_MEAN_RGB
     std: tuple[float, ...] = IMAGENET_STD_RGB
     mean_image: np.ndarray | None = None
+
+    def at_source(self, crop: int) -> bool:
+        """A stored-size mean (stock Caffe): subtracted at the source pixel, before crop and mirror,
+        so the records are not resized; a crop-sized one (caffe-pro) at the output position."""
+        return self.mean_image is not None and self.mean_image.shape[1:] != (crop, crop)
 
     @classmethod
     def parse(cls, normalize) -> "Normalisation":
