@@ -315,7 +315,8 @@ def test_gpu_graph_places_every_stage_after_the_reader_on_the_gpu(dbs, tmp_path,
     from imgprep.loading.policies import Normalisation
     from imgprep.formats.database import database_info
     from imgprep.loading.plan import EpochPlan
-    from imgprep.loading.policies import graph, policy as make_policy
+    from imgprep.loading.graph import graph
+    from imgprep.loading.policies import policy as make_policy
     from imgprep.loading.records import RecordSource
 
     info = database_info(dbs[name])

@@ -30,7 +30,9 @@ import numpy as np
 from imgprep import ImgprepError
 from imgprep.loading.options import OptionError, check_pixels, shards, whole
 from imgprep.loading.plan import EmptyShard, EpochPlan, Position, split_steps
-from imgprep.loading.policies import CHANNEL_ORDERS, Normalisation, Policy, batch_params, graph, output_mean_std, parse_policy
+from imgprep.loading.graph import graph
+from imgprep.loading.policies import (CHANNEL_ORDERS, Normalisation, Policy, batch_params, output_mean_std,
+                                     parse_policy)
 from imgprep.loading.records import RecordSource
 from imgprep.formats.database import complete_manifest, database_info
 from imgprep.formats.storage import detect_backend
