@@ -185,6 +185,7 @@ PCA lighting, are the DALI loader's.
 
     @property
     def epoch(self) -> int:
+        """The epoch whose augmentation items get (`set_epoch`)."""
         return int(self._epoch[0])
 
     def set_epoch(self, epoch: int) -> None:

@@ -55,10 +55,12 @@ class Policy:
 
     @property
     def train(self) -> bool:
+        """A training policy (random draws; the loader's `train=True`)."""
         return self.name in TRAIN_POLICIES
 
     @property
     def views(self) -> int:
+        """Images per sample: 10 for "ten-crop", else 1."""
         return 10 if self.name == "ten-crop" else 1
 
     @property
