@@ -194,7 +194,8 @@ def check_mean(mean_image, info, policy: Policy, gray: bool) -> None:
 
 @dataclass
 class Normalisation:
-    """How pixels are normalised; `mean_image` (C, H, W) BGR float32 from a .binaryproto."""
+    """How pixels are normalised (the loader's and the Dataset's `normalize=` argument, read by
+    `parse`); `mean_image` (C, H, W) BGR float32 from a .binaryproto."""
 
     mean: tuple[float, ...] = IMAGENET_MEAN_RGB
     std: tuple[float, ...] = IMAGENET_STD_RGB
