@@ -270,7 +270,7 @@ def test_draw_follows_its_documented_formula():
         z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) % 2**64
         return z ^ (z >> 31)
 
-    # the loader's draws (imgprep.formats.order.augmentation) at position = index
+    # the loader's draws (imgprep.loading.draws.augmentation) at position = index
     for seed, epoch, index in ((0, 0, 0), (5, 2, 7), (2**40, 89, 1_281_166)):
         stream = mix((mix(seed) + epoch) % 2**64)
         u = [(mix((mix(stream ^ index) + lane + 1) % 2**64) >> 11) / 2**53 for lane in range(3)]

@@ -8,11 +8,12 @@ down) and "ten-crop". Then normalisation (per-channel mean/std, or a Caffe `.bin
 RGB or Caffe's BGR channel order, and output as fp32/fp16, NCHW/NHWC, on the GPU ('mixed' JPEG
 decoding) when there is one and in DALI's CPU mode when not.
 
-The loader decides which records each batch holds (`order.EpochPlan`: epoch e visits
+The loader decides which records each batch holds (`plan.EpochPlan`: epoch e visits
 `order.permutation(N, seed, e)`, rank i of K takes every K-th sample of it, as PyTorch's
-DistributedSampler does) and feeds them to DALI through `fn.external_source`, reading each
-record by key (`records.RecordSource`), from LMDB and LevelDB alike, with each sample's random
-draws (`policies.batch_params`). Raw records are reinterpreted: they are handed over labelled HWC,
+DistributedSampler does; where it is, `plan.Position`) and feeds them to DALI through
+`fn.external_source`, reading each record by key (`records.RecordSource`), from LMDB and LevelDB
+alike, with each sample's random draws (`policies.batch_params`, from `draws`), into the policy's
+graph (`graph.graph`). Raw records are reinterpreted: they are handed over labelled HWC,
 as DALI's `readers.caffe` does, and turned back from Caffe's planar CHW BGR in the graph.
 """
 
@@ -151,7 +152,7 @@ class Loader:
     `for images, labels in Loader(db, batch_size=256): ...` yields numpy arrays; use
     `output="torch"` for PyTorch tensors or `output="jax"` for JAX arrays on the pipeline's device.
 
-    The order (`imgprep.formats.order.EpochPlan`): epoch e visits `permutation(N, seed, e)` (the documented
+    The order (`imgprep.loading.plan.EpochPlan`): epoch e visits `permutation(N, seed, e)` (the documented
     SplitMix64 order: the same on every machine and library version), or 0..N-1 without `shuffle`
     (default: shuffled for training, not for evaluation). Shard i of K (`shard_id`/`num_shards`, both
     or neither: then torchrun's RANK/WORLD_SIZE) takes positions i, i+K, ... of it, after the order is made a
@@ -183,7 +184,7 @@ class Loader:
     (and labels, in order) the interrupted run would have yielded next. The state is the same on
     every rank. Augmentation is reproducible too: every policy's draws (crop positions, mirror flags,
     shorter sides, RandomResizedCrop windows, lighting) come from (seed, epoch, position)
-    (`order.augmentation`, `draws`), not from DALI's random generators, so a restart or another
+    (`draws`), not from DALI's random generators, so a restart or another
     machine gets the same crops.
 
     Pixels: the same records, order, labels and crop windows on CPU and GPU, but not always the same

@@ -1,4 +1,5 @@
-"""Which records each rank visits in each epoch, and in which batches."""
+"""Which records each rank visits in each epoch, and in which batches (`EpochPlan`), and where a
+loader is in them (`Position`, which its state dict saves and restores): no DALI here."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """The loader's policies: what happens to each record between the database and the trainer.
 
-Training (each random part drawn per sample from (seed, epoch, position) by `order.augmentation`
-and `draws`, handed to DALI through `fn.external_source`, so restarts reproduce it):
+Training (each random part drawn per sample from (seed, epoch, position) by `draws`, handed to
+DALI through `fn.external_source`, so restarts reproduce it):
 
 - "caffe": shorter side to 256 (skipped where the records have it), a random 224x224 crop, a random
   mirror: Caffe's and caffe-pro's data layers.
