@@ -33,7 +33,7 @@ from common import describe_jpegs, sample_tree, standard_args  # noqa: E402
 from imgprep.prepare.build import BuildOptions, build_database  # noqa: E402
 from imgprep.formats.imageops import ImageSpec, parse_resize  # noqa: E402
 from imgprep.loading.loader import _Feed, _policy_params  # noqa: E402
-from imgprep.formats.order import EpochPlan  # noqa: E402
+from imgprep.loading.plan import EpochPlan  # noqa: E402
 from imgprep.loading.policies import EVAL_POLICIES, TRAIN_POLICIES, policy  # noqa: E402
 from imgprep.loading.records import RecordSource  # noqa: E402
 
@@ -42,10 +42,10 @@ MEAN = np.array([124.0, 116.0, 104.0])
 
 
 def make_feed(source: RecordSource, name: str, batch: int, seed: int = 0) -> _Feed:
-    """The loader's feed for policy `name` (one lane, as a GPU-only loader has)."""
-    chosen = policy(name)
-    plan = EpochPlan(len(source), batch, seed=seed, shuffle=chosen.train, mark_padding=not chosen.train)
-    return _Feed(plan, source, _policy_params(chosen, seed, MEAN, "RGB", source), 0, lambda step: 0)
+    """The loader's feed for policy `name` (one pipeline, as a GPU-only loader has)."""
+    made = policy(name)
+    plan = EpochPlan(len(source), batch, seed=seed, shuffle=made.train, mark_padding=not made.train)
+    return _Feed(plan, source, _policy_params(made, seed, MEAN, "RGB", source), 0, lambda step: 0)
 
 
 def cpu_us_per_record(feed: _Feed, records: int) -> float:

@@ -270,12 +270,12 @@ def test_draw_follows_its_documented_formula():
         z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) % 2**64
         return z ^ (z >> 31)
 
-    # the loader's draws (imgprep.formats.order.augmentation) at position = index
+    # the loader's draws (imgprep.loading.draws.augmentation) at position = index
     for seed, epoch, index in ((0, 0, 0), (5, 2, 7), (2**40, 89, 1_281_166)):
         stream = mix((mix(seed) + epoch) % 2**64)
         u = [(mix((mix(stream ^ index) + lane + 1) % 2**64) >> 11) / 2**53 for lane in range(3)]
-        chosen = draw(seed, epoch, index)
-        assert (chosen.x, chosen.y, chosen.mirror) == (float(np.float32(u[0])), float(np.float32(u[1])), u[2] < 0.5)
+        drawn = draw(seed, epoch, index)
+        assert (drawn.x, drawn.y, drawn.mirror) == (float(np.float32(u[0])), float(np.float32(u[1])), u[2] < 0.5)
 
 
 def test_inception_policy_resizes_the_drawn_window_of_the_stored_image(dbs):
@@ -301,6 +301,26 @@ def test_inception_policy_resizes_the_drawn_window_of_the_stored_image(dbs):
     assert len(set(shares)) > 4 and 0.08 <= min(shares) and max(shares) <= 1
     with pytest.raises(ImgprepError, match="not 'resnet'"):
         CaffeDataset(dbs["raw"], policy="resnet")
+
+
+def test_the_dataset_takes_the_loaders_policy_values_and_reads_their_fields(dbs):
+    """`policy=` is the loader's (a name or a policies.Policy): mirror=False keeps every drawn window
+    unmirrored; what Pillow does not follow here is refused by name."""
+    from imgprep.loading.dataset import draw
+    from imgprep.loading.options import OptionError
+    from imgprep.loading.policies import policy
+
+    default = CaffeDataset(dbs["raw"], seed=3)
+    unmirrored = CaffeDataset(dbs["raw"], seed=3, policy=policy("caffe", mirror=False))
+    mirrors = [draw(3, 0, index).mirror for index in range(8)]
+    assert any(mirrors) and not all(mirrors)
+    for index, mirror in enumerate(mirrors):
+        expected = default[index][0].flip(-1) if mirror else default[index][0]
+        np.testing.assert_array_equal(unmirrored[index][0].numpy(), expected.numpy())
+    with pytest.raises(OptionError, match="no PCA lighting"):
+        CaffeDataset(dbs["raw"], policy=policy("caffe", lighting=0.1))
+    with pytest.raises(OptionError, match="not 'ten-crop' with train=False"):
+        CaffeDataset(dbs["raw"], train=False, policy=policy("ten-crop"))
 
 
 @pytest.mark.parametrize("backend", ["lmdb", "leveldb"])

@@ -314,12 +314,13 @@ def test_gpu_graph_places_every_stage_after_the_reader_on_the_gpu(dbs, tmp_path,
     from imgprep.loading.loader import _Feed
     from imgprep.loading.policies import Normalisation
     from imgprep.formats.database import database_info
-    from imgprep.formats.order import EpochPlan
-    from imgprep.loading.policies import graph, policy as make_policy
+    from imgprep.loading.plan import EpochPlan
+    from imgprep.loading.graph import graph
+    from imgprep.loading.policies import policy as make_policy
     from imgprep.loading.records import RecordSource
 
     info = database_info(dbs[name])
-    chosen = make_policy(policy)
+    made = make_policy(policy)
     norms = [Normalisation.parse("imagenet"), Normalisation.parse(((120.0,), (60.0,))),
              Normalisation.parse(write_mean(tmp_path / "m224.binaryproto", np.zeros((3, 224, 224))))]
     if info.stored_size == (256, 256) and policy not in ("resnet", "inception"):
@@ -332,7 +333,7 @@ def test_gpu_graph_places_every_stage_after_the_reader_on_the_gpu(dbs, tmp_path,
             feed = _Feed(EpochPlan(info.records, 8), source, lambda *a: [], 0, lambda step: 0)
             pipe = Pipeline(batch_size=8, num_threads=1, device_id=0)
             with pipe:
-                images, labels = graph(info, chosen, norm, "float16", "NCHW", True, feed, decode_on_cpu=cpu_decode,
+                images, labels = graph(info, made, norm, "float16", "NCHW", True, feed, decode_on_cpu=cpu_decode,
                                        channel_order=order)
             assert (images.device, labels.device) == ("gpu", "gpu")
             ops = graph_ops(images, labels)
@@ -359,7 +360,7 @@ def key_order_labels(db):
 
 def plan_labels(db, epoch, **plan_args):
     """The labels of each batch the order contract promises, from imgprep.formats.order alone."""
-    from imgprep.formats.order import EpochPlan
+    from imgprep.loading.plan import EpochPlan
 
     labels = key_order_labels(db)
     plan = EpochPlan(len(labels), **plan_args)
@@ -548,6 +549,19 @@ def test_partial_builds_are_refused_unless_allowed_and_counts_come_from_the_mani
         Loader(db, device=DEVICE)
     with Loader(db, batch_size=16, train=False, device=DEVICE, allow_partial=True) as loader:
         assert sorted(epoch_labels(loader)) == list(range(dbs["count"]))
+
+
+def test_opening_a_loader_reads_the_manifest_once_and_options_are_keywords(dbs, monkeypatch):
+    import imgprep.formats.database as database
+    from imgprep.formats.manifest import read_manifest
+
+    reads = []
+    monkeypatch.setattr(database, "read_manifest", lambda path: reads.append(path) or read_manifest(path))
+    with Loader(dbs["encoded"], batch_size=16, device=DEVICE) as loader:
+        assert len(loader) == -(-dbs["count"] // 16)
+    assert len(reads) == 1
+    with pytest.raises(TypeError, match="positional"):
+        Loader(dbs["encoded"], 16)
 
 
 def test_encoded_records_without_sizes_as_caffe_may_write_them(dbs, tmp_path):

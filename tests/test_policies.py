@@ -12,11 +12,11 @@ from PIL import Image
 from conftest import index_labelled_dbs
 from imgprep import ImgprepError
 from imgprep.formats.codec import decode_datum, encode_blob
-from imgprep.loading.draws import (PCA_EIGVAL, PCA_EIGVEC, lighting, normals, resized_crop_windows, shorter_sides,
-                           uniforms)
+from imgprep.loading.draws import (LANES, PCA_EIGVAL, PCA_EIGVEC, augmentation, lighting, normals, resized_crop_windows,
+                                   shorter_sides)
 from imgprep.formats.imageops import decode_to_rgb
+from imgprep.formats.order import uniform
 from imgprep.loading.loader import Loader, UpscaleWarning
-from imgprep.formats.order import augmentation
 from imgprep.loading.policies import policy
 from imgprep.formats.storage import Reader
 
@@ -63,7 +63,10 @@ def test_uniforms_are_the_documented_lanes():
     positions = np.array([0, 5, 10**6])
     for lane in (0, 3, 4, 16, 35):
         expected = [reference_uniform(7, 2, p, lane) for p in positions.tolist()]
-        assert uniforms(7, 2, positions, lane).tolist() == expected
+        assert uniform(7, 2, positions, lane).tolist() == expected
+    assert uniform(7, 2, positions, (0, 3)).tolist() == [uniform(7, 2, positions, 0).tolist(),
+                                                        uniform(7, 2, positions, 3).tolist()]
+    assert sorted(LANES.values()) == [0, 1, 2, 3, 4, 16]  # the numbers are the documented ones
 
 
 def test_scale_is_uniform_over_the_integers_256_to_480():
@@ -330,3 +333,13 @@ def test_a_record_without_an_image_header_is_named_by_key_under_inception(dbs, t
     with pytest.raises(ImgprepError, match="00000003_broken.JPEG"):
         with Loader(tmp_path / "db", batch_size=4, device=DEVICE, num_threads=1, policy="inception") as loader:
             list(loader)
+
+
+def test_augmentation_follows_the_documented_algorithm():
+    for seed, epoch in [(0, 0), (9, 4), (-1, 2)]:
+        positions = np.array([0, 1, 77, 10**6])
+        crop_x, crop_y, mirror = augmentation(seed, epoch, positions)
+        stream = reference_mix((reference_mix(seed & MASK) + epoch) & MASK)
+        for n, p in enumerate(positions.tolist()):
+            u = [(reference_mix((reference_mix(stream ^ p) + lane + 1) & MASK) >> 11) / 2**53 for lane in range(3)]
+            assert (crop_x[n], crop_y[n], mirror[n]) == (np.float32(u[0]), np.float32(u[1]), int(u[2] < 0.5))

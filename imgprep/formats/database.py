@@ -55,7 +55,8 @@ class DatabaseInfo:
     shorter_side: int | None  # when every record's shorter side is known to be this (imgprep builds)
 
 
-def database_info(path, allow_partial: bool = False, records: int | None = None) -> DatabaseInfo:
+def database_info(path, allow_partial: bool = False, records: int | None = None,
+                  manifest: dict | None = None) -> DatabaseInfo:
     """What the loader needs to know about a database, without walking it where it can:
     the record count comes from `records`, else from the build manifest (`imgprep-build.json`,
     state `complete`), else from LMDB's statistics, else (LevelDB) from one pass over the keys.
@@ -64,10 +65,12 @@ def database_info(path, allow_partial: bool = False, records: int | None = None)
     never from an encoded record's channels/height/width (Caffe may leave them out); a foreign
     encoded database is taken to hold images of differing sizes, a foreign raw one images of the
     first record's size (as convert_imageset writes them). A partial build (state other than
-    `complete`) is refused unless `allow_partial`."""
+    `complete`) is refused unless `allow_partial`. `manifest`: the manifest `complete_manifest`
+    returned for `path` (with the same `allow_partial`), where the caller read it already."""
     path = Path(path)
     backend = detect_backend(path)
-    manifest = complete_manifest(path, allow_partial)
+    if manifest is None:
+        manifest = complete_manifest(path, allow_partial)
     state = manifest.get("state")
     if records is None and state == "complete" and isinstance(manifest.get("records"), int):
         records = manifest["records"]

@@ -17,7 +17,7 @@ The transforms are pure functions of (record, policy, draw) below; `CaffeDataset
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -27,35 +27,16 @@ from PIL import Image
 from imgprep import ImgprepError
 from imgprep.formats.codec import Datum, RecordError, decode_datum
 from imgprep.formats.imageops import ImageFailure, ImageSpec, ResizePolicy, bgr_chw_to_rgb_hwc, center_crop, decode_upright
-from imgprep.loading.policies import Normalisation
 from imgprep.formats.database import database_info
-from imgprep.loading.draws import resized_crop_windows
-from imgprep.loading.options import OptionError, check_pixels, whole
-from imgprep.formats.order import augmentation
-from imgprep.loading import policies
-from imgprep.loading.records import KeyIndex
 from imgprep.formats.storage import Reader, detect_backend
+from imgprep.loading.draws import augmentation, resized_crop_windows
+from imgprep.loading.options import OptionError, check_pixels, whole
+from imgprep.loading.policies import Normalisation, Policy, parse_policy
+from imgprep.loading.records import KeyIndex
 
 LEVELDB_WORKERS = ("LevelDB allows one process at a time, and each DataLoader worker is a process: use "
                    "num_workers=0 or 1, or build the database with `imgprep build-lmdb --backend lmdb` "
                    "(any number of processes can read an LMDB)")
-
-
-@dataclass(frozen=True)
-class Policy:
-    """What happens to each record, as the DALI loader does it."""
-
-    train: bool = True
-    crop: int = 224
-    resize_shorter: int = 256
-    norm: Normalisation = field(default_factory=Normalisation)
-    resized_crop: bool = False  # the "inception" policy: RandomResizedCrop's window instead of shorter side + crop
-
-    @property
-    def subtract_at_source(self) -> bool:
-        """A stored-size mean (stock Caffe) is subtracted before the crop, so records are not resized."""
-        mean = self.norm.mean_image
-        return mean is not None and mean.shape[1:] != (self.crop, self.crop)
 
 
 @dataclass(frozen=True)
@@ -69,7 +50,7 @@ class Draw:
 
 def draw(seed: int, epoch: int, index: int) -> Draw:
     """The augmentation of record `index` in `epoch`: the loader's documented crop and mirror draws
-    (`imgprep.formats.order.augmentation`) at position `index`, so a pure function of its arguments, the same
+    (`draws.augmentation`) at position `index`, so a pure function of its arguments, the same
     on every machine, process and numpy version."""
     crop_x, crop_y, mirror = augmentation(seed, epoch, np.array([index]))
     return Draw(float(crop_y[0]), float(crop_x[0]), bool(mirror[0]))
@@ -95,42 +76,47 @@ def record_image(datum: Datum, channels: int, resize_shorter: int | None) -> np.
     return image[:, :, None] if image.ndim == 2 else image
 
 
-def training_window(image: np.ndarray, crop: int, chosen: Draw) -> np.ndarray:
+def training_window(image: np.ndarray, crop: int, drawn: Draw) -> np.ndarray:
     """The drawn crop x crop window of an (H, W, ...) array, mirrored when drawn so."""
     height, width = image.shape[:2]
     if height < crop or width < crop:
         raise ImgprepError(f"image {width}x{height} is smaller than the {crop}x{crop} crop")
-    top, left = int(chosen.y * (height - crop + 1)), int(chosen.x * (width - crop + 1))
+    top, left = int(drawn.y * (height - crop + 1)), int(drawn.x * (width - crop + 1))
     window = image[top:top + crop, left:left + crop]
-    return window[:, ::-1] if chosen.mirror else window
+    return window[:, ::-1] if drawn.mirror else window
 
 
-def resized_crop(image: np.ndarray, crop: int, seed: int, epoch: int, index: int) -> np.ndarray:
+def resized_crop(image: np.ndarray, policy: Policy, seed: int, epoch: int, index: int) -> np.ndarray:
     """The "inception" policy's window of an (H, W, C) uint8 image, drawn for record `index` of `epoch`
-    (`draws.resized_crop_windows` at position `index`), resized to crop x crop (Pillow bilinear)."""
+    (`draws.resized_crop_windows` at position `index`, within the policy's area and ratio), resized
+    to crop x crop (Pillow bilinear)."""
     height, width = image.shape[:2]
-    top, left, h, w = resized_crop_windows(seed, epoch, np.array([index]), [height], [width])[0].tolist()
+    crop = policy.crop
+    top, left, h, w = resized_crop_windows(seed, epoch, np.array([index]), [height], [width], policy.area,
+                                           policy.ratio)[0].tolist()
     window = Image.fromarray(np.ascontiguousarray(image[top:top + h, left:left + w]).squeeze(-1) if image.shape[2] == 1
                              else np.ascontiguousarray(image[top:top + h, left:left + w]))
     resized = np.asarray(window.resize((crop, crop), Image.BILINEAR))
     return resized[:, :, None] if resized.ndim == 2 else resized
 
 
-def apply_policy(image: np.ndarray, policy: Policy, chosen: Draw) -> np.ndarray:
+def apply_policy(image: np.ndarray, policy: Policy, norm: Normalisation, drawn: Draw) -> np.ndarray:
     """(H, W, C) uint8 RGB at the policy's size (stored size with a stored-size mean) -> the
-    (C, crop, crop) float32 output: crop, mirror (training), normalise."""
-    norm, crop = policy.norm, policy.crop
+    (C, crop, crop) float32 output: crop, mirror (training, unless the policy has mirror=False;
+    "inception" has cropped already), normalise."""
+    crop, at_source = policy.crop, norm.at_source(policy.crop)
     pixels = image
-    if policy.subtract_at_source:
+    if at_source:
         mean = _mean_rgb(norm.mean_image)
         if mean.shape != image.shape:
             raise ImgprepError(f"mean file is {mean.shape[1]}x{mean.shape[0]} but this record is "
                                f"{image.shape[1]}x{image.shape[0]}; Caffe needs the mean to match the records "
                                f"or the {crop}x{crop} crop")
         pixels = image.astype(np.float32) - mean
-    window = training_window(pixels, crop, chosen) if policy.train else center_crop(pixels, crop)
+    drawn = drawn if policy.mirror else replace(drawn, mirror=False)
+    window = training_window(pixels, crop, drawn) if policy.train else center_crop(pixels, crop)
     out = np.ascontiguousarray(window.transpose(2, 0, 1), dtype=np.float32)  # one pass: CHW float32
-    if norm.mean_image is not None and not policy.subtract_at_source:
+    if norm.mean_image is not None and not at_source:
         out -= norm.mean_image[::-1]  # caffe-pro: a crop-sized mean at the output position (BGR -> RGB)
     elif norm.mean_image is None:
         out -= np.asarray(norm.mean, np.float32)[:, None, None]
@@ -156,7 +142,10 @@ class CaffeDataset(torch.utils.data.Dataset):
 
     Augmentation is reproducible: the crop and mirror of record i depend only on (seed, epoch, i)
     (`draw`; the "inception" window: `draws.resized_crop_windows` at position i), not on the worker or
-    the order. `policy`: "caffe" (the default for training), "inception", or "center" (evaluation).
+    the order. `policy` takes what the loader's takes (`policies.parse_policy`), of the policies Pillow
+follows here: "caffe" (the default for training), "inception", or "center" (the default for
+evaluation), by name or as a `policies.Policy` (`policy("caffe", mirror=False)`); the others, and
+PCA lighting, are the DALI loader's.
     Call `set_epoch(e)` before each epoch; the epoch lives in shared memory, so workers see it,
     persistent ones included.
 
@@ -168,15 +157,18 @@ class CaffeDataset(torch.utils.data.Dataset):
     `allow_partial=True`.
     """
 
-    def __init__(self, db, train: bool = True, crop: int = 224, resize_shorter: int = 256,
-                 normalize="imagenet", seed: int = 0, allow_partial: bool = False, policy: str | None = None):
+    def __init__(self, db, *, train: bool = True, crop: int = 224, resize_shorter: int = 256,
+                 normalize="imagenet", seed: int = 0, allow_partial: bool = False, policy: str | Policy | None = None):
         self.path = Path(db)
         self.backend = detect_backend(self.path)
-        chosen = policy or ("caffe" if train else "center")
-        if chosen not in (("caffe", "inception") if train else ("center",)):
+        name = policy.name if isinstance(policy, Policy) else policy or ("caffe" if train else "center")
+        if name not in (("caffe", "inception") if train else ("center",)):
             raise OptionError(f"CaffeDataset follows the caffe and inception training policies and the center "
-                              f"evaluation policy, not {chosen!r} with train={train}; the DALI loader has them all")
-        self.policy = Policy(train, crop, resize_shorter, Normalisation.parse(normalize), chosen == "inception")
+                              f"evaluation policy, not {name!r} with train={train}; the DALI loader has them all")
+        self.policy = parse_policy(policy, train, crop, resize_shorter)
+        if self.policy.lighting:
+            raise OptionError("CaffeDataset has no PCA lighting; the DALI loader has it")
+        self.norm = Normalisation.parse(normalize)
         self.seed = whole("seed", seed, 0)
         self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
         with Reader(self.path, self.backend) as reader:
@@ -184,7 +176,7 @@ class CaffeDataset(torch.utils.data.Dataset):
         # refuses a partial build unless allowed, an empty database and non-Datum records
         info = database_info(self.path, allow_partial=allow_partial, records=len(self.keys))
         self.channels = info.channels
-        check_pixels(info, policies.policy(chosen, crop=crop, resize_shorter=resize_shorter), self.policy.norm)
+        check_pixels(info, self.policy, self.norm)
         self._reader = None
         self._reader_pid = None
 
@@ -193,6 +185,7 @@ class CaffeDataset(torch.utils.data.Dataset):
 
     @property
     def epoch(self) -> int:
+        """The epoch whose augmentation items get (`set_epoch`)."""
         return int(self._epoch[0])
 
     def set_epoch(self, epoch: int) -> None:
@@ -220,11 +213,12 @@ class CaffeDataset(torch.utils.data.Dataset):
         try:
             datum = decode_datum(value)
             policy, epoch = self.policy, self.epoch
-            resize = None if policy.subtract_at_source or policy.resized_crop else policy.resize_shorter
+            inception = policy.name == "inception"  # RandomResizedCrop's window instead of shorter side + crop
+            resize = None if self.norm.at_source(policy.crop) or inception else policy.resize_shorter
             image = record_image(datum, self.channels, resize)
-            if policy.resized_crop:
-                image = resized_crop(image, policy.crop, self.seed, epoch, index)
-            chw = apply_policy(image, policy, draw(self.seed, epoch, index))
+            if inception:
+                image = resized_crop(image, policy, self.seed, epoch, index)
+            chw = apply_policy(image, policy, self.norm, draw(self.seed, epoch, index))
         except (RecordError, ImgprepError) as e:
             raise ImgprepError(f"record {key[:60]!r} of {self.path}: {e}") from None
         return torch.from_numpy(chw), datum.label

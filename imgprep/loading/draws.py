@@ -1,15 +1,16 @@
-"""The training policies' random draws: pure functions of (seed, epoch, position), like the crops
-and mirrors of `order.augmentation`, so a restarted run, another rank or another machine draws the
-same scale, window and lighting for the same sample.
+"""Every random draw of the loader's and the Dataset's policies: pure functions of (seed, epoch,
+position), so a restarted run, another rank or another machine draws the same crop, mirror, scale,
+window and lighting for the same sample.
 
-Every draw is a uniform from `order`'s lanes,
+Every draw is a uniform of `imgprep.formats.order.uniform`, the stream beside the permutation:
 
     stream     = mix(mix(seed) + epoch)
     u(p, lane) = (mix(mix(stream ^ p) + lane + 1) >> 11) / 2**53        in [0, 1)
 
-with the lanes: 0 crop x, 1 crop y, 2 mirror (u < 0.5; `order.augmentation`), 3 the shorter side of
-scale augmentation, 4..7 the lighting's normals, 16 + 2k and 17 + 2k the area and aspect ratio of
-RandomResizedCrop's attempt k (k = 0..9).
+and `LANES` below names what each lane is drawn for (the one place the lane numbers are given):
+0 crop x, 1 crop y, 2 mirror (u < 0.5), 3 the shorter side of scale augmentation, 4..7 the
+lighting's normals, 16 + 2k and 17 + 2k the area and aspect ratio of RandomResizedCrop's attempt
+k (k = 0..9). The numbers are part of the reproducibility promise: they never change.
 """
 
 from __future__ import annotations
@@ -18,32 +19,32 @@ import math
 
 import numpy as np
 
-from imgprep.formats.order import _uniforms, stream_of
+from imgprep.formats.order import uniform
 
 # Krizhevsky et al.'s PCA of ImageNet's RGB pixels (0..1 scale), as fb.resnet.torch uses it
 PCA_EIGVAL = np.array([0.2175, 0.0188, 0.0045])
 PCA_EIGVEC = np.array([[-0.5675, 0.7192, 0.4009],
                        [-0.5808, -0.0045, -0.8140],
                        [-0.5836, -0.6948, 0.4203]])
-LANE_SCALE, LANE_LIGHT, LANE_RESIZED_CROP = 3, 4, 16
-ATTEMPTS = 10
+ATTEMPTS = 10  # RandomResizedCrop's attempts
+# lane numbers of u(p, lane), by what they draw: the first lane of each (the lighting and
+# RandomResizedCrop take the lanes after theirs too: 4..7, 16..35)
+LANES = {"crop_x": 0, "crop_y": 1, "mirror": 2, "shorter": 3, "lighting": 4, "resized_crop": 16}
 
 
-def uniforms(seed: int, epoch: int, positions: np.ndarray, lane: int) -> np.ndarray:
-    """u(p, lane) for each position p (float64 in [0, 1))."""
-    return lanes(seed, epoch, positions, (lane,))[0]
+def augmentation(seed: int, epoch: int, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Training crop positions and mirror flags for `positions` of epoch `epoch`'s padded sequence:
+    crop_x = u(p, 0), crop_y = u(p, 1) (as float32, DALI's crop_pos_x/y), mirror = u(p, 2) < 0.5 (int32).
 
-
-def lanes(seed: int, epoch: int, positions: np.ndarray, which) -> np.ndarray:
-    """u(p, lane) for each lane of `which` (rows) and each position p (columns), in one pass over
-    the batch: float64 (len(which), len(positions))."""
-    return _uniforms(stream_of(seed, epoch), np.asarray(positions), which)
+    A pure function of (seed, epoch, position), so a restarted run draws the same crops and mirrors."""
+    crop_x, crop_y, mirror = uniform(seed, epoch, positions, (LANES["crop_x"], LANES["crop_y"], LANES["mirror"]))
+    return crop_x.astype(np.float32), crop_y.astype(np.float32), (mirror < 0.5).astype(np.int32)
 
 
 def shorter_sides(seed: int, epoch: int, positions: np.ndarray, low: int, high: int) -> np.ndarray:
     """Scale augmentation: the shorter side, an integer uniform in [low, high] (both included, as
     fb.resnet.torch's torch.random(low, high)): low + floor(u(p, 3) * (high - low + 1))."""
-    u = uniforms(seed, epoch, positions, LANE_SCALE)
+    u = uniform(seed, epoch, positions, LANES["shorter"])
     return (low + np.floor(u * (high - low + 1))).astype(np.int64)
 
 
@@ -51,7 +52,7 @@ def normals(seed: int, epoch: int, positions: np.ndarray, count: int = 3) -> np.
     """(len(positions), count) standard normals by Box-Muller from lanes 4, 5, ...: pair j uses
     u1 = u(p, 4 + 2j), u2 = u(p, 5 + 2j) and gives sqrt(-2 ln(1 - u1)) * (cos, sin)(2 pi u2)."""
     pairs = -(-count // 2)
-    u = lanes(seed, epoch, positions, range(LANE_LIGHT, LANE_LIGHT + 2 * pairs))
+    u = uniform(seed, epoch, positions, range(LANES["lighting"], LANES["lighting"] + 2 * pairs))
     u1, u2 = u[0::2], u[1::2]  # (pairs, n) each
     radius = np.sqrt(-2.0 * np.log1p(-u1))
     angle = 2 * np.pi * u2
@@ -85,7 +86,8 @@ def resized_crop_windows(seed: int, epoch: int, positions: np.ndarray, heights: 
     n = len(positions)
     # all ten attempts of every sample at once (rows), with the window's position (lanes 0 and 1): on a
     # batch, fewer numpy calls cost less than computing only the attempts that are needed
-    u = lanes(seed, epoch, positions, (0, 1, *range(LANE_RESIZED_CROP, LANE_RESIZED_CROP + 2 * ATTEMPTS)))
+    lane = LANES["resized_crop"]
+    u = uniform(seed, epoch, positions, (LANES["crop_x"], LANES["crop_y"], *range(lane, lane + 2 * ATTEMPTS)))
     u_left, u_top = u[0], u[1]
     log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
     area = (heights * widths)[None, :] * (scale[0] + u[2::2] * (scale[1] - scale[0]))  # (attempts, n)

@@ -8,11 +8,12 @@ down) and "ten-crop". Then normalisation (per-channel mean/std, or a Caffe `.bin
 RGB or Caffe's BGR channel order, and output as fp32/fp16, NCHW/NHWC, on the GPU ('mixed' JPEG
 decoding) when there is one and in DALI's CPU mode when not.
 
-The loader decides which records each batch holds (`order.EpochPlan`: epoch e visits
+The loader decides which records each batch holds (`plan.EpochPlan`: epoch e visits
 `order.permutation(N, seed, e)`, rank i of K takes every K-th sample of it, as PyTorch's
-DistributedSampler does) and feeds them to DALI through `fn.external_source`, reading each
-record by key (`records.RecordSource`), from LMDB and LevelDB alike, with each sample's random
-draws (`policies.batch_params`). Raw records are reinterpreted: they are handed over labelled HWC,
+DistributedSampler does; where it is, `plan.Position`) and feeds them to DALI through
+`fn.external_source`, reading each record by key (`records.RecordSource`), from LMDB and LevelDB
+alike, with each sample's random draws (`policies.batch_params`, from `draws`), into the policy's
+graph (`graph.graph`). Raw records are reinterpreted: they are handed over labelled HWC,
 as DALI's `readers.caffe` does, and turned back from Caffe's planar CHW BGR in the graph.
 """
 
@@ -29,13 +30,13 @@ import numpy as np
 
 from imgprep import ImgprepError
 from imgprep.loading.options import OptionError, check_pixels, shards, whole
-from imgprep.formats.order import EmptyShard, EpochPlan, split_steps
-from imgprep.loading.policies import CHANNEL_ORDERS, Normalisation, Policy, batch_params, graph, output_mean_std, parse_policy
+from imgprep.loading.plan import EmptyShard, EpochPlan, Position, split_steps
+from imgprep.loading.graph import graph
+from imgprep.loading.policies import (CHANNEL_ORDERS, Normalisation, Policy, batch_params, output_mean_std,
+                                     parse_policy)
 from imgprep.loading.records import RecordSource
 from imgprep.formats.database import complete_manifest, database_info
 from imgprep.formats.storage import detect_backend
-
-STATE_FORMAT = 1
 
 
 class UpscaleWarning(UserWarning):
@@ -43,26 +44,26 @@ class UpscaleWarning(UserWarning):
 
 
 class _Feed:
-    """The `fn.external_source` callable of one pipeline: the plan's batches assigned to its lane,
+    """The `fn.external_source` callable of pipeline `index`: the plan's batches assigned to it,
     one per call, from a position on. DALI calls it when it schedules a batch, so `scheduled` lists
     the (epoch, step) of every batch DALI runs ahead of what the loader handed out, in order.
     `params(epoch, positions, records, data)` gives the policy's per-sample values of a batch."""
 
-    def __init__(self, plan: EpochPlan, source: RecordSource, params, lane: int, lane_of, keep: int = 4):
-        self.plan, self.source, self.params, self.lane, self.lane_of = plan, source, params, lane, lane_of
+    def __init__(self, plan: EpochPlan, source: RecordSource, params, index: int, pipeline_of, keep: int = 4):
+        self.plan, self.source, self.params, self.index, self.pipeline_of = plan, source, params, index, pipeline_of
         self.scheduled: deque[tuple[int, int]] = deque()
         self.cursor = self._ours(0, 0)
         # DALI reads the arrays in place (no_copy) until the batch is done: hold the last few batches
         self._alive: deque = deque(maxlen=keep)
 
     def _ours(self, epoch: int, step: int) -> tuple[int, int]:
-        """The first batch at or after (epoch, step) that this lane runs."""
-        while self.lane_of(step) != self.lane:
+        """The first batch at or after (epoch, step) that this pipeline runs."""
+        while self.pipeline_of(step) != self.index:
             epoch, step = self.plan.after(epoch, step)
         return epoch, step
 
     def upcoming(self, epoch: int, step: int, count: int) -> list[tuple[int, int]]:
-        """This lane's next `count` batches from (epoch, step) on."""
+        """This pipeline's next `count` batches from (epoch, step) on."""
         out = []
         while len(out) < count:
             epoch, step = self._ours(epoch, step)
@@ -151,7 +152,7 @@ class Loader:
     `for images, labels in Loader(db, batch_size=256): ...` yields numpy arrays; use
     `output="torch"` for PyTorch tensors or `output="jax"` for JAX arrays on the pipeline's device.
 
-    The order (`imgprep.formats.order.EpochPlan`): epoch e visits `permutation(N, seed, e)` (the documented
+    The order (`imgprep.loading.plan.EpochPlan`): epoch e visits `permutation(N, seed, e)` (the documented
     SplitMix64 order: the same on every machine and library version), or 0..N-1 without `shuffle`
     (default: shuffled for training, not for evaluation). Shard i of K (`shard_id`/`num_shards`, both
     or neither: then torchrun's RANK/WORLD_SIZE) takes positions i, i+K, ... of it, after the order is made a
@@ -183,7 +184,7 @@ class Loader:
     (and labels, in order) the interrupted run would have yielded next. The state is the same on
     every rank. Augmentation is reproducible too: every policy's draws (crop positions, mirror flags,
     shorter sides, RandomResizedCrop windows, lighting) come from (seed, epoch, position)
-    (`order.augmentation`, `draws`), not from DALI's random generators, so a restart or another
+    (`draws`), not from DALI's random generators, so a restart or another
     machine gets the same crops.
 
     Pixels: the same records, order, labels and crop windows on CPU and GPU, but not always the same
@@ -217,7 +218,7 @@ class Loader:
     A partial build is refused unless `allow_partial=True`.
     """
 
-    def __init__(self, db, batch_size: int = 256, train: bool = True, crop: int = 224,
+    def __init__(self, db, *, batch_size: int = 256, train: bool = True, crop: int = 224,
                  resize_shorter: int = 256, normalize="imagenet", dtype: str = "float32",
                  layout: str = "NCHW", device: str = "auto", device_id: int | None = None,
                  seed: int = 0, shard_id: int | None = None, num_shards: int | None = None,
@@ -241,7 +242,7 @@ class Loader:
         if channel_order not in CHANNEL_ORDERS:
             raise OptionError(f"channel_order must be 'RGB' or 'BGR', not {channel_order!r}")
         self.policy = parse_policy(policy, train, crop, resize_shorter)
-        complete_manifest(Path(db), allow_partial)  # a partial build is refused before the keys are read
+        manifest = complete_manifest(Path(db), allow_partial)  # a partial build is refused before the keys are read
         if device == "auto":
             device = "gpu" if gpu_count() > 0 else "cpu"
         if device == "gpu" and gpu_count() == 0:
@@ -254,7 +255,7 @@ class Loader:
         source = RecordSource(db, detect_backend(db))  # the one pass over the keys
         self._sources.append(source)
         try:
-            self.info = database_info(db, allow_partial, records=len(source))
+            self.info = database_info(db, allow_partial, records=len(source), manifest=manifest)
             if cpu_share and not self.info.encoded:
                 raise ImgprepError("cpu_share splits JPEG decoding; the database holds raw records")
             try:
@@ -263,7 +264,8 @@ class Loader:
             except EmptyShard as e:
                 raise ImgprepError(f"shard {self.shard_id} of {self.num_shards} would be empty: {e}") from None
             self.epoch_size = self.plan.samples  # samples this rank yields per epoch
-            self._epoch, self._step, self._iteration = 0, 0, 0
+            # the policy's draws are part of what a restart reproduces
+            self.position = Position(self.plan, {"train": train, "policy": repr(self.policy)})
             self._cpu_share = cpu_share
             gpu = device == "gpu"
             if gpu:
@@ -272,7 +274,7 @@ class Loader:
             norm = Normalisation.parse(normalize)
             check_pixels(self.info, self.policy, norm)
             self._warn_if_upscaling()
-            graph_args = dict(info=self.info, chosen=self.policy, norm=norm, dtype=dtype, layout=layout, gpu=gpu,
+            graph_args = dict(info=self.info, policy=self.policy, norm=norm, dtype=dtype, layout=layout, gpu=gpu,
                               channel_order=channel_order)
             base_mean = output_mean_std(norm, self.info.channels, channel_order)[0]
             params = _policy_params(self.policy, self.plan.seed, base_mean, channel_order, source)
@@ -280,11 +282,11 @@ class Loader:
             # buffers, so CPU batches are copied out (`_to_numpy`). GPU batches are copied anyway.
             pipeline_args = dict(batch_size=batch_size, device_id=device_id if gpu else None, seed=seed,
                                  prefetch_queue_depth=prefetch, exec_dynamic=gpu)
-            lanes = sorted({self._lane(step) for step in range(self.plan.steps)})  # [0] or [0, 1]: step 0 is lane 0
-            for lane in lanes:
-                feed = _Feed(self.plan, source, params, lane, self._lane, keep=prefetch + 2)
-                n_threads = threads if lane == 0 else cpu_threads or threads
-                self._streams.append(_Stream(_build_pipeline(graph_args, pipeline_args, n_threads, feed, lane == 1),
+            # [0] or [0, 1]: step 0 is pipeline 0's
+            for index in sorted({self._pipeline_of(step) for step in range(self.plan.steps)}):
+                feed = _Feed(self.plan, source, params, index, self._pipeline_of, keep=prefetch + 2)
+                n_threads = threads if index == 0 else cpu_threads or threads
+                self._streams.append(_Stream(_build_pipeline(graph_args, pipeline_args, n_threads, feed, index == 1),
                                              feed))
         except BaseException:
             self.close()
@@ -299,7 +301,8 @@ class Loader:
                           f"that large (imgprep build-lmdb --preset resnet480 for shorter side 480)",
                           UpscaleWarning, stacklevel=3)
 
-    def _lane(self, step: int) -> int:
+    def _pipeline_of(self, step: int) -> int:
+        """Which pipeline runs batch `step`: 0, or with `cpu_share` 1 for that share of the steps."""
         return split_steps(self._cpu_share, step) if self._cpu_share else 0
 
     @property
@@ -312,47 +315,24 @@ class Loader:
     @property
     def epoch(self) -> int:
         """The epoch the next batch comes from."""
-        return self._epoch
+        return self.position.epoch
 
     @property
     def step(self) -> int:
         """The step (batch index within the epoch) the next batch is."""
-        return self._step
+        return self.position.step
 
     def set_epoch(self, epoch: int) -> None:
         """Moves to the start of `epoch`, unless the loader is already in it (see the class docstring)."""
-        if epoch < 0:
-            raise ImgprepError(f"epoch must be >= 0, not {epoch}")
-        if epoch != self._epoch:
-            self._epoch, self._step = epoch, 0
-            self._iteration += 1  # an iterator still open on the old position stops
+        self.position.set_epoch(epoch)
 
     def state_dict(self) -> dict:
         """The loader's position and what fixes its order; JSON-serialisable, the same on every rank."""
-        plan = self.plan
-        return {"format": STATE_FORMAT, "epoch": self._epoch, "step": self._step, "seed": plan.seed,
-                "records": plan.records, "num_shards": plan.num_shards, "batch_size": plan.batch_size,
-                "drop_last": plan.drop_last, "shuffle": plan.shuffle, "train": self.train,
-                "policy": repr(self.policy)}  # its draws are part of what a restart reproduces
+        return self.position.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
         """Continues from `state` (from `state_dict()`, possibly another process's or rank's)."""
-        mine = self.state_dict()
-        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-            raise ImgprepError(f"not a loader state (format {STATE_FORMAT}): {str(state)[:200]}")
-        differ = [f"{k} {state.get(k)!r} (this loader: {mine[k]!r})" for k in mine
-                  if k not in ("epoch", "step") and state.get(k) != mine[k]]
-        if differ:
-            raise ImgprepError("the saved loader state is for another order: " + ", ".join(differ))
-        missing = [k for k in ("epoch", "step") if k not in state]
-        if missing:
-            raise ImgprepError(f"the saved loader state has no {' or '.join(missing)}: {str(state)[:200]}")
-        epoch, step = state["epoch"], state["step"]
-        if not (type(epoch) is int and type(step) is int and epoch >= 0 and 0 <= step < self.plan.steps):
-            raise ImgprepError(f"saved position epoch {epoch!r}, step {step!r} is not in this loader's "
-                               f"epochs of {self.plan.steps} steps")
-        self._epoch, self._step = epoch, step
-        self._iteration += 1
+        self.position.load_state_dict(state)
 
     def close(self) -> None:
         """Releases the pipelines and the database handle (LevelDB allows one per process)."""
@@ -374,32 +354,31 @@ class Loader:
         return self.plan.steps
 
     def __iter__(self):
-        self._iteration += 1
-        return self._run_epoch(self._iteration)
+        """The batches from the loader's position to the end of its epoch (see the class docstring)."""
+        return self._run_epoch(self.position.epoch_steps())
 
-    def _run_epoch(self, iteration: int):
+    def _run_epoch(self, steps):
         self._align()
-        epoch = self._epoch
-        while self._epoch == epoch and iteration == self._iteration:
-            step = self._step
-            stream = self._streams[self._lane(step)]
+        for epoch, step in steps:
+            stream = self._streams[self._pipeline_of(step)]
             images, labels = stream.run()
             if stream.last != (epoch, step):  # cannot happen unless DALI returns batches out of order
                 raise RuntimeError(f"loader out of step: batch {stream.last} came for {(epoch, step)}")
-            self._epoch, self._step = self.plan.after(epoch, step)
+            self.position.advance()
             labels = self._convert(labels).reshape(-1)
             yield self._convert(images), labels.long() if self.output == "torch" else labels
 
     def _align(self) -> None:
         """Makes the batches DALI scheduled ahead the ones the position needs: kept when they are,
         run and dropped when the position moved (set_epoch, load_state_dict, a direct pipeline.run())."""
+        epoch, step = self.position.epoch, self.position.step
         for stream in self._streams:
             feed = stream.feed
-            if list(feed.scheduled) == feed.upcoming(self._epoch, self._step, len(feed.scheduled)):
+            if list(feed.scheduled) == feed.upcoming(epoch, step, len(feed.scheduled)):
                 if not feed.scheduled:
-                    feed.seek(self._epoch, self._step)
+                    feed.seek(epoch, step)
                 continue
-            feed.seek(self._epoch, self._step)
+            feed.seek(epoch, step)
             for _ in range(len(feed.scheduled)):
                 stream.run()
 
@@ -411,11 +390,11 @@ class Loader:
         return _to_numpy(tensor_list)
 
 
-def _policy_params(chosen: Policy, seed: int, base_mean, channel_order: str, source: RecordSource):
+def _policy_params(policy: Policy, seed: int, base_mean, channel_order: str, source: RecordSource):
     """The feed's per-batch `params(epoch, positions, records, data)`: the policy's draws for those samples."""
     def params(epoch, positions, records, data):
-        sizes = source.sizes(records, data) if "roi_start" in chosen.params() else None
-        return batch_params(chosen, seed, epoch, positions, sizes, base_mean, channel_order)
+        sizes = source.sizes(records, data) if "roi_start" in policy.params() else None
+        return batch_params(policy, seed, epoch, positions, sizes, base_mean, channel_order)
     return params
 
 
@@ -452,19 +431,19 @@ def choose_device_id(requested: int | None, env, visible: int, current: int | No
         if isinstance(requested, bool) or not isinstance(requested, (int, np.integer)) or not 0 <= requested < visible:
             raise ImgprepError(f"device_id {requested!r} is not a GPU of this process: {seen}, {ids}")
         return int(requested)
-    chosen = 0 if current is None else current
+    device = 0 if current is None else current
     local = env.get("LOCAL_RANK")
-    if chosen == 0 and local not in (None, ""):
+    if device == 0 and local not in (None, ""):
         try:
             rank = int(local)
         except ValueError:
             raise ImgprepError(f"LOCAL_RANK={local!r} is not a GPU index; pass device_id") from None
         if 0 < rank < visible:
-            chosen = rank
-    if not 0 <= chosen < visible:
-        raise ImgprepError(f"the current CUDA device {chosen} is not a GPU of this process: {seen}, {ids}; "
+            device = rank
+    if not 0 <= device < visible:
+        raise ImgprepError(f"the current CUDA device {device} is not a GPU of this process: {seen}, {ids}; "
                            "pass device_id")
-    return chosen
+    return device
 
 
 def _current_cuda_device() -> int | None:

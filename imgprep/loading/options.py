@@ -54,30 +54,29 @@ def shards(shard_id, num_shards) -> tuple[int, int]:
     return shard_id, num_shards
 
 
-def check_pixels(info, chosen, norm) -> None:
-    """The policy `chosen` (policies.Policy) and the normalisation `norm` (loader.Normalisation) fit
+def check_pixels(info, policy, norm) -> None:
+    """`policy` (a policies.Policy) and the normalisation `norm` (a policies.Normalisation) fit
     the database `info` (loader.DatabaseInfo): crop and resize_shorter are whole numbers, the crop
     fits in the image it is taken from, and the means and standard deviations match the records'
     channels (a .binaryproto mean: `policies.check_mean`)."""
     from imgprep.loading.policies import check_mean
 
-    crop, shorter = whole("crop", chosen.crop), whole("resize_shorter", chosen.resize_shorter)
+    crop, shorter = whole("crop", policy.crop), whole("resize_shorter", policy.resize_shorter)
     channels = info.channels
     if norm.mean_image is not None:
-        check_mean(norm.mean_image, info, chosen, channels == 1)
+        check_mean(norm.mean_image, info, policy, channels == 1)
     elif {len(norm.mean), len(norm.std)} - {1, channels}:
         hint = (" (the records are grayscale: pass one mean and one standard deviation, "
                 "normalize=((mean,), (std,)), or normalize='none')") if channels == 1 else ""
         raise OptionError(f"normalize gives {len(norm.mean)} means and {len(norm.std)} standard deviations "
                           f"for {channels}-channel records{hint}")
-    if chosen.name == "inception" or chosen.scale:  # resized to the crop; "resnet": crop <= its scale's low end
+    if policy.name == "inception" or policy.scale:  # resized to the crop; "resnet": crop <= its scale's low end
         return
-    at_source = norm.mean_image is not None and norm.mean_image.shape[1:] != (crop, crop)
-    if at_source:  # a stored-size mean: the records are cropped as stored (check_mean: they have one size)
+    if norm.at_source(crop):  # a stored-size mean: the records are cropped as stored (check_mean: they have one size)
         height, width = info.stored_size
         if crop > min(height, width):
             raise OptionError(f"crop {crop} is larger than the records ({width}x{height}), which a stored-size "
                               f"mean crops as they are stored")
     elif crop > shorter:
-        raise OptionError(f"crop {crop} is larger than resize_shorter {shorter}: the {chosen.name!r} policy crops "
+        raise OptionError(f"crop {crop} is larger than resize_shorter {shorter}: the {policy.name!r} policy crops "
                           f"the image resized to shorter side {shorter}")

@@ -1,7 +1,7 @@
 """The loader's policies: what happens to each record between the database and the trainer.
 
-Training (each random part drawn per sample from (seed, epoch, position) by `order.augmentation`
-and `draws`, handed to DALI through `fn.external_source`, so restarts reproduce it):
+Training (each random part drawn per sample from (seed, epoch, position) by `draws`, handed to
+DALI through `fn.external_source`, so restarts reproduce it):
 
 - "caffe": shorter side to 256 (skipped where the records have it), a random 224x224 crop, a random
   mirror: Caffe's and caffe-pro's data layers.
@@ -16,8 +16,8 @@ the four corner crops and the center crop, then the same five mirrored: views or
 top-right, bottom-left, bottom-right, center, and those five mirrored; each sample is a (10, C, H, W)
 stack, or (10, H, W, C) for NHWC).
 
-`graph` builds the DALI graph of a policy; `batch_params` is the pure per-batch part the loader's
-feed hands to it.
+`graph.graph` builds the DALI graph of a policy; `batch_params` is the pure per-batch part the
+loader's feed hands to it.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import numpy as np
 from imgprep import ImgprepError
 from imgprep.formats.codec import load_mean
 from imgprep.loading.draws import lighting, resized_crop_windows, shorter_sides
-from imgprep.formats.order import augmentation
+from imgprep.loading.draws import augmentation
 
 TRAIN_POLICIES = ("caffe", "resnet", "inception")
 EVAL_POLICIES = ("center", "ten-crop")
@@ -55,10 +55,12 @@ class Policy:
 
     @property
     def train(self) -> bool:
+        """A training policy (random draws; the loader's `train=True`)."""
         return self.name in TRAIN_POLICIES
 
     @property
     def views(self) -> int:
+        """Images per sample: 10 for "ten-crop", else 1."""
         return 10 if self.name == "ten-crop" else 1
 
     @property
@@ -105,19 +107,19 @@ def policy(name: str, **changes) -> Policy:
     return made
 
 
-def parse_policy(chosen, train: bool, crop: int = 224, resize_shorter: int = 256) -> Policy:
-    """The loader's `policy=` argument: None ("caffe" for training, "center" for evaluation), a name,
-    or a Policy. A training policy needs train=True, an evaluation one train=False."""
-    if chosen is None:
-        chosen = "caffe" if train else "center"
-    if isinstance(chosen, str):
-        chosen = policy(chosen, crop=crop, resize_shorter=resize_shorter)
-    if not isinstance(chosen, Policy):
-        raise ImgprepError(f"policy must be a name ({', '.join(_DEFAULTS)}) or a policies.Policy, not {chosen!r}")
-    if chosen.train != train:
-        kind = "training" if chosen.train else "evaluation"
-        raise ImgprepError(f"{chosen.name!r} is an {kind} policy: use it with train={chosen.train}")
-    return chosen
+def parse_policy(value, train: bool, crop: int = 224, resize_shorter: int = 256) -> Policy:
+    """The loader's and the Dataset's `policy=` argument: None ("caffe" for training, "center" for
+    evaluation), a name, or a Policy. A training policy needs train=True, an evaluation one train=False."""
+    if value is None:
+        value = "caffe" if train else "center"
+    if isinstance(value, str):
+        value = policy(value, crop=crop, resize_shorter=resize_shorter)
+    if not isinstance(value, Policy):
+        raise ImgprepError(f"policy must be a name ({', '.join(_DEFAULTS)}) or a policies.Policy, not {value!r}")
+    if value.train != train:
+        kind = "training" if value.train else "evaluation"
+        raise ImgprepError(f"{value.name!r} is an {kind} policy: use it with train={value.train}")
+    return value
 
 
 def output_mean_std(norm, channels: int, channel_order: str) -> tuple[np.ndarray, np.ndarray]:
@@ -134,30 +136,30 @@ def output_mean_std(norm, channels: int, channel_order: str) -> tuple[np.ndarray
 PARAM_WIDTHS = {"crop_x": 1, "crop_y": 1, "mirror": 1, "shorter": 1, "roi_start": 2, "roi_end": 2, "mean": 3}
 
 
-def batch_params(chosen: Policy, seed: int, epoch: int, positions: np.ndarray, sizes: np.ndarray | None,
+def batch_params(policy: Policy, seed: int, epoch: int, positions: np.ndarray, sizes: np.ndarray | None,
                  base_mean: np.ndarray, channel_order: str = "RGB") -> list[np.ndarray]:
-    """The per-sample values of `chosen.params()` for the samples at `positions` of `epoch`, packed
+    """The per-sample values of `policy.params()` for the samples at `positions` of `epoch`, packed
     as one float32 array (n, columns; PARAM_WIDTHS columns each, in the order of `params()`: one
     input for DALI to take in, where one per value costs its feeding thread about 0.5 µs per sample
     each), in a list: [] for a policy without per-sample values. `sizes` (n, 2): the records'
     (height, width), needed by "inception". With lighting, "mean" is the per-channel mean minus the
     sample's lighting offset: crop_mirror_normalize's (x - mean) / std is then (x + offset - mean) / std."""
-    names = chosen.params()
+    names = policy.params()
     if not names:
         return []
     values = {}
     if "mirror" in names:
         crop_x, crop_y, mirror = augmentation(seed, epoch, positions)
-        values.update(crop_x=crop_x, crop_y=crop_y, mirror=mirror if chosen.mirror else 0)
+        values.update(crop_x=crop_x, crop_y=crop_y, mirror=mirror if policy.mirror else 0)
     if "shorter" in names:
-        values["shorter"] = shorter_sides(seed, epoch, positions, *chosen.scale)
+        values["shorter"] = shorter_sides(seed, epoch, positions, *policy.scale)
     if "roi_start" in names:
         heights, widths = sizes[:, 0], sizes[:, 1]
-        top, left, h, w = resized_crop_windows(seed, epoch, positions, heights, widths, chosen.area, chosen.ratio).T
+        top, left, h, w = resized_crop_windows(seed, epoch, positions, heights, widths, policy.area, policy.ratio).T
         values["roi_start"] = np.stack([top / heights, left / widths], axis=1)
         values["roi_end"] = np.stack([(top + h) / heights, (left + w) / widths], axis=1)
     if "mean" in names:
-        offset = lighting(seed, epoch, positions, chosen.lighting)
+        offset = lighting(seed, epoch, positions, policy.lighting)
         if channel_order == "BGR":
             offset = offset[:, ::-1]
         values["mean"] = base_mean[None, :] - offset
@@ -170,29 +172,16 @@ def batch_params(chosen: Policy, seed: int, epoch: int, positions: np.ndarray, s
     return [packed]
 
 
-def _unpack(packed, names) -> dict:
-    """The graph's per-sample values out of batch_params' packed array (the mirror flag as int32)."""
-    from nvidia.dali import fn, types
-
-    drawn, column = {}, 0
-    for name in names:
-        width = PARAM_WIDTHS[name]
-        node = packed[column] if width == 1 else packed[column:column + width]
-        drawn[name] = fn.cast(node, dtype=types.INT32) if name == "mirror" else node
-        column += width
-    return drawn
-
-
-def check_mean(mean_image, info, chosen: Policy, gray: bool) -> None:
+def check_mean(mean_image, info, policy: Policy, gray: bool) -> None:
     """A .binaryproto mean fits the records and the policy (stored size: caffe/center/ten-crop only)."""
     c, h, w = mean_image.shape
-    crop = chosen.crop
+    crop = policy.crop
     if c != (1 if gray else 3):
         raise ImgprepError(f"mean file has {c} channels; the database has {1 if gray else 3}")
     if (h, w) == (crop, crop):
         return
-    if chosen.name in ("resnet", "inception"):
-        raise ImgprepError(f"mean file is {w}x{h}: the {chosen.name!r} policy rescales each image, so only a "
+    if policy.name in ("resnet", "inception"):
+        raise ImgprepError(f"mean file is {w}x{h}: the {policy.name!r} policy rescales each image, so only a "
                            f"{crop}x{crop} mean (compute-mean --crop {crop}) applies")
     if info.stored_size is None:
         raise ImgprepError(f"mean file is {w}x{h}: a stored-size mean (stock Caffe) needs records of one size, "
@@ -203,108 +192,19 @@ def check_mean(mean_image, info, chosen: Policy, gray: bool) -> None:
                            "Caffe needs the mean to match one of them")
 
 
-def graph(info, chosen: Policy, norm, dtype, layout, gpu, feed, decode_on_cpu=False, channel_order="RGB"):
-    """The DALI graph of `chosen` over the records `feed` hands over (data, label, then the values of
-    `chosen.params()` per sample, packed by `batch_params`). With `decode_on_cpu` a GPU graph decodes
-    on CPU threads and does the rest on the GPU."""
-    from nvidia.dali import fn, types
-
-    names = chosen.params()
-    outputs = fn.external_source(source=feed, num_outputs=2 + bool(names), batch=True, no_copy=True,
-                                 dtype=[types.UINT8, types.INT32] + [types.FLOAT] * bool(names))
-    value, label = outputs[0], outputs[1]
-    drawn = _unpack(outputs[2], names) if names else {}
-    gray, bgr, crop = info.channels == 1, channel_order == "BGR", chosen.crop
-    if gray and chosen.lighting:
-        raise ImgprepError("PCA lighting needs RGB records; the database is grayscale")
-    mean_image = norm.mean_image
-    if mean_image is not None:
-        check_mean(mean_image, info, chosen, gray)
-    subtract_at_source = mean_image is not None and mean_image.shape[1:] != (crop, crop)
-    fixed_resize = chosen.name in ("caffe", "center", "ten-crop") and not chosen.scale
-    needs_resize = fixed_resize and info.shorter_side != chosen.resize_shorter and not subtract_at_source
-    # DALI places the window at round(crop_pos * (size - crop)), halves up; Caffe's TEST phase floors
-    # the center offset.
-    if "crop_x" in drawn:
-        window = dict(crop=(crop, crop), crop_pos_x=drawn["crop_x"], crop_pos_y=drawn["crop_y"])
-    else:
-        window = dict(crop=(crop, crop), crop_pos_x=0.5, crop_pos_y=0.5)
-    # On CPU, decoding only the crop window (libjpeg-turbo skips the rest) is measurably faster when no
-    # resize comes between decode and crop; on the GPU decoding the window is slower than decoding whole
-    # images (measured on an H100 with DALI 2.4), so the GPU decodes whole.
-    cpu_decoder = not gpu or decode_on_cpu
-    decode_window = (info.encoded and cpu_decoder and fixed_resize and chosen.name != "ten-crop"
-                     and not needs_resize and not subtract_at_source)
-    output_type = types.GRAY if gray else types.RGB
-    if decode_window:
-        images = fn.decoders.image_crop(value, device="cpu", output_type=output_type, **window)
-        window = {}
-    elif info.encoded:
-        # nvJPEG upsamples chroma as libjpeg-turbo (DALI's CPU decoder) does only when asked to
-        gpu_decoder = {} if cpu_decoder else {"jpeg_fancy_upsampling": True}
-        images = fn.decoders.image(value, device="cpu" if cpu_decoder else "mixed", output_type=output_type,
-                                   **gpu_decoder)
-    else:
-        if gpu:
-            value = value.gpu()
-        images = fn.transpose(fn.reshape(value, src_dims=[2, 0, 1], layout="CHW"), perm=[1, 2, 0],
-                              output_layout="HWC")
-        if not gray and not bgr:  # raw records are BGR
-            images = fn.color_space_conversion(images, image_type=types.BGR, output_type=types.RGB)
-    if gpu and info.encoded and cpu_decoder:
-        images = images.gpu()
-    if info.encoded and bgr and not gray:
-        images = fn.color_space_conversion(images, image_type=types.RGB, output_type=types.BGR)
-
-    def constant(array):  # on the images' device: a CPU constant would be copied over every batch
-        return types.Constant(np.asarray(array, np.float32), device="gpu" if gpu else "cpu")
-
-    channels = 1 if gray else 3
-    mean_chw = None if mean_image is None else (mean_image if bgr or gray else mean_image[::-1])  # output order
-    if subtract_at_source:  # stock Caffe: mean of the stored size, before crop and mirror
-        images = fn.cast(images, dtype=types.FLOAT) - constant(mean_chw.transpose(1, 2, 0))
-    elif chosen.name == "resnet" and chosen.scale:
-        images = fn.resize(images, resize_shorter=drawn["shorter"], antialias=True)
-    elif chosen.name == "inception":
-        images = fn.resize(images, size=(crop, crop), roi_start=drawn["roi_start"], roi_end=drawn["roi_end"],
-                           roi_relative=True, antialias=True)
-        window = {}
-    elif needs_resize or (chosen.name == "resnet" and info.shorter_side != chosen.resize_shorter):
-        images = fn.resize(images, resize_shorter=chosen.resize_shorter, antialias=True)
-    base_mean, std = output_mean_std(norm, channels, channel_order)
-    mean = drawn["mean"] if "mean" in drawn else [float(m) for m in base_mean]
-    out_dtype = types.FLOAT16 if dtype == "float16" else types.FLOAT
-    chw = layout == "NCHW"
-
-    def normalise(mirror, where):
-        if mean_image is not None and not subtract_at_source:
-            # caffe-pro: a crop-sized mean, subtracted at the output position (after crop and mirror)
-            out = fn.crop_mirror_normalize(images, mirror=mirror, dtype=types.FLOAT, mean=mean, std=[1.0] * channels,
-                                           output_layout="CHW" if chw else "HWC", **where)
-            target = mean_chw if chw else mean_chw.transpose(1, 2, 0)
-            out = (out - constant(target)) / constant(np.reshape(std, (-1, 1, 1) if chw else (1, 1, -1)))
-            return fn.cast(out, dtype=out_dtype)
-        return fn.crop_mirror_normalize(images, mirror=mirror, dtype=out_dtype, mean=mean,
-                                        std=[float(s) for s in std], output_layout="CHW" if chw else "HWC", **where)
-
-    if chosen.name == "ten-crop":
-        views = [normalise(mirror, dict(crop=(crop, crop), crop_pos_x=x, crop_pos_y=y))
-                 for mirror in (0, 1) for x, y in TEN_CROP_POSITIONS]
-        images = fn.stack(*views, axis=0)
-    else:
-        images = normalise(drawn.get("mirror", 0), window)
-    if gpu:
-        label = label.gpu()
-    return images, label
-
-
 @dataclass
 class Normalisation:
-    """How pixels are normalised; `mean_image` (C, H, W) BGR float32 from a .binaryproto."""
+    """How pixels are normalised (the loader's and the Dataset's `normalize=` argument, read by
+    `parse`); `mean_image` (C, H, W) BGR float32 from a .binaryproto."""
 
     mean: tuple[float, ...] = IMAGENET_MEAN_RGB
     std: tuple[float, ...] = IMAGENET_STD_RGB
     mean_image: np.ndarray | None = None
+
+    def at_source(self, crop: int) -> bool:
+        """A stored-size mean (stock Caffe): subtracted at the source pixel, before crop and mirror,
+        so the records are not resized; a crop-sized one (caffe-pro) at the output position."""
+        return self.mean_image is not None and self.mean_image.shape[1:] != (crop, crop)
 
     @classmethod
     def parse(cls, normalize) -> "Normalisation":

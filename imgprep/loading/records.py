@@ -71,9 +71,11 @@ class RecordSource:
         return len(self._keys)
 
     def key(self, index: int) -> bytes:
+        """The key of record `index` (key order)."""
         return self._keys[index]
 
     def value(self, index: int):
+        """The stored value of record `index` (an ImgprepError where it went away)."""
         key = self.key(index)
         value = self._txn.get(key) if self._txn is not None else self._reader.db.get(key)
         if value is None:
@@ -180,6 +182,7 @@ class RecordSource:
         return None
 
     def close(self) -> None:
+        """Ends the read transaction and releases the database handle."""
         if self._reader is not None:
             if self._txn is not None:
                 self._txn.abort()
