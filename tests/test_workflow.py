@@ -95,8 +95,7 @@ def test_the_summarys_loader_and_dataset_lines_read_what_prepare_made(reference)
     pytest.importorskip("torch")
     import re
 
-    from imgprep.loading.dataset import CaffeDataset
-    from imgprep.loading.loader import Loader
+    from imgprep import CaffeDataset, Loader
 
     work, result = reference
     calls = re.findall(r"(?:Loader|CaffeDataset)\([^()]*\)", result.stdout)

@@ -476,11 +476,11 @@ def usage_lines(work: Path, preset: str, backend: str, state: Work) -> list[str]
     policy = "resnet" if preset == "resnet480" else "caffe"
     return [
         f"Caffe: the TRAIN and TEST Data layers in {work / LAYERS}",
-        "DALI loader (from imgprep.loading.loader import Loader; GPU, or DALI's CPU mode):",
+        "DALI loader (from imgprep import Loader; GPU, or DALI's CPU mode):",
         f'  Loader("{train}", batch_size={BATCH["train"]}, train=True, policy="{policy}", output="torch")',
         f'  Loader("{val}", batch_size={BATCH["val"]}, train=False, policy="center", output="torch")',
         f'  Caffe\'s transform instead of torchvision\'s normalisation: add normalize="{mean}", channel_order="BGR"',
-        "PyTorch without DALI (from imgprep.loading.dataset import CaffeDataset):",
+        "PyTorch without DALI (from imgprep import CaffeDataset):",
         f'  CaffeDataset("{train}", train=True)   CaffeDataset("{val}", train=False)',
     ]
 
