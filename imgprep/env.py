@@ -15,7 +15,7 @@ from pathlib import Path
 
 from imgprep import __version__
 from imgprep.prepare.archives import cache_dir
-from imgprep.prepare.progress import format_bytes
+from imgprep.prepare.progress import format_bytes, plural
 
 
 PILLOW_SIMD = "pillow-simd"
@@ -93,7 +93,7 @@ def describe() -> dict[str, str]:
         **pil_build(),
         "numpy": numpy.__version__,
         "DALI": dali_version(),
-        "devices": f"{gpus} CUDA GPU(s)" if gpus else "no GPU: loader runs in DALI's CPU mode",
+        "devices": f"{plural(gpus, 'CUDA GPU')}" if gpus else "no GPU: loader runs in DALI's CPU mode",
         "lmdb": f"py-lmdb {lmdb.__version__}, LMDB {'.'.join(map(str, lmdb.version()))}",
         "leveldb": f"plyvel {plyvel.__version__}, LevelDB {plyvel.__leveldb_version__}",
     }
@@ -176,7 +176,7 @@ def cache_report(entries: list[CacheEntry], folder: Path | None = None) -> tuple
     """doctor's cache line (folder, count, size, what can go) and one line per entry that is not in use."""
     folder = folder or cache_dir()
     total = sum(e.size for e in entries)
-    text = f"{folder}: {len(entries)} file(s), {format_bytes(total)}"
+    text = f"{folder}: {plural(len(entries), 'file')}, {format_bytes(total)}"
     removable = [e for e in entries if e.state in REMOVABLE]
     if removable:
         text += (f"; {len(removable)} ({format_bytes(sum(e.size for e in removable))}) of archives that are gone or "
@@ -208,6 +208,6 @@ def clean_cache(entries: list[CacheEntry]) -> list[str]:
             lines.append(f"kept {_entry_line(entry)}")
     removed = [e for e in entries if e.state in REMOVABLE]
     kept = [e for e in entries if e.state not in REMOVABLE]
-    lines.append(f"cache: removed {len(removed)} file(s), {format_bytes(sum(e.size for e in removed))}; "
-                 f"{len(kept)} file(s), {format_bytes(sum(e.size for e in kept))} kept")
+    lines.append(f"cache: removed {plural(len(removed), 'file')}, {format_bytes(sum(e.size for e in removed))}; "
+                 f"{plural(len(kept), 'file')}, {format_bytes(sum(e.size for e in kept))} kept")
     return lines

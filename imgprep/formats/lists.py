@@ -135,11 +135,11 @@ def read_list(path: str | os.PathLike, num_labels: int | None = None,
     if problems:
         shown = "\n  ".join(problems[:SHOWN])
         more = f"\n  ... and {len(problems) - SHOWN} more" if len(problems) > SHOWN else ""
-        raise ImgprepError(f"{path}: {len(problems)} bad line(s):\n  {shown}{more}")
+        raise ImgprepError(f"{path}: {len(problems)} bad line{'' if len(problems) == 1 else 's'}:\n  {shown}{more}")
     if trimmed:
-        notes.append(f"normalised {trimmed} line(s) with CR or trailing blanks")
+        notes.append(f"normalised {trimmed} line{'' if trimmed == 1 else 's'} with CR or trailing blanks")
     if blank:
-        notes.append(f"skipped {blank} blank line(s)")
+        notes.append(f"skipped {blank} blank line{'' if blank == 1 else 's'}")
     return ImageList(paths, np.frombuffer(labels, dtype=np.int32), notes)
 
 
