@@ -274,14 +274,16 @@ def sample(out, classes, train_per_class, val_per_class, seed, oddities, grain, 
               help="Folder for train.txt, val.txt (test.txt), synsets.txt and synset_words.txt (Caffe's "
                    "data/ilsvrc12). Lists already there are replaced only once every new file is written.")
 @option("--synsets", "synsets_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Synset list (one wnid per line; line i = label i). Default: the shipped 1000.")
+              show_default="the shipped 1,000 ILSVRC12 synsets",
+              help="Synset list (one wnid per line; line i = label i).")
 @option("--derive-synsets", is_flag=True,
               help="Use the sorted train/ folder names as the synsets (non-ImageNet datasets).")
 @option("--val-labels", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Val labels for a flat val/: Kaggle LOC_val_solution.csv, devkit "
-                   "ILSVRC2012_validation_ground_truth.txt, or 'filename wnid' lines. Found in ROOT "
-                   "by name if not given.")
+                   "ILSVRC2012_validation_ground_truth.txt, or 'filename wnid' lines.",
+              show_default="found in ROOT (or the devkit archive) by name")
 @option("--val-id-table", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              show_default="found beside the ground truth, or the devkit's meta.mat",
               help="For devkit ground truth: the devkit's meta.mat or an "
                    "ILSVRC2012_ID,wnid CSV.")
 def make_lists_cmd(roots, out, synsets_file, derive_synsets, val_labels, val_id_table):
@@ -335,6 +337,8 @@ def make_lists_cmd(roots, out, synsets_file, derive_synsets, val_labels, val_id_
                    "wrote it (refused otherwise); stages that still match are kept.")
 def prepare_cmd(download, work, preset, backend, jobs, seed, overwrite):
     """From the ImageNet download (or an unpacked tree) to training-ready data in WORK, in one command.
+
+    Reads DOWNLOAD in place (nothing there is changed); writes everything below in WORK.
 
     DOWNLOAD holds ILSVRC2012_img_train.tar, ILSVRC2012_img_val.tar and ILSVRC2012_devkit_t12.tar.gz,
     read in place (or is an unpacked tree: DOWNLOAD/train/<wnid>/, DOWNLOAD/val/). prepare writes
@@ -407,7 +411,7 @@ def resize(src, dst, resize, quality, gray, max_aspect, jobs, overwrite, schedul
 @click.argument("list_file", metavar="LIST", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.argument("root", type=click.Path(exists=True, path_type=Path))
 @click.argument("out", type=click.Path(path_type=Path))
-@option("--preset", type=click.Choice(sorted(PRESETS)),
+@option("--preset", type=click.Choice(sorted(PRESETS)), show_default="no preset: the original images as JPEG records",
               help="caffe: squash:256x256 raw records (Caffe's ImageNet recipe). resnet: shorter:256 "
                    "JPEG records (ResNet recipe, fastest with DALI; the loader's caffe, inception, center and "
                    "ten-crop policies). resnet480: shorter:480 JPEG records, for the loader's resnet policy "
@@ -455,6 +459,9 @@ def build_lmdb(list_file, root, out, preset, backend, resize, encoded, quality, 
                check_size, jobs, txn_size, resume, overwrite, allow_empty, keep_going, max_failures,
                allow_outside_root, num_labels, num_shards, shard_index, scheduler, as_json):
     """Build a Caffe Datum database OUT (LMDB or LevelDB) from LIST and the image ROOT.
+
+    Reads LIST and the images it names under ROOT; writes the database in OUT, OUT/imgprep-build.json
+    (the build's identity and state) and OUT/imgprep-failures.tsv (the entries that could not be used).
 
     ROOT is a folder, or an uncompressed tar read in place without unpacking it: ImageNet's
     ILSVRC2012_img_train.tar (its class tars' members are named <wnid>/<file>, as in the unpacked
