@@ -47,6 +47,7 @@ class Command(click.Command):
     between a group's context and its commands')."""
 
     def invoke(self, ctx):
+        """Runs the command, its parameters recorded for the group's handler first."""
         ctx.meta["imgprep.params"] = ctx.params
         return super().invoke(ctx)
 
@@ -58,6 +59,7 @@ class Group(click.Group):
     command_class = Command
 
     def invoke(self, ctx):
+        """Runs the command, each error a user can act on turned into one message and an exit status."""
         try:
             return super().invoke(ctx)
         except ImgprepError as e:  # exit_code 130: a stage that caught Ctrl-C to say how to continue
@@ -86,6 +88,7 @@ class Option(click.Option):
     `[default: all cores]`, not Click's `[default: (all cores)]`."""
 
     def get_help_record(self, ctx):
+        """Click's (option, help) pair, the default in words without parentheses."""
         record = super().get_help_record(ctx)
         if record and isinstance(self.show_default, str):
             record = record[0], record[1].replace(f"default: ({self.show_default})", f"default: {self.show_default}")
@@ -151,11 +154,13 @@ def _resize_option(default: str | None, default_text: str | None = None):
 
 
 def jobs_option(workers: str):
+    """-j/--jobs, saying what the command's workers are."""
     return option("--jobs", "-j", type=click.IntRange(0), default=0, show_default="all cores",
                   help=f"Parallel workers: {workers}. 0: one per core this process may use.")
 
 
 def scheduler_option(shared: str):
+    """--scheduler, naming what the command's Dask workers must see at the same path."""
     return option(
         "--scheduler", metavar="ADDRESS", default=None, show_default="local processes",
         help=f"Run the workers on a Dask cluster (e.g. tcp://head:8786) instead. Every worker must see "
@@ -685,7 +690,7 @@ def preview(db, out, policy, train, count, seed, words_file, tile, overwrite, al
 def demo(workdir, seconds):
     """Run every stage on a fresh bundled sample in WORKDIR and summarise.
 
-    Reads only the bundled photos; writes the sample, lists, databases, means and a preview in
+    Reads only the bundled photos; writes the sample, lists, databases, means in
     WORKDIR (default build/demo) and prints each stage's result and the loader's rate.
 
     WORKDIR must be new, empty, or an earlier demo's (it holds imgprep-demo.txt): that one is

@@ -44,6 +44,9 @@ def prepare_workdir(workdir: Path) -> None:
 
 
 def run_demo(workdir, seconds: float = 3.0) -> None:
+    """`imgprep demo`: makes the bundled sample as the ImageNet download in `workdir`, runs every stage on it
+    (lists, three databases, two means, an inspection, and the loader's benchmark with `seconds` per row) and
+    prints each result."""
     workdir = Path(workdir)
     try:
         prepare_workdir(workdir)

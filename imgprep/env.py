@@ -54,6 +54,8 @@ def _jpeg_library() -> str:
 
 
 def pil_build() -> dict[str, str]:
+    """Which Pillow is imported (pillow-simd or plain Pillow), its JPEG library and, for plain Pillow, the
+    command that installs pillow-simd."""
     import PIL
 
     try:
@@ -64,6 +66,7 @@ def pil_build() -> dict[str, str]:
 
 
 def gpu_count() -> int:
+    """CUDA GPUs DALI sees; 0 without a driver or CUDA (the loader then runs in DALI's CPU mode)."""
     try:
         from nvidia.dali.backend import GetCUDADeviceCount
 
@@ -73,6 +76,7 @@ def gpu_count() -> int:
 
 
 def dali_version() -> str:
+    """The installed DALI's version, or 'not installed'."""
     try:
         import nvidia.dali
 
@@ -82,6 +86,8 @@ def dali_version() -> str:
 
 
 def describe() -> dict[str, str]:
+    """What `imgprep doctor` prints: name -> value for imgprep, Python, Pillow, numpy, the backends, DALI and
+    the devices."""
     import lmdb
     import numpy
     import plyvel
@@ -119,6 +125,7 @@ TEMPORARY = re.compile(r"^\..*\.tmp(\d+)$")  # an index being written: .<name>.t
 
 @dataclass
 class CacheEntry:
+    """One file of imgprep's cache: its path, size, state and the archive it indexes."""
     path: Path
     size: int
     state: str  # IN_USE, GONE, UNREADABLE, LEFT_OVER or BEING_WRITTEN

@@ -67,3 +67,30 @@ def test_every_public_name_resolves_and_is_documented():
             assert (value.__doc__ or "").strip(), f"imgprep.{name} has no docstring"
     with pytest.raises(AttributeError):
         imgprep.not_a_name  # noqa: B018
+
+
+DOCUMENTED = [*sorted((PACKAGE / "formats").glob("*.py")),
+              *(PACKAGE / "prepare" / f"{name}.py" for name in ("download", "make_lists", "merge", "inspection",
+                                                                "resize", "sample", "workflow", "progress")),
+              PACKAGE / "env.py", PACKAGE / "demo.py", PACKAGE / "cli.py"]
+
+
+def undocumented(path: Path) -> list[str]:
+    """The public functions, classes and methods (names without a leading _) of a file that have no docstring."""
+    missing = []
+
+    def walk(body, prefix=""):
+        for node in body:
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                if not node.name.startswith("_") and not ast.get_docstring(node):
+                    missing.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno} {prefix}{node.name}")
+                if isinstance(node, ast.ClassDef):
+                    walk(node.body, f"{node.name}.")
+
+    walk(ast.parse(path.read_text()).body)
+    return missing
+
+
+@pytest.mark.parametrize("path", DOCUMENTED, ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_every_public_function_class_and_method_has_a_docstring(path):
+    assert not undocumented(path)

@@ -57,6 +57,8 @@ def load_synsets(path: str | os.PathLike | None = None) -> list[str]:
 
 
 def load_synset_words(path: str | os.PathLike | None = None) -> dict[str, str]:
+    """wnid -> words from a synset_words.txt (`n01440764 tench, Tinca tinca` lines); default: the shipped
+    ILSVRC12 one."""
     path = Path(path) if path else SYNSET_WORDS_FILE
     words = {}
     for line in read_text(path, "synset words file").splitlines():
@@ -66,6 +68,8 @@ def load_synset_words(path: str | os.PathLike | None = None) -> dict[str, str]:
 
 
 def is_image_name(name: str) -> bool:
+    """Whether a file name has an image extension (.JPEG, .jpg, .png, ..., any case): the files lists and resize
+    take."""
     return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 

@@ -30,6 +30,8 @@ def _count(n, noun: str) -> str:
 
 @dataclass
 class Inspection:
+    """What `inspect_db` found: the database's counts and histograms, its manifest, and every problem by kind
+    (undecodable, missing, extra, mislabeled, misplaced records)."""
     path: Path
     backend: str = ""
     records: int = 0
@@ -49,9 +51,12 @@ class Inspection:
 
     @property
     def ok(self) -> bool:
+        """No record is undecodable, missing, extra, mislabeled or under the wrong key (failures the build
+        reported do not count)."""
         return not (self.bad_records or self.missing or self.extra or self.mislabeled or self.misplaced)
 
     def lines(self) -> list[str]:
+        """The report `imgprep inspect` prints, one line each."""
         out = [f"database: {self.path} ({self.backend})", f"records: {self.records:,}",
                "kinds: " + ", ".join(f"{k} {v:,}" for k, v in sorted(self.kinds.items())),
                "sizes (WxHxC): " + ", ".join(f"{k} {v:,}" for k, v in self.sizes.most_common(8))

@@ -57,6 +57,7 @@ def replace_files(folder: Path, writers: dict) -> dict:
 
 @dataclass
 class ScanResult:
+    """The images a scan found (relative names) and the non-image files it skipped."""
     images: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # non-image files
 

@@ -70,6 +70,7 @@ class Inputs:
 
 @dataclass
 class StageResult:
+    """One stage of `prepare`: whether it ran in this call, how long it took, and what it made."""
     name: str
     ran: bool
     seconds: float | None  # None: not known (finished by another command)
@@ -78,6 +79,7 @@ class StageResult:
 
 @dataclass
 class PrepareReport:
+    """What `prepare` did: each stage's result, the images that failed, and the lines that use WORK."""
     work: Path
     stages: list[StageResult] = field(default_factory=list)
     failures: int = 0
@@ -85,6 +87,7 @@ class PrepareReport:
 
     @property
     def ran(self) -> list[str]:
+        """The stages that did work in this call (the others were done earlier)."""
         return [s.name for s in self.stages if s.ran]
 
 
@@ -153,6 +156,7 @@ class Work:
         self.stages = data["stages"]
 
     def save(self) -> None:
+        """Writes the state file atomically (a temporary file, synced, then renamed)."""
         tmp = self.file.with_name(STATE + ".tmp")
         tmp.unlink(missing_ok=True)
         with open_own(tmp) as f:
@@ -174,6 +178,7 @@ class Work:
                     path.unlink()
 
     def shas(self, names) -> dict:
+        """name -> sha256 of each of WORK's files `names`."""
         return {name: file_sha256(self.path / name) for name in names}
 
     def is_done(self, stage: str, inputs: dict, outputs: list[str], overwrite: bool, derived: bool = False) -> bool:
@@ -254,9 +259,11 @@ class Run:
 
     @property
     def work(self) -> Path:
+        """The WORK folder."""
         return self.state.path
 
     def database(self, part: str) -> Path:
+        """Where the `part` ('train' or 'val') database goes in WORK, for the run's backend."""
         return self.work / database_name(part, self.backend)
 
 
