@@ -159,10 +159,10 @@ def jobs_option(workers: str):
                   help=f"Parallel workers: {workers}. 0: one per core this process may use.")
 
 
-def scheduler_option(shared: str):
+def scheduler_option(shared: str, local: str = "processes"):
     """--scheduler, naming what the command's Dask workers must see at the same path."""
     return option(
-        "--scheduler", metavar="ADDRESS", default=None, show_default="local processes",
+        "--scheduler", metavar="ADDRESS", default=None, show_default=f"local {local}",
         help=f"Run the workers on a Dask cluster (e.g. tcp://head:8786) instead. Every worker must see "
              f"{shared} at the same path. Needs the dask extra (pip install 'imgprep[dask]').")
 
@@ -515,7 +515,7 @@ def build_lmdb(list_file, root, out, preset, backend, resize, encoded, quality, 
 @option("--values-out", type=click.Path(dir_okay=False, path_type=Path), show_default="not written",
               help="Also write the per-channel means (BGR and RGB): JSON if the name ends in .json, else text.")
 @jobs_option("threads, each summing one key range")
-@scheduler_option("each DB")
+@scheduler_option("each DB", "threads")
 @allow_partial_option
 def compute_mean_cmd(dbs, out, crop, resize, values_out, jobs, scheduler, allow_partial):
     """Write the exact mean image of database DB as a Caffe .binaryproto OUT.
