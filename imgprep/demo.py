@@ -15,6 +15,7 @@ from imgprep.formats.manifest import FAILURES
 from imgprep.formats.imageops import ImageSpec, parse_resize
 from imgprep.prepare.inspection import inspect_db
 from imgprep.prepare.make_lists import make_lists
+from imgprep.prepare.progress import plural
 from imgprep.prepare.mean import MeanTransform, compute_mean, write_mean
 from imgprep.prepare.download import TRAIN_TAR, VAL_TAR
 from imgprep.prepare.sample import make_sample, write_download
@@ -43,6 +44,9 @@ def prepare_workdir(workdir: Path) -> None:
 
 
 def run_demo(workdir, seconds: float = 3.0) -> None:
+    """`imgprep demo`: makes the bundled sample as the ImageNet download in `workdir`, runs every stage on it
+    (lists, three databases, two means, an inspection, and the loader's benchmark with `seconds` per row) and
+    prints each result."""
     workdir = Path(workdir)
     try:
         prepare_workdir(workdir)
@@ -83,6 +87,6 @@ def run_demo(workdir, seconds: float = 3.0) -> None:
     rows = bench_loader(workdir / "train_lmdb", batch=32, seconds=seconds, warmup=2,
                         compare=sample.root / "train", compare_list=clean, torch_workers=2)
     click.echo(format_table(rows))
-    click.echo(f"demo: done in {time.perf_counter() - start:.0f}s; {train.records} train records "
-               f"({train.failures} failed images reported in {workdir / 'train_lmdb' / 'imgprep-failures.tsv'}); "
+    click.echo(f"demo: done in {time.perf_counter() - start:.0f}s; {plural(train.records, 'train record')} "
+               f"({plural(train.failures, 'failed image')} reported in {workdir / 'train_lmdb' / 'imgprep-failures.tsv'}); "
                f"databases, means and lists in {workdir}")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from imgprep import __version__
 from imgprep.prepare.archives import cache_dir
-from imgprep.prepare.progress import format_bytes
+from imgprep.prepare.progress import format_bytes, plural
 
 
 PILLOW_SIMD = "pillow-simd"
@@ -54,6 +54,8 @@ def _jpeg_library() -> str:
 
 
 def pil_build() -> dict[str, str]:
+    """Which Pillow is imported (pillow-simd or plain Pillow), its JPEG library and, for plain Pillow, the
+    command that installs pillow-simd."""
     import PIL
 
     try:
@@ -64,6 +66,7 @@ def pil_build() -> dict[str, str]:
 
 
 def gpu_count() -> int:
+    """CUDA GPUs DALI sees; 0 without a driver or CUDA (the loader then runs in DALI's CPU mode)."""
     try:
         from nvidia.dali.backend import GetCUDADeviceCount
 
@@ -73,6 +76,7 @@ def gpu_count() -> int:
 
 
 def dali_version() -> str:
+    """The installed DALI's version, or 'not installed'."""
     try:
         import nvidia.dali
 
@@ -82,6 +86,8 @@ def dali_version() -> str:
 
 
 def describe() -> dict[str, str]:
+    """What `imgprep doctor` prints: name -> value for imgprep, Python, Pillow, numpy, the backends, DALI and
+    the devices."""
     import lmdb
     import numpy
     import plyvel
@@ -93,7 +99,7 @@ def describe() -> dict[str, str]:
         **pil_build(),
         "numpy": numpy.__version__,
         "DALI": dali_version(),
-        "devices": f"{gpus} CUDA GPU(s)" if gpus else "no GPU: loader runs in DALI's CPU mode",
+        "devices": f"{plural(gpus, 'CUDA GPU')}" if gpus else "no GPU: loader runs in DALI's CPU mode",
         "lmdb": f"py-lmdb {lmdb.__version__}, LMDB {'.'.join(map(str, lmdb.version()))}",
         "leveldb": f"plyvel {plyvel.__version__}, LevelDB {plyvel.__leveldb_version__}",
     }
@@ -119,6 +125,7 @@ TEMPORARY = re.compile(r"^\..*\.tmp(\d+)$")  # an index being written: .<name>.t
 
 @dataclass
 class CacheEntry:
+    """One file of imgprep's cache: its path, size, state and the archive it indexes."""
     path: Path
     size: int
     state: str  # IN_USE, GONE, UNREADABLE, LEFT_OVER or BEING_WRITTEN
@@ -176,7 +183,7 @@ def cache_report(entries: list[CacheEntry], folder: Path | None = None) -> tuple
     """doctor's cache line (folder, count, size, what can go) and one line per entry that is not in use."""
     folder = folder or cache_dir()
     total = sum(e.size for e in entries)
-    text = f"{folder}: {len(entries)} file(s), {format_bytes(total)}"
+    text = f"{folder}: {plural(len(entries), 'file')}, {format_bytes(total)}"
     removable = [e for e in entries if e.state in REMOVABLE]
     if removable:
         text += (f"; {len(removable)} ({format_bytes(sum(e.size for e in removable))}) of archives that are gone or "
@@ -208,6 +215,6 @@ def clean_cache(entries: list[CacheEntry]) -> list[str]:
             lines.append(f"kept {_entry_line(entry)}")
     removed = [e for e in entries if e.state in REMOVABLE]
     kept = [e for e in entries if e.state not in REMOVABLE]
-    lines.append(f"cache: removed {len(removed)} file(s), {format_bytes(sum(e.size for e in removed))}; "
-                 f"{len(kept)} file(s), {format_bytes(sum(e.size for e in kept))} kept")
+    lines.append(f"cache: removed {plural(len(removed), 'file')}, {format_bytes(sum(e.size for e in removed))}; "
+                 f"{plural(len(kept), 'file')}, {format_bytes(sum(e.size for e in kept))} kept")
     return lines

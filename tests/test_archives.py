@@ -179,8 +179,8 @@ def test_counts_check_names_the_missing_and_short_classes(tree_copy, tmp_path):
     short_train = [e for e in train if e[1] != 5 and not (e[1] == 7 and int(e[0].split("/")[1]) >= 700)]
     short_val = val[:-1]
     train_warning, val_warning = ilsvrc2012_count_warnings(synsets, short_train, short_val)
-    assert "1 class(es) without images: " + synsets[5] in train_warning
-    assert f"1 class(es) under 732 images (the smallest ILSVRC2012 class has 732): {synsets[7]} (700)" in train_warning
+    assert "1 class without images: " + synsets[5] in train_warning
+    assert f"1 class under 732 images (the smallest ILSVRC2012 class has 732): {synsets[7]} (700)" in train_warning
     assert val_warning.startswith("val holds 49,999 images") and f"{synsets[999]} (49)" in val_warning
     # make-lists says it for the shipped synsets, never for another dataset's
     assert "ILSVRC2012's holds 1,281,167" in run_cli("make-lists", tree_copy, "--out", tmp_path / "a").stderr

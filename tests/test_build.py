@@ -193,7 +193,7 @@ def test_bad_list_is_refused_before_any_work(sample_tree, tmp_path):
     bad = tmp_path / "bad.txt"
     bad.write_text("n01440764/a.JPEG 0\nn01440764/b.JPEG\nn01440764/c.JPEG minus\n../x.JPEG 1\n")
     result = run_cli("build-lmdb", bad, sample_tree.root / "train", tmp_path / "db", check=False)
-    assert_clean_error(result, "3 bad line(s)", "line 2: missing label", "line 3", "line 4")
+    assert_clean_error(result, "3 bad lines", "line 2: missing label", "line 3", "line 4")
     assert not (tmp_path / "db").exists()
 
 

@@ -87,7 +87,7 @@ def test_doctor_shows_the_cache_and_clean_cache_removes_only_entries_of_archives
     env = dict(os.environ)
     shown = run_cli("doctor", env=env).stdout
     cache_line = next(line for line in shown.splitlines() if line.strip().startswith("cache:"))
-    assert f"{folder}: 4 file(s), {total:,} bytes" in cache_line
+    assert f"{folder}: 4 files, {total:,} bytes" in cache_line
     assert "imgprep doctor --clean-cache removes them" in cache_line
     assert f"indexes {archives['gone']}, which is gone" in shown
     assert "future.idx" in shown and "not an archive index this imgprep reads" in shown
@@ -97,7 +97,7 @@ def test_doctor_shows_the_cache_and_clean_cache_removes_only_entries_of_archives
     before = kept_index.read_bytes()
     cleaned = run_cli("doctor", "--clean-cache", env=env).stdout
     assert f"removed {folder}" in cleaned and f"kept {kept_index}" in cleaned and "kept " in cleaned
-    assert "cache: removed 2 file(s)" in cleaned and "2 file(s)" in cleaned.splitlines()[-1]
+    assert "cache: removed 2 files" in cleaned and "2 files" in cleaned.splitlines()[-1]
     assert sorted(p.name for p in folder.rglob("*") if p.is_file()) == sorted([kept_index.name, "future.idx"])
     assert kept_index.read_bytes() == before
     open_source(archives["kept"], show_progress=False)

@@ -105,7 +105,7 @@ def test_unknown_wnid_folder_is_named(tmp_path):
 def test_val_problems_are_reported(tree_copy, tmp_path):
     (tree_copy / "val" / "ILSVRC2012_val_00000999.JPEG").write_bytes(b"x")
     result = run_cli("make-lists", tree_copy, "--out", tmp_path / "o", check=False)
-    assert_clean_error(result, "1 val image(s) have no label", "ILSVRC2012_val_00000999.JPEG")
+    assert_clean_error(result, "1 val image has no label", "ILSVRC2012_val_00000999.JPEG")
     os.remove(tree_copy / "val" / "ILSVRC2012_val_00000999.JPEG")
     os.remove(tree_copy / "val" / "ILSVRC2012_val_00000002.JPEG")
     result = run_cli("make-lists", tree_copy, "--out", tmp_path / "o", check=False)

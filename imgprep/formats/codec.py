@@ -118,6 +118,8 @@ def _repeated_fixed(wire: int, value, size: int, dtype: str) -> np.ndarray:
 
 @dataclass
 class Datum:
+    """One Caffe Datum record: the image's size, its pixels (raw BGR planar) or JPEG bytes (`encoded`), and its
+    label; `float_data` as Caffe's float records carry it."""
     channels: int = 0
     height: int = 0
     width: int = 0

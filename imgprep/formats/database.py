@@ -22,6 +22,7 @@ def entry_key(position: int, path: str) -> bytes:
 
 
 def key_position(key: bytes) -> int:
+    """The list position an imgprep key starts with (`00000042_path` -> 42); a key without one is refused."""
     head = key.split(b"_", 1)[0]
     if not head.isdigit():
         raise ImgprepError(f"key {key[:40]!r} does not start with a position; not built by imgprep")
@@ -35,6 +36,8 @@ def record_shape(value: bytes) -> tuple[int, int, int]:
 
 
 def datum_shape(datum) -> tuple[int, int, int]:
+    """(channels, height, width) of a decoded Datum: the header's for a raw record, the JPEG's own for an
+    encoded one."""
     if datum.encoded:  # imgprep stores encoded images upright, so the header's size is the image's
         try:
             with Image.open(io.BytesIO(datum.data)) as image:
@@ -46,6 +49,8 @@ def datum_shape(datum) -> tuple[int, int, int]:
 
 @dataclass(frozen=True)
 class DatabaseInfo:
+    """What `database_info` tells the loader about a database: backend, record count, raw or encoded, channels,
+    and the records' size where one size (or one shorter side) is known."""
     path: Path
     backend: str
     records: int

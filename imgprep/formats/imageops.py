@@ -54,6 +54,8 @@ class ImageFailure(Exception):
 
 @dataclass(frozen=True)
 class ResizePolicy:
+    """How an image is resized: `squash` to width x height, `shorter` side to `width`, or `none`; `str()` gives
+    the CLI's form (squash:256x256)."""
     kind: str  # "squash", "shorter" or "none"
     width: int = 0
     height: int = 0
@@ -117,6 +119,7 @@ class ImageSpec:
 
 
 def check_max_aspect(value: float) -> float:
+    """`--max-aspect` as a float: 0 (no limit) or at least 1; anything else is refused."""
     if value != 0 and not value >= 1:
         raise ImgprepError(f"--max-aspect must be 0 (no limit) or at least 1, not {value}")
     return float(value)
@@ -124,6 +127,7 @@ def check_max_aspect(value: float) -> float:
 
 @dataclass
 class ProcessedImage:
+    """One image as a record stores it: JPEG bytes (`encoded`) or BGR planar pixels, with its size."""
     data: bytes  # JPEG bytes (encoded) or BGR planar CHW pixels (raw)
     channels: int
     height: int
@@ -164,6 +168,7 @@ def _load(img: Image.Image) -> None:
 
 
 def orientation(img: Image.Image) -> int:
+    """The image's EXIF orientation (1..8); 1 (upright) where there is none or the EXIF block is broken."""
     try:
         return int(img.getexif().get(EXIF_ORIENTATION, 1))
     except Exception:  # a broken EXIF block must not lose the image
@@ -241,6 +246,7 @@ def _centered_box(size: tuple[int, int], keep_w: float, keep_h: float) -> tuple[
 
 
 def encode_jpeg(img: Image.Image, quality: int) -> bytes:
+    """`img` as JPEG bytes at `quality`, with 4:2:0 chroma subsampling for color."""
     buf = io.BytesIO()
     img.save(buf, "JPEG", quality=quality, subsampling=SUBSAMPLING_420 if img.mode == "RGB" else 0)
     return buf.getvalue()
@@ -264,6 +270,7 @@ def bgr_planar_bytes(img: Image.Image) -> bytes:
 
 
 def bgr_chw_to_rgb_hwc(chw: np.ndarray) -> np.ndarray:
+    """A record's BGR planar (C, H, W) pixels as an RGB (H, W, C) image array; a 1-channel record as (H, W)."""
     if chw.shape[0] == 1:
         return chw[0]
     return np.ascontiguousarray(chw[::-1].transpose(1, 2, 0))

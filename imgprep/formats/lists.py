@@ -57,6 +57,8 @@ def load_synsets(path: str | os.PathLike | None = None) -> list[str]:
 
 
 def load_synset_words(path: str | os.PathLike | None = None) -> dict[str, str]:
+    """wnid -> words from a synset_words.txt (`n01440764 tench, Tinca tinca` lines); default: the shipped
+    ILSVRC12 one."""
     path = Path(path) if path else SYNSET_WORDS_FILE
     words = {}
     for line in read_text(path, "synset words file").splitlines():
@@ -66,6 +68,8 @@ def load_synset_words(path: str | os.PathLike | None = None) -> dict[str, str]:
 
 
 def is_image_name(name: str) -> bool:
+    """Whether a file name has an image extension (.JPEG, .jpg, .png, ..., any case): the files lists and resize
+    take."""
     return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
@@ -135,11 +139,11 @@ def read_list(path: str | os.PathLike, num_labels: int | None = None,
     if problems:
         shown = "\n  ".join(problems[:SHOWN])
         more = f"\n  ... and {len(problems) - SHOWN} more" if len(problems) > SHOWN else ""
-        raise ImgprepError(f"{path}: {len(problems)} bad line(s):\n  {shown}{more}")
+        raise ImgprepError(f"{path}: {len(problems)} bad line{'' if len(problems) == 1 else 's'}:\n  {shown}{more}")
     if trimmed:
-        notes.append(f"normalised {trimmed} line(s) with CR or trailing blanks")
+        notes.append(f"normalised {trimmed} line{'' if trimmed == 1 else 's'} with CR or trailing blanks")
     if blank:
-        notes.append(f"skipped {blank} blank line(s)")
+        notes.append(f"skipped {blank} blank line{'' if blank == 1 else 's'}")
     return ImageList(paths, np.frombuffer(labels, dtype=np.int32), notes)
 
 

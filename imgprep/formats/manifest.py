@@ -36,6 +36,7 @@ LEVELDB_FILE = re.compile(r"CURRENT|LOCK|LOG|LOG\.old|MANIFEST-\d+|\d+\.(log|ldb
 
 
 def file_sha256(path: Path) -> str:
+    """The sha256 of a file's content, as hex (read in 1 MiB blocks)."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -105,6 +106,8 @@ def open_own(path: Path, append: bool = False):
 
 
 def write_manifest(out: Path, manifest: dict) -> None:
+    """Writes OUT's manifest atomically: to imgprep-build.json.tmp (a link or leftover there is replaced, never
+    written through), synced, then renamed."""
     tmp = out / (MANIFEST + ".tmp")
     try:
         os.unlink(tmp)  # imgprep's own name: a link or leftover there is replaced, never written through
@@ -271,12 +274,15 @@ def record_count(reader, manifest: dict | None) -> int:
 
 @dataclass
 class Failure:
+    """One entry the build could not use: its list position, path, reason (a word: truncated, missing, ...) and
+    detail; one line of the failure report."""
     position: int
     path: str
     reason: str
     detail: str
 
     def line(self) -> str:
+        """The failure report's line: position, escaped path, reason and detail, tab-separated."""
         clean = self.detail.replace("\t", " ").replace("\n", " ")
         return f"{self.position}\t{escape_path(self.path)}\t{self.reason}\t{clean}\n"
 
@@ -293,10 +299,12 @@ def escape_path(path: str) -> str:
 
 
 def unescape_path(text: str) -> str:
+    """The path a failure report's column names (the inverse of `escape_path`)."""
     return re.sub(r"\\(.)", lambda m: _UNESCAPES.get(m[1], m[0]), text)
 
 
 def read_failures(out: Path) -> list[Failure]:
+    """The failures OUT's report lists, in its order; none when there is no report."""
     failures = []
     try:
         with io.TextIOWrapper(open_regular(out / FAILURES), encoding="utf-8", errors="surrogateescape") as f:

@@ -26,6 +26,8 @@ LEVELDB_OPTIONS = dict(block_size=64 << 10, write_buffer_size=256 << 20, max_ope
 
 
 def detect_backend(path: str | os.PathLike) -> str:
+    """'lmdb' or 'leveldb', from the database's files at `path` (data.mdb, or CURRENT); a folder holding neither
+    is refused."""
     path = Path(path)
     if (path / "data.mdb").is_file():
         return "lmdb"
@@ -85,6 +87,7 @@ class LmdbWriter:
             self.last_key = cursor.key() if cursor.last() else b""
 
     def put_batch(self, items: list[tuple[bytes, bytes]]) -> None:
+        """Writes `items` ((key, value) pairs) in one transaction, doubling the map while it is full."""
         # Builds write keys in increasing order: MDB_APPEND then skips the B-tree search and
         # fills pages completely (a smaller file). Anything else is inserted normally.
         keys = [key for key, _ in items]
@@ -105,13 +108,16 @@ class LmdbWriter:
 
     @property
     def map_size(self) -> int:
+        """The LMDB map's current size in bytes (it doubles whenever a write fills it)."""
         return self.env.info()["map_size"]
 
     def close(self) -> None:
+        """Closes the database; the writer is unusable afterwards."""
         self.env.close()
 
 
 class LevelDBWriter:
+    """Writes records into a LevelDB database, one synced write batch per `put_batch`."""
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         try:
@@ -120,6 +126,7 @@ class LevelDBWriter:
             raise _storage_error(self.path, "open LevelDB", e) from None
 
     def put_batch(self, items: list[tuple[bytes, bytes]]) -> None:
+        """Writes `items` ((key, value) pairs) in one synced write batch."""
         try:
             with self.db.write_batch(sync=True) as batch:
                 for key, value in items:
@@ -128,6 +135,7 @@ class LevelDBWriter:
             raise _storage_error(self.path, "write LevelDB", e) from None
 
     def close(self) -> None:
+        """Closes the database; the writer is unusable afterwards."""
         self.db.close()
 
 
@@ -286,6 +294,7 @@ class Reader:
             yield from self.db.iterator(start=start)
 
     def keys(self):
+        """Every key, in key order."""
         if self.env is not None:
             with self._transaction() as txn:
                 yield from txn.cursor().iternext(keys=True, values=False)
@@ -293,12 +302,14 @@ class Reader:
             yield from self.db.iterator(include_value=False)
 
     def get(self, key: bytes) -> bytes | None:
+        """The value stored under `key`, or None."""
         if self.env is not None:
             with self._transaction() as txn:
                 return txn.get(key)
         return self.db.get(key)
 
     def last_key(self) -> bytes | None:
+        """The greatest key, or None for an empty database."""
         if self.env is not None:
             with self._transaction() as txn:
                 cursor = txn.cursor()
@@ -307,6 +318,7 @@ class Reader:
             return next(it, None)
 
     def close(self) -> None:
+        """Closes this reader (a database shared with other readers stays open for them)."""
         if self._shared is not None:
             self._shared.transactions -= self._open
             _release(self._shared)

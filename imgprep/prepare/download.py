@@ -28,6 +28,7 @@ class TreeListing:
         self.folder = Path(folder)
 
     def entries(self, rel: str = "") -> list[tuple[str, bool]]:
+        """(name, is a folder) for each entry of folder `rel`, sorted by name."""
         with os.scandir(self.folder / rel if rel else self.folder) as it:
             return sorted((e.name, e.is_dir()) for e in it)
 
@@ -50,6 +51,7 @@ class MemberListing:
                 self.folders[folder][part] = self.folders[folder].get(part, False) or is_folder
 
     def entries(self, rel: str = "") -> list[tuple[str, bool]]:
+        """(name, is a folder) for each entry of folder `rel` as unpacking would make it, sorted by name."""
         return sorted(self.folders.get(rel, {}).items())
 
     def __str__(self) -> str:

@@ -17,14 +17,21 @@ from imgprep.formats.imageops import ImageFailure, decode_upright
 from imgprep.formats.lists import read_list
 from imgprep.formats.files import require_regular
 from imgprep.formats.manifest import finish_hint, read_manifest, record_count, require_complete
-from imgprep.prepare.progress import Progress
+from imgprep.prepare.progress import Progress, plural
 from imgprep.formats.storage import Reader
 
 SHOWN = 5  # examples shown of each kind of problem
 
 
+def _count(n, noun: str) -> str:
+    """A manifest's count with its noun ('? records' where the manifest does not say)."""
+    return plural(n, noun) if isinstance(n, int) else f"? {noun}s"
+
+
 @dataclass
 class Inspection:
+    """What `inspect_db` found: the database's counts and histograms, its manifest, and every problem by kind
+    (undecodable, missing, extra, mislabeled, misplaced records)."""
     path: Path
     backend: str = ""
     records: int = 0
@@ -44,9 +51,12 @@ class Inspection:
 
     @property
     def ok(self) -> bool:
+        """No record is undecodable, missing, extra, mislabeled or under the wrong key (failures the build
+        reported do not count)."""
         return not (self.bad_records or self.missing or self.extra or self.mislabeled or self.misplaced)
 
     def lines(self) -> list[str]:
+        """The report `imgprep inspect` prints, one line each."""
         out = [f"database: {self.path} ({self.backend})", f"records: {self.records:,}",
                "kinds: " + ", ".join(f"{k} {v:,}" for k, v in sorted(self.kinds.items())),
                "sizes (WxHxC): " + ", ".join(f"{k} {v:,}" for k, v in self.sizes.most_common(8))
@@ -60,7 +70,7 @@ class Inspection:
             m = self.manifest
             ident = m.get("identity", {})
             out.append(f"{_made_by(m)}: state {m.get('state')}, "
-                       f"{m.get('records', '?')} records, {m.get('failures', '?')} failures; resize "
+                       f"{_count(m.get('records'), 'record')}, {_count(m.get('failures'), 'failure')}; resize "
                        f"{ident.get('resize')}, {'encoded' if ident.get('encoded') else 'raw'}, "
                        f"shuffle {ident.get('shuffle')} seed {ident.get('seed')}")
             if m.get("state") != "complete":
@@ -101,15 +111,15 @@ class Inspection:
         if self.listed is not None:
             failed = len(self.reported)
             if not self.ok:
-                checked.append(f"{self.listed:,} entries checked against the list")
+                checked.append(f"{plural(self.listed, 'entry', 'entries')} checked against the list")
             elif failed:
-                checked.append(f"{self.listed:,} entries: {self.listed - failed:,} present under their key with "
-                               f"their label, the other {failed:,} failed at build (listed in {FAILURES})")
+                checked.append(f"{plural(self.listed, 'entry', 'entries')}: {self.listed - failed:,} present under "
+                               f"their key with their label, the other {failed:,} failed at build (listed in {FAILURES})")
             else:
-                checked.append(f"{self.listed:,} entries: every one present under its key with its label")
+                checked.append(f"{plural(self.listed, 'entry', 'entries')}: every one present under its key with its label")
         if self.verified:
             bad = len(self.bad_records)
-            checked.append(f"{self.records - bad:,} records decoded" + (f", {bad:,} did not" if bad else ""))
+            checked.append(f"{plural(self.records - bad, 'record')} decoded" + (f", {bad:,} did not" if bad else ""))
         if not checked:
             return ""
         if self.ok:
@@ -181,7 +191,7 @@ def inspect_db(path, list_path=None, verify: bool = False, show_progress: bool =
             progress.update()
     if list_path is not None:
         _compare_with_list(result, Path(list_path), stored_labels)
-    progress.finish(f"inspect: {result.records:,} records read in {progress.elapsed:.1f}s")
+    progress.finish(f"inspect: {plural(result.records, 'record')} read in {progress.elapsed:.1f}s")
     return result
 
 

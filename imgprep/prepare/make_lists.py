@@ -21,7 +21,7 @@ import numpy as np
 
 from imgprep import ImgprepError
 from imgprep.prepare.download import DEVKIT_TAR, TRAIN_TAR, VAL_TAR, MemberListing, TreeListing, find_download
-from imgprep.prepare.progress import Progress
+from imgprep.prepare.progress import Progress, plural
 from imgprep.prepare.archives import compression, decompress_command
 from imgprep.formats.files import open_user_file, read_user_file
 from imgprep.prepare.sources import open_source
@@ -57,6 +57,7 @@ def replace_files(folder: Path, writers: dict) -> dict:
 
 @dataclass
 class ScanResult:
+    """The images a scan found (relative names) and the non-image files it skipped."""
     images: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # non-image files
 
@@ -87,7 +88,7 @@ def _loose_files(listing, folder: str = "") -> list[str]:
 
 def _unknown_wnids_error(what: str, unknown: list[str], synsets_source: str) -> ImgprepError:
     return ImgprepError(
-        f"{what} name {len(unknown)} synset(s) not in {synsets_source}: "
+        f"{what} name {plural(len(unknown), 'synset')} not in {synsets_source}: "
         f"{', '.join(unknown[:SHOWN])}{' ...' if len(unknown) > SHOWN else ''} "
         "(pass --synsets FILE, or --derive-synsets for a dataset that is not ILSVRC12)")
 
@@ -170,7 +171,7 @@ def read_val_labels(path: str | os.PathLike, id_table: str | os.PathLike | None,
         table = read_id_table(id_table, id_table_data)
         missing = sorted({int(x) for x in body} - set(table))
         if missing:
-            raise ImgprepError(f"{id_table} has no wnid for ILSVRC2012_ID(s) {missing[:SHOWN]}")
+            raise ImgprepError(f"{id_table} has no wnid for ILSVRC2012_ID{'' if len(missing) == 1 else 's'} {missing[:SHOWN]}")
         return {f"ILSVRC2012_val_{i:08d}": table[int(x)] for i, x in enumerate(lines, 1) if x}
     labels = {}
     for lineno, line in enumerate(lines, 1):
@@ -201,10 +202,18 @@ def find_val_labels(root: Path) -> tuple[Path | None, Path | None]:
 
 @dataclass
 class ListsReport:
+    """What `make_lists` wrote: each file's line count, the warnings, and the non-image files skipped."""
+
     written: dict[str, int] = field(default_factory=dict)  # file name -> lines
     warnings: list[str] = field(default_factory=list)
     skipped_files: int = 0
     seconds: float = 0.0
+
+    def summary(self, out) -> str:
+        """The closing line: each file written with its line count, the time, and the files skipped."""
+        written = ", ".join(f"{name} ({plural(n, 'line')})" for name, n in self.written.items())
+        skipped = f"; skipped {plural(self.skipped_files, 'non-image file')}" if self.skipped_files else ""
+        return f"make-lists: {written} in {self.seconds:.1f}s -> {out}{skipped}"
 
 
 def make_lists(root, out: str | os.PathLike, synsets_file=None,
@@ -248,7 +257,7 @@ def make_lists(root, out: str | os.PathLike, synsets_file=None,
             raise _unknown_wnids_error(f"the classes (folders or class tars) of {train}", unknown, synsets_source)
         loose = _loose_files(train)
         if loose:
-            report.warnings.append(f"{len(loose)} file(s) directly in train/ ignored (not in a class "
+            report.warnings.append(f"{plural(len(loose), 'file')} directly in train/ ignored (not in a class "
                                    f"folder): {', '.join(loose[:SHOWN])}")
         entries = []
         for wnid in classes:
@@ -258,7 +267,7 @@ def make_lists(root, out: str | os.PathLike, synsets_file=None,
                 report.warnings.append(f"class {wnid} has no images")
             report.skipped_files += len(scan.skipped)
             if scan.skipped:
-                report.warnings.append(f"skipped {len(scan.skipped)} non-image entr(ies) in train/{wnid}: "
+                report.warnings.append(f"skipped {plural(len(scan.skipped), 'non-image entry', 'non-image entries')} in train/{wnid}: "
                                        f"{', '.join(scan.skipped[:3])}")
             entries.extend((p, label_of[wnid]) for p in scan.images)
         outputs["train.txt"] = entries
@@ -382,16 +391,16 @@ def _val_entries(val, label_of, synsets_source, label_source, labels_given, repo
     _scan_images(val, "", scan, progress)
     report.skipped_files += len(scan.skipped)
     if scan.skipped:
-        report.warnings.append(f"skipped {len(scan.skipped)} non-image entr(ies) in val/: "
+        report.warnings.append(f"skipped {plural(len(scan.skipped), 'non-image entry', 'non-image entries')} in val/: "
                                f"{', '.join(scan.skipped[:3])}")
     by_stem = {os.path.splitext(name)[0]: name for name in scan.images}
     unlabeled = [name for stem, name in by_stem.items() if stem not in labels]
     if unlabeled:
-        raise ImgprepError(f"{len(unlabeled)} val image(s) have no label in {val_labels}: "
+        raise ImgprepError(f"{plural(len(unlabeled), 'val image')} {'has' if len(unlabeled) == 1 else 'have'} no label in {val_labels}: "
                            f"{', '.join(unlabeled[:SHOWN])}")
     absent = sorted(stem for stem in labels if stem not in by_stem)
     if absent:
-        raise ImgprepError(f"{val_labels} labels {len(absent)} image(s) that are not in {val}: "
+        raise ImgprepError(f"{val_labels} labels {plural(len(absent), 'image')} that {'is' if len(absent) == 1 else 'are'} not in {val}: "
                            f"{', '.join(absent[:SHOWN])}")
     return [(by_stem[stem], label_of[labels[stem]]) for stem in sorted(by_stem)]
 
@@ -413,10 +422,9 @@ def ilsvrc2012_count_warnings(synsets: list[str], train, val) -> list[str]:
         text = (f"{part} holds {len(entries):,} images in {len(counts):,} classes; ILSVRC2012's holds {full:,} in "
                 f"{len(synsets):,} (a partial download or extraction, or a subset)")
         why = "the smallest ILSVRC2012 class has" if part == "train" else "ILSVRC2012 has, in each class,"
-        for what, names in (("class(es) without images", missing),
-                            (f"class(es) under {smallest} images ({why} {smallest})", short)):
+        for what, names in (("without images", missing), (f"under {smallest} images ({why} {smallest})", short)):
             if names:
-                text += f"; {len(names)} {what}: {', '.join(names[:SHOWN])}{' ...' if len(names) > SHOWN else ''}"
+                text += f"; {plural(len(names), 'class', 'classes')} {what}: {', '.join(names[:SHOWN])}{' ...' if len(names) > SHOWN else ''}"
         warnings.append(text)
     return warnings
 
@@ -434,7 +442,7 @@ def _refuse_unwritable_classes(classes: list[str], train) -> None:
     bad = [name for name in classes if not writable(name)]
     if bad:
         shown = ", ".join(repr(name) for name in bad[:SHOWN])
-        raise ImgprepError(f"--derive-synsets: {len(bad)} class folder(s) of {train} hold a blank (space, tab, line "
+        raise ImgprepError(f"--derive-synsets: {plural(len(bad), 'class folder')} of {train} {'holds' if len(bad) == 1 else 'hold'} a blank (space, tab, line "
                            f"break) or bytes that are not UTF-8: {shown}{' ...' if len(bad) > SHOWN else ''}; "
                            "synsets.txt names one class a line, read up to its first blank: rename them")
 

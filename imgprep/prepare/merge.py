@@ -12,7 +12,7 @@ from imgprep import ImgprepError
 from imgprep.formats.files import read_regular, refuse_overlaps
 from imgprep.formats.manifest import (FAILURES, MANIFEST_FORMAT, OutputLock, clear_output, contents, made_by_merge, open_own,
                        read_manifest, refuse_links, require_complete, write_manifest)
-from imgprep.prepare.progress import Progress
+from imgprep.prepare.progress import Progress, plural
 from imgprep.formats.storage import Reader, open_writer
 
 BATCH = 1000
@@ -112,5 +112,5 @@ def _merge_locked(described, out: Path, identity: dict, complete: bool, show_pro
     write_manifest(out, manifest)
     parts = len(described)
     state = "" if complete else " (from incomplete parts: state 'partial')"
-    progress.finish(f"merge: {progress.done:,} records from {parts} parts in {progress.elapsed:.1f}s -> {out}{state}")
+    progress.finish(f"merge: {plural(progress.done, 'record')} from {plural(parts, 'part')} in {progress.elapsed:.1f}s -> {out}{state}")
     return manifest

@@ -8,8 +8,15 @@ import time
 
 
 def format_duration(seconds: float) -> str:
+    """Seconds as h:mm:ss (an ETA, an elapsed time)."""
     seconds = max(0, int(seconds))
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def plural(count: int, noun: str, nouns: str | None = None) -> str:
+    """`count` with its noun in the right number: 1 failure, 0 failures, 1,281,167 images (`nouns`
+    for an irregular plural: plural(2, "class", "classes"))."""
+    return f"{count:,} {noun if count == 1 else nouns or noun + 's'}"
 
 
 def format_bytes(n: float) -> str:
@@ -46,13 +53,16 @@ class Progress:
 
     @property
     def elapsed(self) -> float:
+        """Seconds since the stage started."""
         return time.perf_counter() - self.start
 
     @property
     def rate(self) -> float:
+        """Units per second done in this run (work done before a resume does not count)."""
         return (self.done - self.initial) / self.elapsed if self.elapsed > 0 else 0.0
 
     def update(self, n: int = 1, failures: int = 0) -> None:
+        """Counts `n` more units done (`failures` of them failed); prints a line when one is due."""
         self.done += n
         self.failures += failures
         now = time.perf_counter()
@@ -61,6 +71,7 @@ class Progress:
             self._emit(self.line(), final=False)
 
     def line(self) -> str:
+        """The progress line as it stands: count (of total), rate, ETA, failures."""
         parts = [f"{self.stage}: {self.done:,}"]
         if self.total:
             parts[0] += f"/{self.total:,} ({100.0 * self.done / self.total:.1f}%)"

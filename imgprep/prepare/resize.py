@@ -15,6 +15,7 @@ import dataclasses
 import json
 import os
 import stat
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from imgprep.formats.files import read_regular, refuse_overlaps, write_atomic
 from imgprep.formats.imageops import ImageFailure, ImageSpec, process_image
 from imgprep.formats.lists import is_image_name
 from imgprep.prepare.parallel import chunked, ordered_map, resolve_jobs
-from imgprep.prepare.progress import Progress
+from imgprep.prepare.progress import Progress, plural
 from imgprep.prepare.sources import TreeSource, open_source
 
 MANIFEST = "imgprep-resize.json"
@@ -34,6 +35,8 @@ FAILURES = "imgprep-resize-failures.tsv"
 
 @dataclass
 class ResizeReport:
+    """What `resize_tree` did: images found, written, skipped as up to date, and failed."""
+
     dst: Path
     total: int = 0
     written: int = 0
@@ -43,12 +46,18 @@ class ResizeReport:
     seconds: float = 0.0
 
     def summary(self) -> str:
-        rate = self.written / self.seconds if self.seconds else 0
+        """The closing line: counts, rate and, with failures, their reasons and the report's path."""
+        if self.written == 0 and not self.failures:
+            return (f"resize: nothing to do: {plural(self.up_to_date, 'output')} up to date in {self.dst} "
+                    "(--overwrite redoes them)")
+        rate = (self.written + len(self.failures)) / self.seconds if self.seconds else 0
         text = (f"resize: {self.written:,} written, {self.up_to_date:,} up to date, "
-                f"{len(self.failures):,} failures of {self.total:,} images in {self.seconds:.1f}s "
+                f"{plural(len(self.failures), 'failure')} of {plural(self.total, 'image')} in {self.seconds:.1f}s "
                 f"({rate:,.0f} img/s) -> {self.dst}")
         if self.failures:
-            text += f"; see {self.dst / FAILURES}"
+            reasons = Counter(f.reason for f in self.failures)
+            text += (f"; failures by reason: {', '.join(f'{k} {v}' for k, v in sorted(reasons.items()))}; "
+                     f"see {self.dst / FAILURES}")
         return text
 
 
@@ -106,6 +115,8 @@ def output_path(dst: Path, rel: str, made: set) -> Path:
 
 
 def resize_chunk(chunk, source, dst: Path, spec: ImageSpec):
+    """One worker's task: resizes the images `chunk` names; returns (rel, None) for each one written
+    and (rel, Failure) for each one that could not be used."""
     results = []
     made: set = set()
     for rel in chunk:
@@ -133,7 +144,10 @@ def _is_up_to_date(source, dst: Path, rel: str) -> bool:
 
 def resize_tree(src, dst, spec: ImageSpec, jobs: int | None = None, overwrite: bool = False,
                 scheduler: str | None = None, show_progress: bool = True) -> ResizeReport:
-    """Resizes every image under SRC (a folder, or an uncompressed tar: see archives.py) into DST."""
+    """Resizes every image under `src` (a folder, or an uncompressed tar: see archives.py) into `dst` as
+    JPEG files as `spec` says, `jobs` processes (or the Dask cluster at `scheduler`) at a time. Up-to-date
+    outputs are skipped unless `overwrite`; a `dst` made with other options is refused unless `overwrite`.
+    Unusable images are listed in DST/imgprep-resize-failures.tsv and in the report."""
     src, dst = Path(src), Path(dst)
     refuse_overlaps([src], [dst], "source")
     source = open_source(src, show_progress=show_progress)
@@ -158,7 +172,7 @@ def resize_tree(src, dst, spec: ImageSpec, jobs: int | None = None, overwrite: b
         images = [rel for rel in members if is_image_name(rel)]
         others = len(members) - len(images)
     if not images:
-        raise ImgprepError(f"SRC {src} holds no images ({others:,} other file{'' if others == 1 else 's'}); "
+        raise ImgprepError(f"SRC {src} holds no images ({plural(others, 'other file')}); "
                            "nothing to resize. Is it the folder (or tar) of the images?")
     try:
         dst.mkdir(parents=True, exist_ok=True)

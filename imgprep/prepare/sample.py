@@ -32,6 +32,7 @@ from imgprep import ImgprepError
 from imgprep.formats.lists import load_synset_words, load_synsets
 from imgprep.prepare.make_lists import DEVKIT_GROUND_TRUTH, KAGGLE_SOLUTION
 from imgprep.prepare.download import DEVKIT_TAR, TRAIN_TAR, VAL_TAR
+from imgprep.prepare.progress import Progress, plural
 
 PHOTOS_DIR = Path(__file__).parent.parent / "data" / "photos"
 ID_TABLE_NAME = "ILSVRC2012_id_to_wnid.csv"
@@ -47,6 +48,8 @@ ODDITY_OUTCOMES = {
 
 @dataclass
 class Sample:
+    """What `make_sample` wrote: its root, the classes' wnids, the image counts and the oddities."""
+
     root: Path
     wnids: list[str]
     train: int = 0
@@ -55,6 +58,7 @@ class Sample:
 
 
 def photo_paths() -> list[Path]:
+    """The bundled photos the sample's images are cut from."""
     photos = sorted(PHOTOS_DIR.glob("*.jpg"))
     if not photos:
         raise ImgprepError(f"no bundled photos in {PHOTOS_DIR}; is the package installed completely?")
@@ -62,6 +66,8 @@ def photo_paths() -> list[Path]:
 
 
 def devkit_ids(wnids_all: list[str]) -> dict[str, int]:
+    """wnid -> ILSVRC2012_ID (1..1000), in the devkit's order rather than the sorted one, so that a
+    tool that takes ILSVRC2012_ID - 1 for Caffe's label is caught."""
     """A fixed ILSVRC2012_ID for each wnid that differs from the sorted order, as the devkit's does."""
     order = list(wnids_all)
     random.Random(2012).shuffle(order)
@@ -133,24 +139,37 @@ def _oddity_bytes(kind: str, img: Image.Image, rng: random.Random) -> bytes:
 
 def make_sample(out: str | os.PathLike, classes: int = 10, train_per_class: int = 20,
                 val_per_class: int = 5, seed: int = 0, oddities: bool = False, grain: float = 0.0,
-                archives: bool = False) -> Sample:
+                archives: bool = False, show_progress: bool = True) -> Sample:
     """Writes ROOT/train/<wnid>/<wnid>_<n>.JPEG, flat ROOT/val/ILSVRC2012_val_%08d.JPEG and the
     val labels in three forms: devkit ground truth + ID table, and Kaggle's solution CSV. With
     `archives`, ROOT holds the same images as the three ILSVRC2012 downloads instead (see
-    `write_download`)."""
+    `write_download`). Progress (count, rate, ETA) and a summary line go to stderr unless
+    `show_progress` is False."""
+    progress = Progress("sample", None, enabled=show_progress)
     if archives:
         root = Path(out)
         if any((root / name).exists() for name in (TRAIN_TAR, VAL_TAR, DEVKIT_TAR)):
             raise ImgprepError(f"{root} already holds ILSVRC2012 archives; choose an empty folder")
         root.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=root, prefix=".sample-") as tree:
-            sample = make_sample(Path(tree) / "tree", classes, train_per_class, val_per_class, seed, oddities, grain)
+            sample = _make_tree(Path(tree) / "tree", classes, train_per_class, val_per_class, seed, oddities, grain,
+                                progress)
             write_download(sample.root, root)
             for name in ("ODDITIES.txt", "PHOTO-LICENSES.md"):
                 if (sample.root / name).exists():
                     shutil.copy(sample.root / name, root / name)
         sample.root = root
-        return sample
+    else:
+        sample = _make_tree(Path(out), classes, train_per_class, val_per_class, seed, oddities, grain, progress)
+    progress.finish(f"sample: {plural(sample.train, 'train image')} ({plural(len(sample.oddities), 'oddity', 'oddities')}) "
+                    f"and {plural(sample.val, 'val image')} in {plural(classes, 'class', 'classes')} in "
+                    f"{progress.elapsed:.1f}s ({progress.rate:,.0f} img/s) -> {sample.root}")
+    return sample
+
+
+def _make_tree(root: Path, classes: int, train_per_class: int, val_per_class: int, seed: int, oddities: bool,
+               grain: float, progress: Progress) -> Sample:
+    """make_sample's tree, counting each image written on `progress`."""
     all_wnids = load_synsets()
     if not 1 <= classes <= len(all_wnids):
         raise ImgprepError(f"--classes must be between 1 and {len(all_wnids)}")
@@ -159,7 +178,6 @@ def make_sample(out: str | os.PathLike, classes: int = 10, train_per_class: int 
     rng = random.Random(seed)
     step = len(all_wnids) // classes
     wnids = [all_wnids[i * step] for i in range(classes)]
-    root = Path(out)
     if (root / "train").exists() or (root / "val").exists():
         raise ImgprepError(f"{root} already holds a train/ or val/ folder; choose an empty folder")
     photos = photo_paths()
@@ -167,6 +185,8 @@ def make_sample(out: str | os.PathLike, classes: int = 10, train_per_class: int 
     for im in loaded:
         im.load()
     sample = Sample(root, wnids)
+    odd = len(ODDITY_OUTCOMES) if oddities else 0
+    progress.total = classes * (train_per_class + val_per_class) + odd
     class_look = []
     for k in range(classes):
         tint = tuple(rng.uniform(0.7, 1.0) for _ in range(3))
@@ -180,6 +200,7 @@ def make_sample(out: str | os.PathLike, classes: int = 10, train_per_class: int 
             img = _render(photo, tint, rng, grain)
             (folder / f"{wnid}_{10000 + n}.JPEG").write_bytes(_jpeg_bytes(img, rng))
             sample.train += 1
+            progress.update()
     if oddities:
         for j, kind in enumerate(ODDITY_OUTCOMES):
             wnid = wnids[j % classes]
@@ -188,6 +209,7 @@ def make_sample(out: str | os.PathLike, classes: int = 10, train_per_class: int 
             (root / "train" / rel).write_bytes(_oddity_bytes(kind, _render(photo, tint, rng), rng))
             sample.oddities[rel] = kind
             sample.train += 1
+            progress.update()
         (root / "ODDITIES.txt").write_text(
             "".join(f"train/{rel} {kind} {ODDITY_OUTCOMES[kind]}\n" for rel, kind in sample.oddities.items()))
 
@@ -202,6 +224,7 @@ def make_sample(out: str | os.PathLike, classes: int = 10, train_per_class: int 
         (root / "val" / f"{stem}.JPEG").write_bytes(_jpeg_bytes(_render(photo, tint, rng, grain), rng))
         truth.append(str(ids[wnids[k]]))
         kaggle.append(f"{stem},{wnids[k]} 0 0 10 10")
+        progress.update()
         sample.val += 1
     (root / DEVKIT_GROUND_TRUTH).write_text("\n".join(truth) + "\n")
     (root / ID_TABLE_NAME).write_text(

@@ -39,7 +39,7 @@ from imgprep.prepare.download import DEVKIT_TAR, TRAIN_TAR, VAL_TAR, find_downlo
 from imgprep.prepare.make_lists import find_val_labels, make_lists
 from imgprep.formats.manifest import OutputLock, file_sha256, open_own, read_manifest
 from imgprep.prepare.mean import MeanTransform, compute_mean, write_mean
-from imgprep.prepare.progress import format_bytes
+from imgprep.prepare.progress import format_bytes, plural
 from imgprep.prepare.inspection import inspect_db
 from imgprep.prepare.sources import open_source
 
@@ -70,6 +70,7 @@ class Inputs:
 
 @dataclass
 class StageResult:
+    """One stage of `prepare`: whether it ran in this call, how long it took, and what it made."""
     name: str
     ran: bool
     seconds: float | None  # None: not known (finished by another command)
@@ -78,6 +79,7 @@ class StageResult:
 
 @dataclass
 class PrepareReport:
+    """What `prepare` did: each stage's result, the images that failed, and the lines that use WORK."""
     work: Path
     stages: list[StageResult] = field(default_factory=list)
     failures: int = 0
@@ -85,6 +87,7 @@ class PrepareReport:
 
     @property
     def ran(self) -> list[str]:
+        """The stages that did work in this call (the others were done earlier)."""
         return [s.name for s in self.stages if s.ran]
 
 
@@ -153,6 +156,7 @@ class Work:
         self.stages = data["stages"]
 
     def save(self) -> None:
+        """Writes the state file atomically (a temporary file, synced, then renamed)."""
         tmp = self.file.with_name(STATE + ".tmp")
         tmp.unlink(missing_ok=True)
         with open_own(tmp) as f:
@@ -174,6 +178,7 @@ class Work:
                     path.unlink()
 
     def shas(self, names) -> dict:
+        """name -> sha256 of each of WORK's files `names`."""
         return {name: file_sha256(self.path / name) for name in names}
 
     def is_done(self, stage: str, inputs: dict, outputs: list[str], overwrite: bool, derived: bool = False) -> bool:
@@ -254,9 +259,11 @@ class Run:
 
     @property
     def work(self) -> Path:
+        """The WORK folder."""
         return self.state.path
 
     def database(self, part: str) -> Path:
+        """Where the `part` ('train' or 'val') database goes in WORK, for the run's backend."""
         return self.work / database_name(part, self.backend)
 
 
@@ -312,7 +319,7 @@ def _lists(name: str, run: Run) -> bool:
     if missing:
         raise ImgprepError(f"make-lists wrote no {' nor '.join(missing)} from {run.inputs.source}")
     written = [f"{LISTS}/{n}" for n in (*lists.written, "synsets.txt", "synset_words.txt")]
-    counts = ", ".join(f"{n} {count:,} lines" for n, count in lists.written.items())
+    counts = ", ".join(f"{n} {plural(count, 'line')}" for n, count in lists.written.items())
     run.state.record(name, state="done", inputs=run.inputs.identity, outputs=run.state.shas(written),
                      made=f"{run.work / LISTS}: {counts}")
     return True
@@ -360,8 +367,8 @@ def _database_made(out: Path, manifest: dict, preset: str) -> str:
     order = f"shuffled with seed {ident['seed']}" if ident.get("shuffle") else "list order"
     kind = f"{ident['resize']} {'JPEG q' + str(ident['quality']) if ident['encoded'] else 'raw'}"
     failed = manifest.get("failures", 0)
-    failures = f"; {failed:,} images failed, listed in {out / 'imgprep-failures.tsv'}" if failed else ""
-    return (f"{out}: {manifest.get('records', 0):,} records, {format_bytes(disk_bytes(out))} "
+    failures = f"; {plural(failed, 'image')} failed, listed in {out / 'imgprep-failures.tsv'}" if failed else ""
+    return (f"{out}: {plural(manifest.get('records', 0), 'record')}, {format_bytes(disk_bytes(out))} "
             f"({ident['backend'].upper()}, --preset {preset}: {kind}, {order}){failures}")
 
 
@@ -384,7 +391,7 @@ def _mean(name: str, run: Run) -> bool:
             path.unlink(missing_ok=True)
     values = result.values()
     bgr = " ".join(f"{v:.3f}" for v in values["bgr"])
-    made = (f"{run.work / mean_name}: the {what} of {result.count:,} train records, "
+    made = (f"{run.work / mean_name}: the {what} of {plural(result.count, 'train record')}, "
             f"{format_bytes(disk_bytes(run.work / mean_name))}; per channel (BGR) {bgr} in {run.work / MEAN_VALUES}")
     run.state.record(name, state="done", inputs=inputs, outputs=run.state.shas([mean_name, MEAN_VALUES]), made=made,
                      mean_file=mean_name, bgr=values["bgr"], rgb=values["rgb"])
@@ -499,6 +506,6 @@ def summary_lines(report: PrepareReport) -> list[str]:
         lines.append(f"  {s.name:<6} {took:<17} {s.made}")
     lines.append(f"  on disk: {format_bytes(disk_bytes(report.work))} in {report.work}")
     if report.failures:
-        lines.append(f"  {report.failures:,} images failed (not in the databases): see each database's "
+        lines.append(f"  {plural(report.failures, 'image')} failed (not in the databases): see each database's "
                      "imgprep-failures.tsv")
     return lines + ["Use it:"] + [f"  {line}" for line in report.usage]
