@@ -49,7 +49,7 @@ _HOMES = {
     "make_lists": "imgprep.prepare.make_lists",
     "build_database": "imgprep.prepare.build",
     "BuildOptions": "imgprep.prepare.build",
-    "PRESETS": "imgprep.prepare.build",
+    "PRESETS": "imgprep.prepare.presets",
     "image_spec": "imgprep.prepare.build",
     "resize_tree": "imgprep.prepare.resize",
     "compute_mean": "imgprep.prepare.mean",

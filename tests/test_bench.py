@@ -171,7 +171,7 @@ def test_bench_loader_ignores_torchrun_variables_and_takes_allow_partial(val_db,
     build is refused with the --allow-partial it offers."""
     import shutil
 
-    from imgprep.prepare.build import MANIFEST
+    from imgprep.formats.manifest import MANIFEST
 
     args = ("--batch", "4", "--seconds", "0.2", "--threads", "1", "--torch-workers", "0", "--json")
     env = {**os.environ, "RANK": "abc", "WORLD_SIZE": "0"}

@@ -11,7 +11,8 @@ import pytest
 
 from caffe_proto import Datum
 from conftest import IMGPREP, assert_clean_error, db_records, loky_workers, run_cli, wait_for_progress
-from imgprep.prepare.build import MANIFEST, BuildOptions, build_database
+from imgprep.prepare.build import BuildOptions, build_database
+from imgprep.formats.manifest import MANIFEST
 from imgprep.formats.manifest import FAILURES
 from imgprep.formats.codec import decode_datum
 from imgprep.formats.imageops import ImageSpec, decode_to_rgb, decode_upright, parse_resize, to_bgr_chw

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, DistributedSampler  # noqa: E402
 
 from conftest import index_labelled_dbs
 from imgprep import ImgprepError  # noqa: E402
-from imgprep.prepare.build import MANIFEST  # noqa: E402
+from imgprep.formats.manifest import MANIFEST
 from imgprep.formats.codec import decode_datum, encode_blob, encode_datum  # noqa: E402
 from imgprep.loading.dataset import CaffeDataset  # noqa: E402
 from imgprep.formats.imageops import ImageSpec, decode_upright, parse_resize  # noqa: E402

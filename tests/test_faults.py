@@ -12,7 +12,7 @@ import pytest
 
 from conftest import IMGPREP, assert_clean_error, run_cli, wait_for_progress, db_records
 from imgprep import ImgprepError
-from imgprep.prepare.build import MANIFEST
+from imgprep.formats.manifest import MANIFEST
 from imgprep.loading.loader import Loader
 
 BUILD = ["--resize", "squash:128x128", "--raw", "--jobs", "1"]

@@ -235,7 +235,7 @@ def test_one_image_never_stops_a_build(tmp_path):
     """build-lmdb --preset resnet on a 1x300 PNG (once 256x76800, which no JPEG holds: the build died
     with `broken data stream`) and a LAB TIFF: a cropped record, and a record or a failure."""
     from conftest import run_cli
-    from imgprep.prepare.build import read_manifest
+    from imgprep.formats.manifest import read_manifest
 
     root = tmp_path / "root"
     root.mkdir()

@@ -7,7 +7,8 @@ import shutil
 import pytest
 
 from conftest import assert_clean_error, db_records, run_cli
-from imgprep.prepare.build import MANIFEST, BuildOptions, build_database
+from imgprep.prepare.build import BuildOptions, build_database
+from imgprep.formats.manifest import MANIFEST
 from imgprep.formats.manifest import FAILURES, read_failures
 from imgprep.formats.manifest import LOCK, database_kind, record_count
 from imgprep.formats.storage import Reader, open_writer

@@ -10,7 +10,8 @@ import pytest
 
 from conftest import IMGPREP, assert_clean_error, db_records, folder_alias, run_cli
 from imgprep import ImgprepError
-from imgprep.prepare.build import MANIFEST, BuildOptions, build_database
+from imgprep.prepare.build import BuildOptions, build_database
+from imgprep.formats.manifest import MANIFEST
 from imgprep.formats.codec import encode_datum, raw_datum_prefix
 from imgprep.formats.imageops import ImageSpec, center_crop, decode_upright, parse_resize, to_bgr_chw
 from imgprep.prepare.mean import MeanTransform, compute_mean, write_mean

@@ -9,7 +9,8 @@ import pytest
 
 from conftest import IMGPREP, assert_clean_error, db_records, folder_alias, run_cli
 from imgprep import ImgprepError
-from imgprep.prepare.build import MANIFEST, BuildOptions, build_database
+from imgprep.prepare.build import BuildOptions, build_database
+from imgprep.formats.manifest import MANIFEST
 from imgprep.formats.manifest import FAILURES
 from imgprep.formats.imageops import ImageSpec, parse_resize
 from imgprep.prepare.mean import MeanTransform, combine, compute_mean

@@ -163,7 +163,8 @@ def test_under_torchrun_variables_each_row_shows_its_own_records_views(tmp_path)
 def test_preview_of_an_incomplete_build_needs_allow_partial(sample_tree, tmp_path):
     import json
 
-    from imgprep.prepare.build import MANIFEST, BuildOptions, build_database
+    from imgprep.prepare.build import BuildOptions, build_database
+    from imgprep.formats.manifest import MANIFEST
     from imgprep.formats.imageops import ImageSpec, parse_resize
 
     db = tmp_path / "db"

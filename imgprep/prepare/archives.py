@@ -67,6 +67,7 @@ def compression(path: Path) -> str | None:
 
 
 def decompress_command(kind: str) -> str:
+    """The shell command that decompresses a file of this compression kind."""
     return "gunzip" if kind == "gzip" else f"{kind} -d"
 
 
@@ -240,6 +241,7 @@ def archive_key(path: Path) -> dict:
 
 
 def index_path(key: dict) -> Path:
+    """Where the cached offset index of the archive that `key` identifies lives."""
     return cache_dir() / "archive-index" / (hashlib.sha256(key["archive"].encode(*NAME_ENCODING)).hexdigest()[:24]
                                             + ".idx")
 
@@ -332,6 +334,7 @@ class ArchiveIndex:
                     raise ValueError("its sha256 is not the one it was written with")
 
     def name(self, i: int) -> bytes:
+        """The name of member `i` (in sorted order), as stored bytes."""
         begin = int(self.ends[i - 1]) if i else 0
         return self.map[self.names_at + begin:self.names_at + int(self.ends[i])]
 
@@ -368,6 +371,7 @@ class ArchiveIndex:
         return [blob[a:b] for a, b in zip(bounds, bounds[1:])]
 
     def names(self) -> list[str]:
+        """Every member name, sorted, as text."""
         return [name.decode(*NAME_ENCODING) for name in self._name_list()]
 
 
@@ -417,6 +421,7 @@ class TarSource:
 
     @classmethod
     def open(cls, path, show_progress: bool = True) -> "TarSource":
+        """The archive at `path` with its offset index (made with one pass over its headers if not cached)."""
         path = Path(path)
         index, index_file = load_index(path, show_progress)
         source = cls(path, index.key, index_file, index.sha256)
@@ -482,9 +487,11 @@ class TarSource:
         return self._opened()[1].names()
 
     def describe(self, rel: str) -> str:
+        """How a member is named in messages: ARCHIVE:MEMBER."""
         return f"{self.path}:{rel}"
 
     def mtime_ns(self, rel: str) -> int:
+        """A member's modification time for resize's up-to-date check: the archive's own."""
         return self.key["mtime_ns"]
 
     def identity(self) -> dict:

@@ -32,15 +32,15 @@ from imgprep import ImgprepError, __version__
 from imgprep.formats.codec import encode_datum
 from imgprep.formats.imageops import ImageFailure, ImageSpec, check_max_aspect, parse_resize, process_image
 from imgprep.formats.lists import ImageList, read_list
-from imgprep.formats.manifest import (FAILURES, LOCK, MANIFEST, MANIFEST_FORMAT, OLD_FORMATS, OutputLock, Failure, read_failures,  # noqa: F401
+from imgprep.formats.manifest import (FAILURES, MANIFEST_FORMAT, OLD_FORMATS, OutputLock, Failure, read_failures,
                        clear_output, contents, file_sha256, finish_hint, made_by_merge, open_own, read_manifest,
-                       refuse_links, require_complete, write_manifest)
+                       refuse_links, write_manifest)
 from imgprep.formats.database import entry_key, key_position, record_shape
 from imgprep.formats.order import permutation
-from imgprep.prepare.presets import PRESETS  # noqa: F401  (importable from here too)
+from imgprep.prepare.presets import PRESETS
 from imgprep.prepare.parallel import chunked, ordered_map, resolve_jobs, shared_put
-from imgprep.prepare.progress import Progress
-from imgprep.prepare.sources import open_source, read_source  # noqa: F401  (importable from here too)
+from imgprep.prepare.progress import Progress, plural
+from imgprep.prepare.sources import open_source
 from imgprep.formats.storage import BACKENDS, INITIAL_MAP_SIZE, Reader, open_writer
 
 ORDER_ALGORITHM = "imgprep.order.permutation/1"  # SplitMix64 scores, sorted (see order.py)
@@ -67,6 +67,8 @@ def image_spec(preset: str | None = None, resize: str | None = None, encoded: bo
 
 @dataclass
 class BuildOptions:
+    """How build-lmdb builds: backend, image operations (`spec`), shuffle and seed, jobs, transaction and
+    chunk sizes, shards, a Dask scheduler; `identity()` is what --resume must match."""
     backend: str = "lmdb"
     spec: ImageSpec = field(default_factory=ImageSpec)
     shuffle: bool = False
@@ -96,6 +98,8 @@ class BuildOptions:
 
 @dataclass
 class BuildReport:
+    """What a build did: records written, failures (by reason), entries in all, what a resume started
+    from, seconds, final state."""
     out: Path
     records: int = 0
     failures: int = 0
@@ -107,10 +111,11 @@ class BuildReport:
     failure_reasons: dict = field(default_factory=dict)
 
     def summary(self) -> str:
+        """The closing line a build prints: records, failures, rate and state."""
         rate = (self.records + self.failures - self.resumed_from) / self.seconds if self.seconds else 0
         reasons = ", ".join(f"{k} {v}" for k, v in sorted(self.failure_reasons.items()))
-        text = (f"build-lmdb: {self.state}: {self.records:,} records, {self.failures:,} failures "
-                f"of {self.total:,} entries in {self.seconds:.1f}s ({rate:,.0f} img/s) -> {self.out}")
+        text = (f"build-lmdb: {self.state}: {plural(self.records, 'record')}, {plural(self.failures, 'failure')} "
+                f"of {plural(self.total, 'entry', 'entries')} in {self.seconds:.1f}s ({rate:,.0f} img/s) -> {self.out}")
         if self.resumed_from:
             text += f" (resumed at entry {self.resumed_from:,})"
         if self.failures:
@@ -138,6 +143,7 @@ class Interrupted(ImgprepError):
 
 
 def check_shard(num_shards: int, shard_index: int) -> None:
+    """Refuses a shard count below 1 or an index outside 0..count-1."""
     if num_shards < 1:
         raise ImgprepError(f"--num-shards must be at least 1, not {num_shards}")
     if not 0 <= shard_index < num_shards:
@@ -175,6 +181,7 @@ def crashed_failure(position: int, rel: str, detail: str) -> Failure:
 
 
 def crashed_entry(item, detail: str):
+    """The result that stands for an entry whose worker died on it twice: a `crashed` failure."""
     position, rel, _ = item
     return position, rel, crashed_failure(position, rel, detail), None
 
@@ -387,6 +394,7 @@ def _count_reasons(failures: list[Failure]) -> dict:
 
 
 def report_to_dict(report: BuildReport) -> dict:
+    """A BuildReport as the JSON the manifest and --json print."""
     data = asdict(report)
     data["out"] = str(report.out)
     return data

@@ -73,6 +73,7 @@ class MeanTransform:
 
 @dataclass
 class MeanResult:
+    """Exact per-pixel sums of `count` images (uint64, BGR planar) and the transform they were taken under."""
     sums: np.ndarray  # uint64 (C, H, W), BGR planar
     count: int
 
@@ -83,9 +84,11 @@ class MeanResult:
 
     @property
     def channel_means_bgr(self) -> list[float]:
+        """The mean of each channel over every pixel, in BGR order."""
         return [float(self.sums[c].sum()) / (self.count * self.sums[c].size) for c in range(self.sums.shape[0])]
 
     def values(self) -> dict:
+        """The per-channel means (BGR and RGB) and the count, as --values-out writes them."""
         bgr = self.channel_means_bgr
         return {"count": self.count, "shape_chw": list(self.sums.shape), "bgr": bgr, "rgb": bgr[::-1]}
 
@@ -117,6 +120,7 @@ class ImageSum:
             self.flush()
 
     def flush(self) -> None:
+        """Adds the current uint16 block into the uint64 sums and starts a new block."""
         if self.in_block:
             self.total += self.block
             self.block[:] = 0
@@ -124,6 +128,7 @@ class ImageSum:
             self.in_block = 0
 
     def sums(self) -> np.ndarray:
+        """The uint64 sums so far, the open block included."""
         self.flush()
         return self.total.reshape(self.shape)
 

@@ -109,12 +109,14 @@ def resolve_jobs(jobs: int | None) -> int:
 
 
 def chunked(iterable, size: int):
+    """Lists of `size` items (the last may be shorter) from `iterable`."""
     it = iter(iterable)
     while chunk := list(itertools.islice(it, size)):
         yield chunk
 
 
 def dask_client(scheduler: str):
+    """A Dask client connected to `scheduler`, or a clear error naming it."""
     try:
         from dask.distributed import Client
     except ImportError:
@@ -134,6 +136,7 @@ def worker_died(error: BaseException) -> bool:
 
 
 def died_how(error: BaseException) -> str:
+    """How a worker died, in words (the signal or exit code), from the pool's error."""
     codes = re.search(r"exit codes of the workers are \{([^}]*)\}", str(error))
     return f"its worker process died ({codes[1] if codes else type(error).__name__})"
 

@@ -68,12 +68,15 @@ class TreeSource:
         self.allow_outside_root = allow_outside_root
 
     def read(self, rel: str) -> bytes:
+        """An entry's bytes, read from the tree (regular files only, never leaving ROOT unless allowed)."""
         return read_source(self.root, rel, self.allow_outside_root)
 
     def describe(self, rel: str) -> str:
+        """How an entry is named in messages: its path."""
         return str(self.root / rel)
 
     def mtime_ns(self, rel: str) -> int:
+        """An entry's modification time, for resize's up-to-date check."""
         return os.stat(self.root / rel).st_mtime_ns
 
     def identity(self) -> dict:

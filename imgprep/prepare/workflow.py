@@ -33,7 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from imgprep import ImgprepError
-from imgprep.prepare.build import PRESETS, BuildOptions, Interrupted, build_database, image_spec
+from imgprep.prepare.build import BuildOptions, Interrupted, build_database, image_spec
+from imgprep.prepare.presets import PRESETS
 from imgprep.formats.imageops import parse_resize
 from imgprep.prepare.download import DEVKIT_TAR, TRAIN_TAR, VAL_TAR, find_download
 from imgprep.prepare.make_lists import find_val_labels, make_lists
