@@ -4,7 +4,7 @@ The public API is importable from here. Each name is imported from its module wh
 trainer that takes `Loader` or `CaffeDataset` loads none of the preparation stack::
 
     from imgprep import Loader, CaffeDataset                  # loading: databases to batches
-    from imgprep import prepare, build_database, compute_mean  # preparing: images to databases
+    from imgprep import prepare_data, build_database, compute_mean  # preparing: images to databases
 
 The package has three parts: `imgprep.formats` (what is on disk: records, storage, manifests, lists),
 `imgprep.prepare` (images to databases) and `imgprep.loading` (databases to batches); the last two never
@@ -45,7 +45,7 @@ _HOMES = {
     "load_synsets": "imgprep.formats.lists",
     "permutation": "imgprep.formats.order",
     # prepare: images to databases
-    "prepare": "imgprep.prepare.workflow",
+    "prepare_data": "imgprep.prepare.workflow",
     "make_lists": "imgprep.prepare.make_lists",
     "build_database": "imgprep.prepare.build",
     "BuildOptions": "imgprep.prepare.build",

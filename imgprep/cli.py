@@ -368,9 +368,9 @@ def prepare_cmd(download, work, preset, backend, jobs, seed, overwrite):
       imgprep prepare ~/Downloads/imagenet /data/imagenet-caffe --preset caffe --backend leveldb
       imgprep sample work/download --archives && imgprep prepare work/download work/imagenet
     """
-    from imgprep.prepare.workflow import prepare, summary_lines
+    from imgprep.prepare.workflow import prepare_data, summary_lines
 
-    report = prepare(download, work, preset, backend, jobs, seed, overwrite)
+    report = prepare_data(download, work, preset, backend, jobs, seed, overwrite)
     for line in summary_lines(report):
         click.echo(line)
     if report.failures:

@@ -96,3 +96,14 @@ def undocumented(path: Path) -> list[str]:
 @pytest.mark.parametrize("path", DOCUMENTED, ids=lambda p: str(p.relative_to(PACKAGE)))
 def test_every_public_function_class_and_method_has_a_docstring(path):
     assert not undocumented(path)
+
+
+def test_public_names_do_not_clash_with_subpackages():
+    """`imgprep.X` for a subpackage X is the subpackage once anything in it is imported: no public name may be one."""
+    import imgprep
+    import imgprep.prepare.build  # noqa: F401  (sets imgprep.prepare to the subpackage)
+    from imgprep import build_database, prepare_data
+
+    assert callable(prepare_data) and callable(build_database)
+    subpackages = {path.name for path in PACKAGE.iterdir() if (path / "__init__.py").exists()}
+    assert not subpackages & set(imgprep.__all__)

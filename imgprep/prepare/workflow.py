@@ -268,7 +268,7 @@ class Run:
         return self.work / database_name(part, self.backend)
 
 
-def prepare(source, work, preset: str = "resnet", backend: str = "lmdb", jobs: int | None = None, seed: int = 0,
+def prepare_data(source, work, preset: str = "resnet", backend: str = "lmdb", jobs: int | None = None, seed: int = 0,
             overwrite: bool = False, show_progress: bool = True, echo=None) -> PrepareReport:
     """Makes WORK ready for training from SOURCE (the folder of the three ILSVRC2012 files, or an
     unpacked tree): lists, the train and val databases, the mean, the check and Caffe's Data layers
