@@ -23,7 +23,7 @@ demo: $(STAMP)
 
 # Each test module is named as it runs, and the slowest tests are listed at the end.
 test: $(STAMP)
-	@echo "make test: the whole suite, about 4 minutes on 2 cores; one module: $(BIN)/python -m pytest tests/test_lists.py"
+	@echo "make test: the whole suite, about 5 minutes on 2 idle cores (more on a busy machine); one module: $(BIN)/python -m pytest tests/test_lists.py"
 	$(BIN)/python -m pytest --durations=5
 
 # Interoperability with BVLC Caffe's own tools: IMGPREP_CAFFE_TOOLS=DIR names a folder holding
