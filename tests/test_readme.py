@@ -1,4 +1,5 @@
-"""The README tells the truth: the files it names exist, and its quick start runs."""
+"""The README tells the truth: the files it names exist, its quick start runs, and so does every example
+after it."""
 
 import os
 import re
@@ -19,6 +20,8 @@ REPO_DIRS = ("benchmarks", "data", "docs", "examples", "imgprep", "scripts", "te
 REPO_PATH = re.compile(rf"(?<![\w/.$-])((?:{'|'.join(REPO_DIRS)})/[\w./-]*)")
 TEST_REF = re.compile(r"\b(test_\w+\.py)(?:::(test_\w+))?")
 QUICKSTART = re.compile(r"<!-- quickstart\b[^>]*-->\s*```sh\n(.*?)```", re.S)
+# A block the README marks runnable: `<!-- example -->` (or `<!-- example: ... -->`) before a sh or python block.
+EXAMPLE = re.compile(r"<!-- example\b[^>]*-->\s*```(sh|python)\n(.*?)```", re.S)
 
 
 def code_spans(text: str) -> list[str]:
@@ -80,26 +83,53 @@ def quickstart_script() -> str:
     return blocks[0]
 
 
-def test_quick_start_runs_on_a_sample_shaped_like_the_download(tmp_path):
-    """The block as written: it sets DOWNLOAD and WORK itself, makes the sample and prepares it."""
+def readme_examples() -> list[tuple[str, str]]:
+    """The README's runnable examples, (language, code), in the order they appear."""
+    return EXAMPLE.findall((REPO / "README.md").read_text(encoding="utf-8"))
+
+
+class Checkout:
+    """A folder shaped like the repository root as a user's shell sees it (the examples, room for
+    build/), with `imgprep` and `python` on PATH running this checkout, as an activated .venv has them."""
+
+    def __init__(self, folder: Path):
+        self.root = folder / "checkout"
+        self.root.mkdir()
+        (self.root / "examples").symlink_to(REPO / "examples")
+        bin_dir = folder / "bin"
+        bin_dir.mkdir()
+        for name, command in (("imgprep", f'exec "{sys.executable}" -m imgprep "$@"'),
+                              ("python", f'exec "{sys.executable}" "$@"')):
+            (bin_dir / name).write_text(f"#!/bin/sh\n{command}\n")
+            (bin_dir / name).chmod(0o755)
+        self.env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+                        PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+        for name in ("DOWNLOAD", "WORK"):
+            self.env.pop(name, None)
+
+    def run(self, language: str, code: str, timeout: float) -> subprocess.CompletedProcess:
+        """Runs a sh block (in bash, stopping at the first failure) or a python block as written."""
+        if language == "sh":
+            command = ["bash", "-c", "set -euo pipefail\n" + code]
+        else:
+            command = ["python", "-c", code]
+        return subprocess.run(command, cwd=self.root, env=self.env, capture_output=True, text=True,
+                              timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def after_quickstart(tmp_path_factory):
+    """A checkout in which the quick start block has run: the state every later example starts from."""
     pytest.importorskip("scipy")
     pytest.importorskip("torch")
-    root = tmp_path / "checkout"  # the repository root as the block sees it: its examples, and room for build/
-    root.mkdir()
-    (root / "examples").symlink_to(REPO / "examples")
-    bin_dir = tmp_path / "bin"  # `imgprep` and `python` as a user's venv has them, running this checkout
-    bin_dir.mkdir()
-    for name, command in (("imgprep", f'exec "{sys.executable}" -m imgprep "$@"'),
-                          ("python", f'exec "{sys.executable}" "$@"')):
-        (bin_dir / name).write_text(f"#!/bin/sh\n{command}\n")
-        (bin_dir / name).chmod(0o755)
-    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
-               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-    for name in ("DOWNLOAD", "WORK"):
-        env.pop(name, None)
-    script = "set -euo pipefail\n" + quickstart_script()
-    result = subprocess.run(["bash", "-c", script], cwd=root, env=env, capture_output=True, text=True,
-                            timeout=300)
+    checkout = Checkout(tmp_path_factory.mktemp("readme"))
+    checkout.quickstart = checkout.run("sh", quickstart_script(), timeout=300)
+    return checkout
+
+
+def test_quick_start_runs_on_a_sample_shaped_like_the_download(after_quickstart):
+    """The block as written: it sets DOWNLOAD and WORK itself, makes the sample and prepares it."""
+    root, result = after_quickstart.root, after_quickstart.quickstart
     assert result.returncode == 0, f"{result.stdout}\n{result.stderr}"
 
     work = root / "build" / "imagenet"
@@ -113,3 +143,31 @@ def test_quick_start_runs_on_a_sample_shaped_like_the_download(tmp_path):
     losses = [float(line.split()[-1]) for line in result.stdout.splitlines() if line.startswith("step ")]
     assert len(losses) == 20 and all(np.isfinite(losses)), result.stdout
     assert sum(losses[-5:]) < sum(losses[:5]), losses  # a model that learns
+
+
+@pytest.mark.parametrize("index", range(len(readme_examples())))
+def test_readme_example_runs(after_quickstart, index):
+    """Each marked example, as written, after the quick start (a fresh shell or interpreter each,
+    as a reader pastes them), exits 0 without a traceback."""
+    assert after_quickstart.quickstart.returncode == 0, "the quick start failed: see its own test"
+    language, code = readme_examples()[index]
+    result = after_quickstart.run(language, code, timeout=300)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, \
+        f"README example {index + 1} ({language}):\n{code}\n{result.stdout}\n{result.stderr}"
+
+
+def test_the_readme_has_runnable_examples_of_every_command_and_the_python_api():
+    from imgprep.cli import main
+
+    examples = readme_examples()
+    assert {language for language, _ in examples} == {"sh", "python"}, examples
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    shown = "\n".join(code for _, code in examples) + "\n" + "\n".join(code_spans(text))
+    missing = [name for name in main.commands if not re.search(rf"\bimgprep {re.escape(name)}\b", shown)]
+    assert not missing, f"commands without an example in README.md: {missing}"
+    python = "\n".join(code for language, code in examples if language == "python")
+    for name in ("Loader", "CaffeDataset", "prepare", "build_database", "compute_mean"):
+        assert re.search(rf"\b{name}\(", python), f"no runnable README example calls {name}"
+    statements = "\n".join(line.split("#")[0] for line in python.splitlines())  # comments may show DDP
+    assert "DistributedSampler(" not in statements, \
+        "a DistributedSampler needs a process group: the runnable examples must work in one process"
