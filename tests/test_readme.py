@@ -166,7 +166,7 @@ def test_the_readme_has_runnable_examples_of_every_command_and_the_python_api():
     missing = [name for name in main.commands if not re.search(rf"\bimgprep {re.escape(name)}\b", shown)]
     assert not missing, f"commands without an example in README.md: {missing}"
     python = "\n".join(code for language, code in examples if language == "python")
-    for name in ("Loader", "CaffeDataset", "prepare", "build_database", "compute_mean"):
+    for name in ("Loader", "CaffeDataset", "prepare_data", "build_database", "compute_mean"):
         assert re.search(rf"\b{name}\(", python), f"no runnable README example calls {name}"
     statements = "\n".join(line.split("#")[0] for line in python.splitlines())  # comments may show DDP
     assert "DistributedSampler(" not in statements, \
