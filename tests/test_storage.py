@@ -1,7 +1,15 @@
+import re
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+import lmdb
 import pytest
 
 from imgprep import ImgprepError
 from imgprep.storage import LmdbWriter, Reader, detect_backend, open_writer
+from test_faults import tmpfs
 
 
 @pytest.mark.parametrize("backend", ["lmdb", "leveldb"])
@@ -38,3 +46,89 @@ def test_detect_backend_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ImgprepError, match="neither an LMDB"):
         detect_backend(tmp_path / "empty")
+
+
+# A child process that writes 196 KB records through the LMDB writer until it fails: it prints how
+# many batches committed, then the error, as the CLI would (a SIGBUS would kill it without a word).
+FILL = """
+import sys
+from imgprep import ImgprepError
+from imgprep.storage import LmdbWriter
+writer = LmdbWriter(sys.argv[1])
+batches = 0
+try:
+    for i in range(int(sys.argv[2])):
+        writer.put_batch([(f"{i * 10 + j:08d}_x".encode(), bytes([i % 251]) * 196_000) for j in range(10)])
+        batches += 1
+    writer.close()
+except ImgprepError as e:
+    print(batches)
+    sys.exit(f"Error: {e}")
+print(batches)
+"""
+
+
+def fill(db, batches, preexec_fn=None):
+    return subprocess.run([sys.executable, "-c", FILL, str(db), str(batches)], capture_output=True, text=True,
+                          preexec_fn=preexec_fn)
+
+
+def test_lmdb_writer_on_a_too_small_disk_fails_clearly_never_with_sigbus(tmp_path):
+    """LMDB writes through a writable map; its file space is reserved before the map covers it, so
+    a full disk is a clear error at reservation time, and what committed stays readable and
+    resumable."""
+    with tmpfs(tmp_path / "small", "size=20m") as disk:
+        result = fill(disk / "db", 100)
+        assert result.returncode == 1 and "Traceback" not in result.stderr, (result.returncode, result.stderr)
+        assert "disk is full" in result.stderr and "--resume" in result.stderr, result.stderr
+        committed = int(result.stdout)
+        assert 8 <= committed <= 10  # 1.96 MB per batch into 20 MB: the reservation uses the disk to its end
+        with Reader(disk / "db") as reader:
+            assert len(reader) == committed * 10
+            assert all(value == bytes([int(key[:8]) // 10 % 251]) * 196_000 for key, value in reader.items())
+        subprocess.run(["mount", "-o", "remount,size=100m", str(disk)], check=True)
+        writer = LmdbWriter(disk / "db")
+        assert writer.last_key == f"{committed * 10 - 1:08d}_x".encode()
+        writer.put_batch([(b"99999999_z", b"after")])
+        writer.close()
+        with Reader(disk / "db") as reader:
+            assert len(reader) == committed * 10 + 1
+
+
+def test_lmdb_writer_under_a_file_size_limit_fails_clearly(tmp_path):
+    def cap():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (8 << 20, 8 << 20))
+
+    result = fill(tmp_path / "db", 100, preexec_fn=cap)
+    assert result.returncode == 1 and "file-size limit" in result.stderr, (result.returncode, result.stderr)
+    assert 3 <= int(result.stdout) < 5
+    assert (tmp_path / "db" / "data.mdb").stat().st_size <= 8 << 20
+
+
+def test_lmdb_map_is_always_reserved_and_close_gives_the_rest_back(tmp_path):
+    writer = LmdbWriter(tmp_path / "db", map_size=1 << 20)
+    data = tmp_path / "db" / "data.mdb"
+    for i in range(30):
+        writer.put_batch([(f"{i:08d}_x".encode(), bytes(100_000))])
+        st = data.stat()
+        # every byte the map covers is allocated: no store through the map can meet a hole
+        assert st.st_size == writer.map_size and st.st_blocks * 512 >= st.st_size
+    assert writer.map_growths >= 2
+    writer.close()
+    writer.close()  # a second close does nothing
+    info = lmdb.open(str(tmp_path / "db"), readonly=True)
+    used = (info.info()["last_pgno"] + 1) * info.stat()["psize"]
+    info.close()
+    assert data.stat().st_size == used < 4 << 20
+
+
+def test_writer_benchmark_prints_the_writers_side_by_side(tmp_path):
+    bench = Path(__file__).parent.parent / "benchmarks" / "bench_writer.py"
+    result = subprocess.run([sys.executable, str(bench), "--raw", "20", "--jpeg", "50", "--rounds", "1",
+                             "--txn-size", "10", "--workdir", str(tmp_path)], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    rows = re.findall(r"^\| ([^|]+) \| ([\d,]+) \| [\d,]+-[\d,]+ \| ([\d.]+) \| [\d.]+-[\d.]+ \|", result.stdout, re.M)
+    names = [name for name, _, _ in rows]
+    assert names.count("imgprep writer, LMDB") == 2 and names.count("previous imgprep writer, LevelDB") == 2
+    assert len(rows) == 8 and all(float(rate.replace(",", "")) > 0 for _, rate, _ in rows)
