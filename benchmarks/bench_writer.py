@@ -147,7 +147,7 @@ def child(spec: dict) -> dict:
     wall, after = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF)
     size = sum(f.stat().st_size for f in path.iterdir())
     return {"wall": wall, "user": after.ru_utime - before.ru_utime, "sys": after.ru_stime - before.ru_stime,
-            "faults": after.ru_minflt - before.ru_minflt, "bytes": size}
+            "faults": after.ru_minflt + after.ru_majflt - before.ru_minflt - before.ru_majflt, "bytes": size}
 
 
 def run_child(spec: dict) -> dict:

@@ -11,6 +11,8 @@ import errno
 import os
 import resource
 import shutil
+import signal
+import threading
 from pathlib import Path
 
 import lmdb
@@ -21,6 +23,7 @@ from . import ImgprepError
 BACKENDS = ("lmdb", "leveldb")
 INITIAL_MAP_SIZE = 1 << 30  # the first reservation of an LMDB writer
 RESERVE_STEP = 4 << 30  # the most the reservation grows by at once, past INITIAL_MAP_SIZE
+FLUSH_INTERVAL = 0.05  # seconds between an LMDB writer's background writebacks while it writes
 LEVELDB_OPTIONS = dict(block_size=64 << 10, write_buffer_size=256 << 20, max_open_files=100,
                        compression="snappy")
 
@@ -84,6 +87,11 @@ class LmdbWriter:
     Every commit is synced (LMDB's default), so the database on disk always holds the records of
     every transaction that committed, in key order: a power cut or kernel crash loses at most the
     transaction being committed, and `--resume` (which continues after the last key) redoes it.
+    While a batch is being written, a background thread writes back what it has put so far
+    (fdatasync every FLUSH_INTERVAL), so the commit's own sync finds little left to write: without
+    it the writer stops at every commit until the whole batch is on disk (~0.1 s per 1000 raw
+    records at 2 GB/s) and does that writeback in its own thread. Writing data pages early never
+    weakens LMDB's ordering: a meta page is written only after the data it points to is synced.
     Unsynced commits (`sync=False`) were measured and not used: LMDB's pages and meta pages then
     reach the disk in any order, and after a power cut the database can be damaged, not just short.
     close() syncs once more and returns only when everything written is on disk; it then gives
@@ -118,6 +126,26 @@ class LmdbWriter:
             if isinstance(e, (lmdb.Error, OSError)):
                 raise _storage_error(self.path, "open LMDB", e) from None
             raise
+        self._writing = False
+        self._batches = 0
+        self._stop = threading.Event()
+        self._flusher = threading.Thread(target=self._flush_while_writing, name="imgprep-lmdb-flush", daemon=True)
+        # started with SIGINT blocked, which it inherits: Ctrl-C stays the main thread's
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            self._flusher.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+    def _flush_while_writing(self) -> None:
+        flushed = 0
+        while not self._stop.wait(FLUSH_INTERVAL):
+            if self._writing or self._batches != flushed:
+                flushed = self._batches
+                try:
+                    os.fdatasync(self._fd)
+                except OSError:
+                    pass  # a failing disk is reported by the commit's own sync
 
     def _round_up(self, size: int) -> int:
         return -(-size // self._page) * self._page
@@ -152,6 +180,7 @@ class LmdbWriter:
         append = all(a < b for a, b in zip([self.last_key] + keys, keys))
         # at most: every value on its own pages, a leaf page per item, the path to the last leaf
         bound = sum(len(k) + len(v) for k, v in items) + (2 * len(items) + 64) * self._page
+        self._writing = True
         try:
             if self._used() + bound > self.env.info()["map_size"]:
                 self._grow(self._used() + bound)
@@ -165,6 +194,9 @@ class LmdbWriter:
                     self._grow(self.env.info()["map_size"] + bound)
         except (lmdb.Error, OSError) as e:
             raise _storage_error(self.path, "write LMDB", e) from None
+        finally:
+            self._writing = False
+            self._batches += 1
         if keys:
             self.last_key = max(self.last_key, max(keys))
 
@@ -176,6 +208,7 @@ class LmdbWriter:
         """Returns once every committed record is on disk, and the unused reservation is given back."""
         if self.env is None:
             return
+        self._stop_flusher()
         try:
             self.env.sync(True)
             used = self._used()
@@ -187,7 +220,14 @@ class LmdbWriter:
         finally:
             self._close_handles()
 
+    def _stop_flusher(self) -> None:
+        if getattr(self, "_flusher", None) is not None:
+            self._stop.set()
+            self._flusher.join()
+            self._flusher = None
+
     def _close_handles(self) -> None:
+        self._stop_flusher()
         if getattr(self, "env", None) is not None:
             self.env.close()
             self.env = None
@@ -197,6 +237,14 @@ class LmdbWriter:
 
 
 class LevelDBWriter:
+    """Writes batches as one synced write batch each, with Caffe's LevelDB options.
+
+    Each batch reaches the disk before the next is written, so after a power cut the database
+    holds every batch that returned, which is what `--resume` (continuing after the last key)
+    relies on. Unsynced batches were measured and not used: they saved no measurable CPU, and
+    LevelDB's log recovery skips a damaged stretch and keeps what follows, so a batch lost in the
+    middle would go unnoticed."""
+
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         try:

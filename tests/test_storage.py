@@ -1,7 +1,9 @@
 import re
 import resource
+import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import lmdb
@@ -121,6 +123,21 @@ def test_lmdb_map_is_always_reserved_and_close_gives_the_rest_back(tmp_path):
     info.close()
     assert data.stat().st_size == used < 4 << 20
 
+
+
+def test_lmdb_background_writeback_leaves_ctrl_c_to_the_main_thread_and_ends_with_close(tmp_path):
+    writer = LmdbWriter(tmp_path / "db")
+    flushers = [t for t in threading.enumerate() if t.name == "imgprep-lmdb-flush"]
+    assert len(flushers) == 1
+    status = Path(f"/proc/self/task/{flushers[0].native_id}/status").read_text()
+    blocked = int(re.search(r"^SigBlk:\s*([0-9a-f]+)", status, re.M)[1], 16)
+    assert blocked & (1 << (signal.SIGINT - 1))  # SIGINT reaches the main thread, which stops the build
+    writer.put_batch([(b"00000000_a", bytes(300_000))])
+    writer.close()
+    assert not flushers[0].is_alive()
+    with pytest.raises(ImgprepError):
+        LmdbWriter(tmp_path / "db" / "data.mdb")  # a file, not a folder: refused, and no thread left behind
+    assert not [t for t in threading.enumerate() if t.name == "imgprep-lmdb-flush"]
 
 def test_writer_benchmark_prints_the_writers_side_by_side(tmp_path):
     bench = Path(__file__).parent.parent / "benchmarks" / "bench_writer.py"
