@@ -21,9 +21,11 @@ import plyvel
 from . import ImgprepError
 
 BACKENDS = ("lmdb", "leveldb")
-INITIAL_MAP_SIZE = 1 << 30  # the first reservation of an LMDB writer
-RESERVE_STEP = 4 << 30  # the most the reservation grows by at once, past INITIAL_MAP_SIZE
+INITIAL_MAP_SIZE = 1 << 30  # an LMDB writer's first map
+FIRST_RESERVATION = 256 << 20  # the most of the disk an in-place LMDB writer reserves at first
+RESERVE_STEP = 4 << 30  # the most the reservation grows by at once
 FLUSH_INTERVAL = 0.05  # seconds between an LMDB writer's background writebacks while it writes
+IN_PLACE_VALUES = 128 << 10  # the mean value size from which an LMDB writer writes in place
 LEVELDB_OPTIONS = dict(block_size=64 << 10, write_buffer_size=256 << 20, max_open_files=100,
                        compression="snappy")
 
@@ -73,25 +75,27 @@ def _storage_error(path, action: str, e: Exception) -> ImgprepError:
 class LmdbWriter:
     """Writes batches in one transaction each (MDB_APPEND when the keys ascend, as a build's do).
 
-    LMDB writes in place through a writable map (`writemap`): each value is copied once, straight
-    into the file's pages. Without it LMDB first copies every value into malloc'd pages (for a
-    196 KB raw record, 49 fresh page faults) and then writes them to the file.
+    Large records (a batch of values of IN_PLACE_VALUES or more on average: raw 256x256 ones) are
+    written in place through a writable map (`writemap`), copied once, straight into the file's
+    pages; LMDB's default would first copy each into malloc'd pages that are fresh for every record
+    (49 page faults per 196 KB one) and then write them to the file. Smaller records (JPEG ones)
+    take LMDB's default way, where those pages stay warm; through the map they cost more, since the
+    kernel zeroes every file page a store first touches. The first batch of each session decides.
 
-    A writable map over a sparse file would turn a full disk into SIGBUS at the first store to an
-    unallocated page, so the map never covers more of the file than has been reserved with
-    `posix_fallocate`: the map and the reservation grow together (doubling while small, then by
-    RESERVE_STEP at a time, by exactly what a batch needs when the disk or a file-size limit has no
-    room for more). A full disk or a file-size limit is an error at reservation time, before LMDB
-    writes anything there.
+    In place: a writable map over a sparse file would turn a full disk into SIGBUS at the first
+    store to an unallocated page, so the map never covers more of the file than has been reserved
+    with `posix_fallocate`: the map and the reservation grow together (from FIRST_RESERVATION,
+    doubling, then by RESERVE_STEP at a time; by exactly what a batch needs when the disk or a
+    file-size limit has no room for more). A full disk or a file-size limit is an error at reservation time, before
+    LMDB writes anything there. While a batch is being written, a background thread writes back
+    what it has put so far (fdatasync every FLUSH_INTERVAL), so the commit's own sync finds little
+    left to write: without it the writer stops at every commit until the whole batch is on disk
+    (~0.1 s per 1000 raw records at 2 GB/s). Writing data pages early never weakens LMDB's
+    ordering: a meta page is written only after the data it points to is synced.
 
     Every commit is synced (LMDB's default), so the database on disk always holds the records of
     every transaction that committed, in key order: a power cut or kernel crash loses at most the
     transaction being committed, and `--resume` (which continues after the last key) redoes it.
-    While a batch is being written, a background thread writes back what it has put so far
-    (fdatasync every FLUSH_INTERVAL), so the commit's own sync finds little left to write: without
-    it the writer stops at every commit until the whole batch is on disk (~0.1 s per 1000 raw
-    records at 2 GB/s) and does that writeback in its own thread. Writing data pages early never
-    weakens LMDB's ordering: a meta page is written only after the data it points to is synced.
     Unsynced commits (`sync=False`) were measured and not used: LMDB's pages and meta pages then
     reach the disk in any order, and after a power cut the database can be damaged, not just short.
     close() syncs once more and returns only when everything written is on disk; it then gives
@@ -103,31 +107,37 @@ class LmdbWriter:
     def __init__(self, path: str | os.PathLike, map_size: int = INITIAL_MAP_SIZE):
         self.path = Path(path)
         self.map_growths = 0
-        self._fd = None
-        data = self.path / "data.mdb"
+        self.in_place = None  # decided by the first batch
+        self._initial_map = map_size
+        self._fd = self._flusher = None
+        self._writing, self._batches = False, 0
         try:
             self.path.mkdir(parents=True, exist_ok=True)
-            existing = data.stat().st_size if data.exists() else 0
-            # opened at what the file holds (LMDB sizes the file to the map): the reservation comes next
-            self.env = lmdb.open(str(self.path), map_size=max(existing, 1 << 16), subdir=True, writemap=True,
-                                 max_dbs=0)
-        except (lmdb.Error, OSError) as e:
-            raise _storage_error(self.path, "open LMDB", e) from None
-        try:
-            self._fd = os.open(data, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+            self.env = lmdb.open(str(self.path), map_size=max(map_size, self._file_size()), subdir=True,
+                                 meminit=False, max_dbs=0)
             self._page = self.env.stat()["psize"]
-            self._reserved = 0
-            self._grow(self._used(), preferred=max(map_size, self.env.info()["map_size"]))
             with self.env.begin() as txn:
                 cursor = txn.cursor()
                 self.last_key = cursor.key() if cursor.last() else b""
-        except BaseException as e:
+        except (lmdb.Error, OSError) as e:
             self._close_handles()
-            if isinstance(e, (lmdb.Error, OSError)):
-                raise _storage_error(self.path, "open LMDB", e) from None
-            raise
-        self._writing = False
-        self._batches = 0
+            raise _storage_error(self.path, "open LMDB", e) from None
+
+    def _file_size(self) -> int:
+        data = self.path / "data.mdb"
+        return data.stat().st_size if data.exists() else 0
+
+    def _write_in_place(self) -> None:
+        """Reopens the environment with a writable map over reserved space."""
+        self.env.close()
+        self.env = None
+        # opened at what the file holds (LMDB sizes the file to the map): the reservation comes next
+        self.env = lmdb.open(str(self.path), map_size=max(self._file_size(), 1 << 16), subdir=True, writemap=True,
+                             max_dbs=0)
+        self._fd = os.open(self.path / "data.mdb", os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+        self._reserved = 0
+        first = min(self._initial_map, FIRST_RESERVATION)
+        self._grow(self._used(), preferred=max(first, self.env.info()["map_size"]))
         self._stop = threading.Event()
         self._flusher = threading.Thread(target=self._flush_while_writing, name="imgprep-lmdb-flush", daemon=True)
         # started with SIGINT blocked, which it inherits: Ctrl-C stays the main thread's
@@ -154,23 +164,25 @@ class LmdbWriter:
         return (self.env.info()["last_pgno"] + 1) * self._page
 
     def _grow(self, needed: int, preferred: int | None = None) -> None:
-        """Makes the map (and the file's reservation under it) at least `needed` bytes: `preferred`
-        (by default the next growth step) where the disk has room for it."""
+        """Makes the map at least `needed` bytes: `preferred` (by default the next growth step), in
+        place only where the disk has room to reserve it."""
         current = self.env.info()["map_size"]
         if preferred is None:
             preferred = current + min(current, RESERVE_STEP)
         needed = self._round_up(needed)
-        for size in dict.fromkeys((max(self._round_up(preferred), needed), needed)):
-            try:
-                if size > self._reserved:
-                    os.posix_fallocate(self._fd, self._reserved, size - self._reserved)
-                break
-            except OSError as e:
-                if size == needed or e.errno not in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
-                    raise
-        self._reserved = size
+        size = max(self._round_up(preferred), needed)
+        if self._fd is not None:
+            for size in dict.fromkeys((size, needed)):
+                try:
+                    if size > self._reserved:
+                        os.posix_fallocate(self._fd, self._reserved, size - self._reserved)
+                    break
+                except OSError as e:
+                    if size == needed or e.errno not in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+                        raise
+            self._reserved = size
         if size != current:
-            self.env.set_mapsize(size)  # LMDB sizes the file to the map: never past the reservation
+            self.env.set_mapsize(size)  # in place, LMDB sizes the file to the map: never past the reservation
             self.map_growths += size > current
 
     def put_batch(self, items: list[tuple[bytes, bytes]]) -> None:
@@ -178,10 +190,15 @@ class LmdbWriter:
         # fills pages completely (a smaller file). Anything else is inserted normally.
         keys = [key for key, _ in items]
         append = all(a < b for a, b in zip([self.last_key] + keys, keys))
+        values = sum(len(v) for _, v in items)
         # at most: every value on its own pages, a leaf page per item, the path to the last leaf
-        bound = sum(len(k) + len(v) for k, v in items) + (2 * len(items) + 64) * self._page
+        bound = values + sum(len(k) for k in keys) + (2 * len(items) + 64) * self._page
         self._writing = True
         try:
+            if self.in_place is None and items:
+                self.in_place = values >= IN_PLACE_VALUES * len(items)
+                if self.in_place:
+                    self._write_in_place()
             if self._used() + bound > self.env.info()["map_size"]:
                 self._grow(self._used() + bound)
             while True:
@@ -205,7 +222,7 @@ class LmdbWriter:
         return self.env.info()["map_size"]
 
     def close(self) -> None:
-        """Returns once every committed record is on disk, and the unused reservation is given back."""
+        """Returns once every committed record is on disk, and any unused reservation is given back."""
         if self.env is None:
             return
         self._stop_flusher()
@@ -214,14 +231,15 @@ class LmdbWriter:
             used = self._used()
             self.env.close()
             self.env = None
-            os.ftruncate(self._fd, used)
+            if self._fd is not None:
+                os.ftruncate(self._fd, used)
         except (lmdb.Error, OSError) as e:
             raise _storage_error(self.path, "close LMDB", e) from None
         finally:
             self._close_handles()
 
     def _stop_flusher(self) -> None:
-        if getattr(self, "_flusher", None) is not None:
+        if self._flusher is not None:
             self._stop.set()
             self._flusher.join()
             self._flusher = None

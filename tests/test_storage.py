@@ -107,11 +107,46 @@ def test_lmdb_writer_under_a_file_size_limit_fails_clearly(tmp_path):
     assert (tmp_path / "db" / "data.mdb").stat().st_size <= 8 << 20
 
 
+
+KEEP_WRITING = """
+import sys
+from imgprep.storage import LmdbWriter
+writer = LmdbWriter(sys.argv[1], map_size=1 << 20)
+for i in range(40):
+    writer.put_batch([(f"{i * 4 + j:08d}_x".encode(), bytes([i % 251]) * 196_000) for j in range(4)])
+    print(i, flush=True)
+"""
+
+
+def test_lmdb_writer_killed_mid_batch_keeps_every_committed_batch_and_resumes(tmp_path):
+    """kill -9 while records are written in place: what committed is intact, the batch in progress
+    is gone, and a new writer continues after the last key (as --resume does)."""
+    db = tmp_path / "db"
+    proc = subprocess.Popen([sys.executable, "-c", KEEP_WRITING, str(db)], stdout=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if int(line) == 11:
+            break
+    proc.kill()
+    proc.wait()
+    with Reader(db) as reader:
+        keys = list(reader.keys())
+        assert len(keys) % 4 == 0 and 48 <= len(keys) < 160  # whole batches only
+        assert all(v == bytes([int(k[:8]) // 4 % 251]) * 196_000 for k, v in reader.items())
+    writer = LmdbWriter(db)
+    assert writer.last_key == keys[-1]
+    for i in range(len(keys) // 4, 40):
+        writer.put_batch([(f"{i * 4 + j:08d}_x".encode(), bytes([i % 251]) * 196_000) for j in range(4)])
+    writer.close()
+    with Reader(db) as reader:
+        assert [(k, v[:1]) for k, v in reader.items()] == [(f"{n:08d}_x".encode(), bytes([n // 4 % 251]))
+                                                          for n in range(160)]
+
 def test_lmdb_map_is_always_reserved_and_close_gives_the_rest_back(tmp_path):
     writer = LmdbWriter(tmp_path / "db", map_size=1 << 20)
     data = tmp_path / "db" / "data.mdb"
     for i in range(30):
-        writer.put_batch([(f"{i:08d}_x".encode(), bytes(100_000))])
+        writer.put_batch([(f"{i:08d}_x".encode(), bytes(200_000))])  # raw-sized records: written in place
+        assert writer.in_place
         st = data.stat()
         # every byte the map covers is allocated: no store through the map can meet a hole
         assert st.st_size == writer.map_size and st.st_blocks * 512 >= st.st_size
@@ -121,22 +156,32 @@ def test_lmdb_map_is_always_reserved_and_close_gives_the_rest_back(tmp_path):
     info = lmdb.open(str(tmp_path / "db"), readonly=True)
     used = (info.info()["last_pgno"] + 1) * info.stat()["psize"]
     info.close()
-    assert data.stat().st_size == used < 4 << 20
+    assert data.stat().st_size == used < 8 << 20
+
+
+def test_lmdb_writes_small_records_through_lmdbs_default_path(tmp_path):
+    writer = LmdbWriter(tmp_path / "db")
+    writer.put_batch([(f"{i:08d}_x".encode(), bytes(25_000)) for i in range(10)])  # JPEG-sized
+    assert writer.in_place is False and not writer.env.flags()["writemap"]
+    writer.put_batch([(f"{i:08d}_x".encode(), bytes(200_000)) for i in range(10, 12)])  # the first batch decided
+    assert writer.in_place is False
+    writer.close()
+    with Reader(tmp_path / "db") as reader:
+        assert len(reader) == 12
 
 
 
 def test_lmdb_background_writeback_leaves_ctrl_c_to_the_main_thread_and_ends_with_close(tmp_path):
     writer = LmdbWriter(tmp_path / "db")
+    writer.put_batch([(b"00000000_a", bytes(300_000))])
     flushers = [t for t in threading.enumerate() if t.name == "imgprep-lmdb-flush"]
     assert len(flushers) == 1
     status = Path(f"/proc/self/task/{flushers[0].native_id}/status").read_text()
     blocked = int(re.search(r"^SigBlk:\s*([0-9a-f]+)", status, re.M)[1], 16)
     assert blocked & (1 << (signal.SIGINT - 1))  # SIGINT reaches the main thread, which stops the build
-    writer.put_batch([(b"00000000_a", bytes(300_000))])
+    writer.put_batch([(b"00000001_a", bytes(300_000))])
     writer.close()
     assert not flushers[0].is_alive()
-    with pytest.raises(ImgprepError):
-        LmdbWriter(tmp_path / "db" / "data.mdb")  # a file, not a folder: refused, and no thread left behind
     assert not [t for t in threading.enumerate() if t.name == "imgprep-lmdb-flush"]
 
 def test_writer_benchmark_prints_the_writers_side_by_side(tmp_path):
