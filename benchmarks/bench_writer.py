@@ -7,8 +7,9 @@ Datums, about 25 KB, from the bundled photos), then times opening the writer, on
 `--txn-size` records in key order, as a build hands them over, and `close()`. CPU is the user +
 system time of the process over that span (`getrusage`), which a busy machine changes far less
 than the wall time; "writer thread" is the part of it spent in the thread that calls the writer
-(LMDB's in-place writer writes back from a second thread meanwhile). Every run is a fresh process writing a fresh database under --workdir; the rows
-take turns within each round, and the table gives medians and ranges over the rounds.
+(LMDB's in-place writer writes back from a second thread meanwhile). Every run is a fresh
+process writing a fresh database under --workdir; the rows take turns within each round, and the
+table gives medians and ranges over the rounds.
 
 Rows: the writer imgprep uses (`imgprep.storage.open_writer`), next to plain writers configured by
 --variant, whose defaults are the writers imgprep used before: LMDB opened with a 1 GiB map that
@@ -145,10 +146,12 @@ def child(spec: dict) -> dict:
     for batch in batches:
         writer.put_batch(batch)
     writer.close()
-    wall, after, thread = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF), time.thread_time() - thread
+    wall, thread = time.perf_counter() - start, time.thread_time() - thread
+    after = resource.getrusage(resource.RUSAGE_SELF)
     size = sum(f.stat().st_size for f in path.iterdir())
-    return {"wall": wall, "thread": thread, "user": after.ru_utime - before.ru_utime, "sys": after.ru_stime - before.ru_stime,
-            "faults": after.ru_minflt + after.ru_majflt - before.ru_minflt - before.ru_majflt, "bytes": size}
+    return {"wall": wall, "thread": thread, "user": after.ru_utime - before.ru_utime,
+            "sys": after.ru_stime - before.ru_stime, "bytes": size,
+            "faults": after.ru_minflt + after.ru_majflt - before.ru_minflt - before.ru_majflt}
 
 
 def run_child(spec: dict) -> dict:
@@ -171,7 +174,7 @@ def spread(values: list[float], scale: float, digits: int) -> tuple[str, str]:
 
 def table(rows: dict, count: int) -> str:
     lines = ["| writer | records/s (median) | range | CPU ms per record (median) | range | user ms | system ms "
-             "| writer thread ms | page faults per record | MB on disk |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| writer thread ms | page faults per record | MB on disk |", "|---|" + "---:|" * 9]
     for name, runs in rows.items():
         rate, rate_range = spread([count / r["wall"] for r in runs], 1, 0)
         cpu, cpu_range = spread([r["user"] + r["sys"] for r in runs], 1000 / count, 3)

@@ -78,20 +78,20 @@ class LmdbWriter:
     Large records (a batch of values of IN_PLACE_VALUES or more on average: raw 256x256 ones) are
     written in place through a writable map (`writemap`), copied once, straight into the file's
     pages; LMDB's default would first copy each into malloc'd pages that are fresh for every record
-    (49 page faults per 196 KB one) and then write them to the file. Smaller records (JPEG ones)
-    take LMDB's default way, where those pages stay warm; through the map they cost more, since the
-    kernel zeroes every file page a store first touches. The first batch of each session decides.
+    (48 page faults per 196 KB one) and then write them to the file. Smaller records (JPEG ones)
+    take LMDB's default way, where those pages stay warm; through a map whose commits are synced
+    they measured 3-4x dearer. The first batch of each session decides.
 
     In place: a writable map over a sparse file would turn a full disk into SIGBUS at the first
     store to an unallocated page, so the map never covers more of the file than has been reserved
     with `posix_fallocate`: the map and the reservation grow together (from FIRST_RESERVATION,
     doubling, then by RESERVE_STEP at a time; by exactly what a batch needs when the disk or a
-    file-size limit has no room for more). A full disk or a file-size limit is an error at reservation time, before
-    LMDB writes anything there. While a batch is being written, a background thread writes back
-    what it has put so far (fdatasync every FLUSH_INTERVAL), so the commit's own sync finds little
-    left to write: without it the writer stops at every commit until the whole batch is on disk
-    (~0.1 s per 1000 raw records at 2 GB/s). Writing data pages early never weakens LMDB's
-    ordering: a meta page is written only after the data it points to is synced.
+    file-size limit has no room for more). A full disk or a file-size limit is an error at
+    reservation time, before LMDB writes anything there. While a batch is being written, a
+    background thread writes back what it has put so far (fdatasync every FLUSH_INTERVAL), so the
+    commit's own sync finds less left to write and the writer waits about half as long for the
+    disk. Writing data pages early never weakens LMDB's ordering: a meta page is written only after
+    the data it points to is synced.
 
     Every commit is synced (LMDB's default), so the database on disk always holds the records of
     every transaction that committed, in key order: a power cut or kernel crash loses at most the
