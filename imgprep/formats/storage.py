@@ -11,9 +11,9 @@ import errno
 import os
 import resource
 import shutil
-from contextlib import contextmanager
 import signal
 import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import lmdb
