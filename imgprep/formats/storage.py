@@ -83,7 +83,7 @@ class LmdbWriter:
     pages; LMDB's default would first copy each into malloc'd pages that are fresh for every record
     (48 page faults per 196 KB one) and then write them to the file. Smaller records (JPEG ones)
     take LMDB's default way, where those pages stay warm; through a map whose commits are synced
-    they measured 3-4x dearer. The first batch of each session decides.
+    they measured 3-4x dearer. The first batch a writer is given decides.
 
     In place: a writable map over a sparse file would turn a full disk into SIGBUS at the first
     store to an unallocated page, so the map never covers more of the file than has been reserved
