@@ -65,16 +65,6 @@ def pil_build() -> dict[str, str]:
     return pil_report(PIL.__version__, simd_version, _jpeg_library(), sys.executable)
 
 
-def gpu_count() -> int:
-    """CUDA GPUs DALI sees; 0 without a driver or CUDA (the loader then runs in DALI's CPU mode)."""
-    try:
-        from nvidia.dali.backend import GetCUDADeviceCount
-
-        return GetCUDADeviceCount()
-    except Exception:  # no driver, no CUDA: DALI's CPU mode
-        return 0
-
-
 def dali_version() -> str:
     """The installed DALI's version, or 'not installed'."""
     try:
@@ -91,6 +81,8 @@ def describe() -> dict[str, str]:
     import lmdb
     import numpy
     import plyvel
+
+    from imgprep.loading.loader import gpu_count
 
     gpus = gpu_count()
     info = {

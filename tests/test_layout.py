@@ -50,6 +50,30 @@ def test_a_trainer_importing_the_loader_and_the_dataset_loads_no_preparation_mod
     assert not [name for name in loaded if name.split(".")[0] in ("joblib", "loky", "scipy", "dask")]
 
 
+def test_a_trainer_opening_a_loader_and_a_dataset_and_reading_batches_loads_no_preparation_module(tmp_path):
+    """Not only importing: building the pipeline, choosing the device and reading batches too."""
+    code = f"""
+import json, sys
+import numpy as np
+from imgprep.formats.codec import encode_datum
+from imgprep.formats.storage import open_writer
+writer = open_writer({str(tmp_path / "db")!r}, "lmdb")
+writer.put_batch([(b"%08d_x" % i, encode_datum(np.zeros((3, 32, 32), np.uint8).tobytes(), i % 2, 3, 32, 32, False))
+                  for i in range(8)])
+writer.close()
+from imgprep import CaffeDataset, Loader
+with Loader({str(tmp_path / "db")!r}, batch_size=4, train=False, policy="center", crop=16, resize_shorter=32,
+            device="cpu", num_threads=1) as loader:
+    assert sum(len(labels) for _, labels in loader) == 8
+dataset = CaffeDataset({str(tmp_path / "db")!r}, train=False, crop=16, resize_shorter=32)
+assert len(dataset) == 8 and dataset[0][1] == 0
+print(json.dumps(sorted(name for name in sys.modules if name.startswith("imgprep.prepare"))))
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout.splitlines()[-1]) == []
+
+
 def test_the_public_api_imports_its_parts_only_when_used():
     loaded = modules_loaded_by("imgprep")
     assert not [name for name in loaded if name.startswith(("imgprep.prepare", "imgprep.loading"))]

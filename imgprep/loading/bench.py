@@ -212,7 +212,7 @@ def _loader_rate(db, batch, threads, device, seconds, warmup, policy, allow_part
     """(img/s, ms/batch, batches, on a GPU, device) of the loader's own pipeline with `policy`; on a GPU
     with fp16 output, what a GPU trainer takes (a CPU trainer takes fp32, and x86 converts to fp16 slowly).
     One shard, whatever torchrun's RANK and WORLD_SIZE say."""
-    from imgprep.env import gpu_count
+    from imgprep.loading.loader import gpu_count
 
     gpu = device == "gpu" or (device == "auto" and gpu_count() > 0)
     with Loader(db, batch_size=batch, train=policy.train, device=device, num_threads=threads, policy=policy,

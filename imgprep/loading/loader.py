@@ -226,7 +226,6 @@ class Loader:
                  prefetch: int = 2, cpu_share: float = 0.0, cpu_threads: int | None = None,
                  shuffle: bool | None = None, allow_partial: bool = False, policy: str | Policy | None = None,
                  channel_order: str = "RGB"):
-        from imgprep.env import gpu_count
 
         if dtype not in ("float32", "float16") or layout not in ("NCHW", "NHWC"):
             raise OptionError("dtype must be float32 or float16, layout NCHW or NHWC")
@@ -495,3 +494,13 @@ def _to_jax(tensor_list):
     if not _on_gpu(tensor_list):
         return jnp.asarray(_to_numpy(tensor_list, copy=False))
     return jax.dlpack.from_dlpack(tensor_list.as_tensor()).copy()
+
+
+def gpu_count() -> int:
+    """CUDA GPUs DALI sees; 0 without a driver or CUDA (the loader then runs in DALI's CPU mode)."""
+    try:
+        from nvidia.dali.backend import GetCUDADeviceCount
+
+        return GetCUDADeviceCount()
+    except Exception:  # no driver, no CUDA: DALI's CPU mode
+        return 0
