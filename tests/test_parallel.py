@@ -177,26 +177,3 @@ def test_an_idle_worker_leaves_when_its_build_is_killed():
         os.kill(worker, signal.SIGKILL)
     assert not alive
 
-
-def test_a_process_running_other_threads_starts_its_workers_fresh_not_forked():
-    """fork() beside other threads can deadlock the child on a lock a thread held: such a process (a
-    trainer, a notebook) gets forkserver workers, and the same results. In a fresh interpreter: this
-    test process may run other threads already."""
-    code = """
-import threading
-from imgprep.prepare.parallel import _context, ordered_map
-assert _context().get_start_method() == "fork", _context().get_start_method()
-assert list(ordered_map(len, [[1, 2], [3]], jobs=2)) == [2, 1]
-stop = threading.Event()
-other = threading.Thread(target=stop.wait)
-other.start()
-try:
-    assert _context().get_start_method() == "forkserver"
-    assert list(ordered_map(len, [[1, 2], [3], [4, 5, 6]], jobs=2)) == [2, 1, 3]
-finally:
-    stop.set()
-    other.join()
-print("ok")
-"""
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr

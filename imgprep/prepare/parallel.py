@@ -25,7 +25,6 @@ import itertools
 import mmap
 import os
 import re
-import sys
 import signal
 import threading
 import time
@@ -413,17 +412,10 @@ class _Died:
 
 
 def _context():
-    """fork where the platform has it and this process runs no other thread; else forkserver or spawn.
-
-    Forking a process that runs other threads (a trainer's, JAX's, a notebook's) can deadlock the child
-    on a lock one of them held, so such a process starts its workers fresh, as loky did."""
+    """fork where the platform has it, else spawn."""
     import multiprocessing
-    import threading
 
-    methods = multiprocessing.get_all_start_methods()
-    if "fork" in methods and threading.active_count() == 1 and "jax" not in sys.modules:
-        return multiprocessing.get_context("fork")
-    return multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+    return multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
 
 
 def _watch_parent(interval: float = 0.5) -> None:
