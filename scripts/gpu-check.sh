@@ -24,7 +24,7 @@
 #   transfers back, and 3 gaps between calls (<30 s     65 s
 #   each, or the machine goes back), give_back at once
 #   ----------------------------------------------------------
-#   total                                              765 s = 12.8 min (13 planned, 15 lent)
+#   total                                              765 s = 12.8 min (13 planned, of the 15 a device call allows)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 py=${PYTHON:-python3}
