@@ -104,6 +104,11 @@ def main():
         timings = interleaved(commands, n, args.runs)
         print(f"\n{title}, page cache warm")
         print(timing_table(timings, next(iter(commands)), "records/s"))
+        if tools:
+            ours = timings[f"imgprep compute-mean, {cores} job{'s' * (cores > 1)}"].rate
+            ratio = ours / timings["Caffe compute_image_mean"].rate
+            print(f"goal (all cores): at least 1.8x compute_image_mean's rate: {ratio:.2f}x "
+                  f"({'met' if ratio >= 1.8 else 'not met'})")
     if args.cold:
         for title, db, n in cases[:-1]:
             commands = mean_commands(db, args.workdir, tools, cores)

@@ -31,7 +31,9 @@ def test_bench_build_prints_every_recipe_against_its_peers(tmp_path):
     out = run_benchmark("bench_build.py", tmp_path, "--runs", "1")
     assert "40 JPEGs" in out and "Caffe's recipe" in out and "ResNet recipe" in out and "floor:" in out
     rows = table_rows(out)
-    assert {"OpenCV loop, 1 process", "imgprep --preset caffe, 1 job", "imgprep --preset resnet, 1 job"} <= rows.keys()
+    assert {"OpenCV loop, 1 process", "imgprep --preset caffe, 1 job", "OpenCV loop shorter-256 q90, 1 process",
+            "imgprep --preset resnet (shorter-256 q90), 1 job"} <= rows.keys()
+    assert ("goal (all cores): at least 2.5x" in out) == CAFFE
     assert ("Caffe convert_imageset" in rows and "Caffe convert_imageset --encoded" in rows) == CAFFE
     assert all(rate > 0 for rate in rows.values())
 
@@ -42,6 +44,21 @@ def test_bench_mean_prints_raw_and_encoded(tmp_path):
     rows = table_rows(out)
     assert "imgprep compute-mean, 1 job" in rows
     assert ("Caffe compute_image_mean" in rows) == CAFFE
+
+
+def test_bench_imagenet_scale_makes_the_class_tars_and_prints_builds_and_shards(tmp_path):
+    result = subprocess.run([sys.executable, str(BENCHMARKS / "bench_imagenet_scale.py"), "--members", "3001",
+                             "--rounds", "1", "--workdir", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "3,001 ~1 KB 16x16 JPEGs" in result.stdout and "archive indexed once" in result.stdout
+    rows = re.findall(r"^\| (one build, --jobs 1|one build, default --jobs|4 shards, default --jobs) \| .* \| "
+                      r"([\d.]+) \|$", result.stdout, re.M)
+    assert [name for name, _ in rows] == ["one build, --jobs 1", "one build, default --jobs", "4 shards, default --jobs"]
+    import tarfile
+    with tarfile.open(next(tmp_path.glob("imagenet_scale/*.tar"))) as outer:
+        classes = outer.getmembers()
+    assert len(classes) == 1000 and classes[0].name == "n01440764.tar"
+    assert sum(1 for line in open(next(tmp_path.glob("imagenet_scale/train-*.txt")))) == 3001
 
 
 def test_bench_cores_prints_jobs_and_shards(tmp_path):

@@ -282,3 +282,52 @@ def test_a_devkit_table_of_the_wrong_shape_is_a_clear_error_naming_it(sample_tre
                          sample_tree.root / "ILSVRC2012_validation_ground_truth.txt", "--val-id-table", table,
                          check=False)
         assert_clean_error(result, str(table), message)
+
+
+LIST_CASES = {
+    "clean": "a/x.JPEG 0\nb/y z.JPEG 12\nc/w.png 3\n",
+    "byte-order mark": "\ufeffa/x.JPEG 0\nb/y.JPEG 1\n",
+    "CRLF": "a/x.JPEG 0\r\nb/y.JPEG 1\r\n",
+    "trailing blanks": "a/x.JPEG 0  \nb/y.JPEG 1\t\n",
+    "blank lines": "a/x.JPEG 0\n\n   \nb/y.JPEG 1\n",
+    "no last LF": "a/x.JPEG 0\nb/y.JPEG 1",
+    "plus sign": "a/x.JPEG +5\n",
+    "duplicate": "a/x.JPEG 0\nb/y.JPEG 1\na/x.JPEG 2\n",
+    "alias": "a/x.JPEG 0\na/./x.JPEG 1\n",
+    "double slash": "a//x.JPEG 0\nb/y.JPEG 1\n",
+    "dot start": "./a/x.JPEG 0\nb/y.JPEG 1\n",
+    "escape": "../x.JPEG 0\n",
+    "dotted name": "a/x..JPEG 0\n",
+    "absolute": "a/x.JPEG 0\n/abs/y.JPEG 1\n",
+    "no label": "a/x.JPEG 0\nb/y.JPEG\n",
+    "space only label": "a/x.JPEG \n",
+    "too large": "a/x.JPEG 4294967296\n",
+    "out of range": "a/x.JPEG 1000\n",
+    "arabic digit": "a/x.JPEG \u0663\n",
+    "NUL": "a/x\0.JPEG 0\n",
+}
+
+
+@pytest.mark.parametrize("case", sorted(LIST_CASES))
+def test_whole_text_checks_agree_with_the_line_by_line_ones(tmp_path, monkeypatch, case):
+    """read_list checks a clean list on its whole text at once, and every other line by line: both
+    ways give the same entries, notes and errors, for every kind of line the checks care about."""
+    import imgprep.formats.lists as lists
+
+    path = tmp_path / "list.txt"
+    path.write_bytes(LIST_CASES[case].encode("utf-8", "surrogateescape"))
+
+    def outcome():
+        try:
+            parsed = read_list(path, num_labels=1000)
+        except ImgprepError as e:
+            return "error", str(e)
+        return parsed.paths, parsed.labels.tolist(), parsed.labels.dtype, parsed.notes
+
+    quick = outcome()
+    monkeypatch.setattr(lists, "_read_clean", lambda f, num_labels, allow_outside_root: None)
+    assert quick == outcome()
+    if case in ("clean", "byte-order mark"):
+        monkeypatch.undo()
+        with open(path, "rb") as f:
+            assert lists._read_clean(f, 1000, False) is not None  # the quick way took these

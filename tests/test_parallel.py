@@ -69,6 +69,48 @@ def test_bytes_come_back_through_shared_areas_and_the_areas_go_away():
     assert not _areas_of_this_process()
 
 
+@pytest.mark.skipif(not SHM_DIR.is_dir(), reason="no /dev/shm")
+def test_lent_results_are_views_released_when_the_next_result_is_asked_for():
+    """With lend=True the consumer gets views of the areas (no copy); the areas are reused by later
+    chunks, so a view kept past its turn must fail loudly, never read another chunk's bytes."""
+    kept = []
+    for k, chunk in enumerate(ordered_map(_records, ([i] for i in range(40)), 2, area_bytes=100_000, lend=True)):
+        (i, view, travelled), = chunk
+        assert (i, travelled) == (k, "area") and isinstance(view, memoryview)
+        assert bytes(view) == bytes([k % 256]) * 40_000
+        kept.append(view)
+    assert kept and all(_released(view) for view in kept)
+    assert not _areas_of_this_process()
+
+
+def _released(view) -> bool:
+    try:
+        bytes(view)
+    except ValueError:
+        return True
+    return False
+
+
+def _records_dying_on(chunk, marker, area=None):
+    _dies_on(chunk, marker)
+    return _records(chunk, area)
+
+
+@pytest.mark.skipif(not SHM_DIR.is_dir(), reason="no /dev/shm")
+def test_lent_results_of_a_chunk_run_again_item_by_item_are_whole(tmp_path):
+    """After a worker's death the chunk runs again item by item, each item in the next of the
+    2 * WINDOW_PER_WORKER + 1 areas: with chunks of 8 the areas come round within the chunk, so its
+    results must come out as bytes, not as views of areas its later items overwrote."""
+    flat = []
+    for chunk in ordered_map(_records_dying_on, chunked(range(40), 8), 2, area_bytes=400_000, lend=True,
+                             crashed=lambda item, detail: (item, None, detail), marker=str(tmp_path / "m")):
+        flat += [(i, value if value is None else bytes(value), travelled) for i, value, travelled in chunk]
+    assert [r[0] for r in flat] == list(range(40))
+    assert [(i, t) for i, v, t in flat if v is None] == [(13, "its worker process died (SIGKILL(-9))")]
+    assert [i for i, v, _ in flat if v is not None and v != bytes([i % 256]) * 40_000] == []
+    assert not _areas_of_this_process()
+
+
 def test_without_room_in_shared_memory_bytes_travel_pickled():
     huge = 1 << 50  # more than any /dev/shm has: no areas, workers get area=None
     assert list(ordered_map(_records, ([i] for i in range(10)), 2, area_bytes=huge)) == _expected(range(10), "pipe")

@@ -42,6 +42,50 @@ def test_lmdb_append_order_and_growth(tmp_path):
     assert len(keys) == 51 and keys == sorted(keys)
 
 
+@pytest.mark.parametrize("backend", ["lmdb", "leveldb"])
+def test_records_added_from_buffers_are_kept_only_once_committed(tmp_path, backend):
+    """A build adds each chunk's records straight from its workers' shared memory (buffers that are
+    reused right after) and commits every --txn-size records: what was added is written as it was
+    at the time, and what was not committed when the writer closes is not kept."""
+    area = bytearray(300_000)
+    commits = []
+    writer = open_writer(tmp_path / "db", backend, map_size=256 << 10, before_commit=lambda: commits.append(1))
+    expected = []
+    for i in range(12):
+        area[:] = bytes([i]) * len(area)  # the area takes the next chunk's records
+        with memoryview(area) as view:
+            writer.add([(f"{i:08d}_x".encode(), view[:200_000 + i])])
+        expected.append((f"{i:08d}_x".encode(), bytes([i]) * (200_000 + i)))
+        if i % 5 == 4:
+            writer.commit()
+    area[:] = b"\xff" * len(area)
+    writer.add([(b"00000099_lost", b"never committed")])
+    writer.close()
+    with Reader(tmp_path / "db") as reader:
+        assert list(reader.items()) == expected[:10]
+    if backend == "lmdb":  # the 256 KB map cannot hold five 200 KB records: it commits early to grow
+        assert len(commits) > 2 and writer.map_growths
+    else:
+        assert len(commits) == 2
+
+
+def test_lmdb_commits_early_to_grow_calling_before_commit_first(tmp_path):
+    """The map cannot grow while a transaction is open: `add` commits what it holds first, and the
+    build's failure log (before_commit) is made durable before that commit, as before any other."""
+    order = []
+    writer = LmdbWriter(tmp_path / "db", map_size=64 << 10, before_commit=lambda: order.append(
+        ("before", writer.env.info()["last_pgno"])))
+    for i in range(8):
+        writer.add([(f"{i:08d}_x".encode(), bytes(40_000))])
+    early = len(order)
+    writer.commit()
+    writer.close()
+    assert early >= 2, order  # 8 x 40 KB never fit the 64 KB map in one transaction
+    assert [pgno for _, pgno in order] == sorted(set(pgno for _, pgno in order))  # each commit grew the file
+    with Reader(tmp_path / "db") as reader:
+        assert len(reader) == 8
+
+
 def test_detect_backend_errors(tmp_path):
     with pytest.raises(ImgprepError, match="does not exist"):
         detect_backend(tmp_path / "absent")

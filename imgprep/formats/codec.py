@@ -144,14 +144,18 @@ def encode_datum(data: bytes, label: int, channels: int, height: int, width: int
     """Serialises a Datum as Caffe does: fields 1-5 and 7 in order, label and encoded always present.
     channels/height/width of 0 are left unset, as convert_imageset --encoded leaves them (its
     encoded records hold only data, label and encoded)."""
+    return b"".join(datum_parts((data,), label, channels, height, width, encoded))
+
+
+def datum_parts(parts: tuple[bytes, ...], label: int, channels: int, height: int, width: int,
+                encoded: bool) -> tuple[bytes, ...]:
+    """encode_datum's bytes as pieces: (what comes before the data, *parts, what comes after), for a
+    writer that puts them one after another without joining them; `parts` joined are the data."""
+    length = sum(map(len, parts))
     shape = b"".join(_key(number, VARINT) + _varint(value)
                      for number, value in ((1, channels), (2, height), (3, width)) if value)
-    return b"".join((
-        shape,
-        _key(4, LENGTH), _varint(len(data)), data,
-        _key(5, VARINT), _varint(label),
-        _key(7, VARINT), b"\x01" if encoded else b"\x00",
-    ))
+    return (shape + _key(4, LENGTH) + _varint(length), *parts,
+            _key(5, VARINT) + _varint(label) + _key(7, VARINT) + (b"\x01" if encoded else b"\x00"))
 
 
 def raw_datum_prefix(channels: int, height: int, width: int) -> bytes:

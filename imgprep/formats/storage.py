@@ -76,7 +76,11 @@ def _storage_error(path, action: str, e: Exception) -> ImgprepError:
 
 
 class LmdbWriter:
-    """Writes batches in one transaction each (MDB_APPEND when the keys ascend, as a build's do).
+    """Writes records in synced transactions: `add` puts records into the open transaction, `commit`
+    ends it, `put_batch` is both (MDB_APPEND when the keys ascend, as a build's do). A value may be
+    any buffer (a build's raw records are put straight from the shared memory its workers wrote
+    them to); `before_commit()`, when given, runs before every commit (a build makes its failure
+    log durable there first).
 
     Large records (a batch of values of IN_PLACE_VALUES or more on average: raw 256x256 ones) are
     written in place through a writable map (`writemap`), copied once, straight into the file's
@@ -107,8 +111,10 @@ class LmdbWriter:
     resumed build closes.
     """
 
-    def __init__(self, path: str | os.PathLike, map_size: int = INITIAL_MAP_SIZE):
+    def __init__(self, path: str | os.PathLike, map_size: int = INITIAL_MAP_SIZE, before_commit=None):
         self.path = Path(path)
+        self.before_commit = before_commit
+        self._txn = None
         self.map_growths = 0
         self.in_place = None  # decided by the first batch
         self._initial_map = map_size
@@ -189,7 +195,16 @@ class LmdbWriter:
             self.map_growths += size > current
 
     def put_batch(self, items: list[tuple[bytes, bytes]]) -> None:
-        """Writes `items` ((key, value) pairs) in one transaction, doubling the map while it is full."""
+        """Writes `items` ((key, value) pairs) in one transaction (with whatever `add` put before it)."""
+        self.add(items)
+        self.commit()
+
+    def add(self, items) -> None:
+        """Puts `items` ((key, value) pairs; a value may be any buffer, read only during the call) into
+        the open transaction, beginning one. Where the map cannot hold them beside what the transaction
+        already holds, that transaction is committed first (`commit`) and the map grown."""
+        if not items:
+            return
         # Builds write keys in increasing order: MDB_APPEND then skips the B-tree search and
         # fills pages completely (a smaller file). Anything else is inserted normally.
         keys = [key for key, _ in items]
@@ -197,29 +212,53 @@ class LmdbWriter:
         values = sum(len(v) for _, v in items)
         # at most: every value on its own pages, a leaf page per item, the path to the last leaf
         bound = values + sum(len(k) for k in keys) + (2 * len(items) + 64) * self._page
-        self._writing = True
         try:
-            if self.in_place is None and items:
+            if self.in_place is None:
                 self.in_place = values >= IN_PLACE_VALUES * len(items)
                 if self.in_place:
                     self._write_in_place()
-            if self._used() + bound > self.env.info()["map_size"]:
-                self._grow(self._used() + bound)
+            if self._txn is not None and self._txn_end + bound > self.env.info()["map_size"]:
+                self.commit()
             while True:
+                fresh = self._txn is None
+                if fresh:
+                    used = self._used()
+                    if used + bound > self.env.info()["map_size"]:
+                        self._grow(used + bound)
+                    self._txn, self._txn_end, self._writing = self.env.begin(write=True), used, True
                 try:
-                    with self.env.begin(write=True) as txn:
-                        with txn.cursor() as cursor:
-                            cursor.putmulti(items, append=append)
+                    with self._txn.cursor() as cursor:
+                        cursor.putmulti(items, append=append)
                     break
-                except lmdb.MapFullError:  # the bound above holds for a build; grow and retry otherwise
+                except lmdb.MapFullError:  # the bound holds for a build; otherwise grow and retry
+                    self._abort()
+                    if not fresh:  # what the transaction held before cannot be put again from here
+                        raise
                     self._grow(self.env.info()["map_size"] + bound)
+        except (lmdb.Error, OSError) as e:
+            self._abort()
+            raise _storage_error(self.path, "write LMDB", e) from None
+        self._txn_end += bound
+        self.last_key = max(self.last_key, max(keys))
+
+    def commit(self) -> None:
+        """Commits the open transaction, if any (synced: see the class's notes), after `before_commit`."""
+        if self._txn is None:
+            return
+        try:
+            if self.before_commit is not None:
+                self.before_commit()
+            self._txn.commit()
         except (lmdb.Error, OSError) as e:
             raise _storage_error(self.path, "write LMDB", e) from None
         finally:
-            self._writing = False
+            self._txn, self._writing = None, False
             self._batches += 1
-        if keys:
-            self.last_key = max(self.last_key, max(keys))
+
+    def _abort(self) -> None:
+        if self._txn is not None:
+            self._txn.abort()
+            self._txn, self._writing = None, False
 
     @property
     def map_size(self) -> int:
@@ -230,6 +269,7 @@ class LmdbWriter:
         """Returns once every committed record is on disk, and any unused reservation is given back."""
         if self.env is None:
             return
+        self._abort()  # what was added and not committed is not kept: --resume redoes it
         self._stop_flusher()
         try:
             self.env.sync(True)
@@ -251,6 +291,9 @@ class LmdbWriter:
 
     def _close_handles(self) -> None:
         self._stop_flusher()
+        if getattr(self, "_txn", None) is not None:
+            self._txn.abort()
+            self._txn = None
         if getattr(self, "env", None) is not None:
             self.env.close()
             self.env = None
@@ -268,34 +311,57 @@ class LevelDBWriter:
     LevelDB's log recovery skips a damaged stretch and keeps what follows, so a batch lost in the
     middle would go unnoticed."""
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, before_commit=None):
         self.path = Path(path)
+        self.before_commit = before_commit
+        self._batch = None
         try:
             self.db = plyvel.DB(str(self.path), create_if_missing=True, **LEVELDB_OPTIONS)
         except (plyvel.Error, OSError) as e:
             raise _storage_error(self.path, "open LevelDB", e) from None
 
     def put_batch(self, items: list[tuple[bytes, bytes]]) -> None:
-        """Writes `items` ((key, value) pairs) in one synced write batch."""
+        """Writes `items` ((key, value) pairs) in one synced write batch (with whatever `add` put before it)."""
+        self.add(items)
+        self.commit()
+
+    def add(self, items) -> None:
+        """Adds `items` ((key, value) pairs; a value may be any buffer, read only during the call) to
+        the open write batch, beginning one."""
+        if self._batch is None:
+            self._batch = self.db.write_batch(sync=True)
+        for key, value in items:
+            self._batch.put(key, value if isinstance(value, bytes) else bytes(value))
+
+    def commit(self) -> None:
+        """Writes the open batch, if any, after `before_commit`."""
+        if self._batch is None:
+            return
+        batch, self._batch = self._batch, None
         try:
-            with self.db.write_batch(sync=True) as batch:
-                for key, value in items:
-                    batch.put(key, value)
+            if self.before_commit is not None:
+                self.before_commit()
+            batch.write()
         except (plyvel.Error, OSError) as e:
             raise _storage_error(self.path, "write LevelDB", e) from None
 
     def close(self) -> None:
-        """Closes the database; the writer is unusable afterwards."""
+        """Closes the database (a batch added and not committed is dropped); the writer is unusable afterwards."""
+        if self._batch is not None:
+            self._batch.clear()
+            self._batch = None
         self.db.close()
 
 
-def open_writer(path, backend: str, map_size: int = INITIAL_MAP_SIZE):
+def open_writer(path, backend: str, map_size: int = INITIAL_MAP_SIZE, before_commit=None):
     """A batch writer for a new or existing database at `path`: `put_batch([(key, value), ...])` writes
-    one transaction, `close()` ends it. `backend` is "lmdb" or "leveldb" (Caffe's LevelDB options)."""
+    one transaction; `add(items)` puts items into the open one and `commit()` ends it, calling
+    `before_commit()` first; `close()` ends the writer. `backend` is "lmdb" or "leveldb" (Caffe's
+    LevelDB options)."""
     if backend == "lmdb":
-        return LmdbWriter(path, map_size)
+        return LmdbWriter(path, map_size, before_commit)
     if backend == "leveldb":
-        return LevelDBWriter(path)
+        return LevelDBWriter(path, before_commit)
     raise ImgprepError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
 
 

@@ -59,21 +59,23 @@ class SharedArea:
 
 
 def shared_put(area: SharedArea | None):
-    """Worker side, once per chunk: put(data) -> a Stored reference when `data` fits in what is left
-    of the area, else `data` itself (which then travels back pickled, as without an area)."""
+    """Worker side, once per chunk: put(*parts) -> a Stored reference to the parts' bytes, written one
+    after another, when they fit in what is left of the area, else their bytes joined (which then
+    travel back pickled, as without an area)."""
     if area is None:
-        return lambda data: data
+        return lambda *parts: parts[0] if len(parts) == 1 else b"".join(parts)
     view = _mapping(area)
     used = 0
 
-    def put(data):
+    def put(*parts):
         nonlocal used
-        start, used_after = used, used + len(data)
-        if used_after > area.size:
-            return data
-        view[start:used_after] = data
-        used = used_after
-        return Stored(start, len(data))
+        start = used
+        if start + sum(map(len, parts)) > area.size:
+            return parts[0] if len(parts) == 1 else b"".join(parts)
+        for part in parts:
+            view[used:used + len(part)] = part
+            used += len(part)
+        return Stored(start, used - start)
 
     return put
 
@@ -108,10 +110,11 @@ def resolve_jobs(jobs: int | None) -> int:
         return os.cpu_count() or 1
 
 
-def chunked(iterable, size: int):
-    """Lists of `size` items (the last may be shorter) from `iterable`."""
+def chunked(iterable, size):
+    """Lists of `size` items (the last may be shorter) from `iterable`; `size` may be a function,
+    asked before each list is made."""
     it = iter(iterable)
-    while chunk := list(itertools.islice(it, size)):
+    while chunk := list(itertools.islice(it, size() if callable(size) else size)):
         yield chunk
 
 
@@ -177,7 +180,8 @@ def _windowed(submit, chunks, window: int, crashed=None, restart=lambda: None):
 
 def _alone(submit, item, crashed, restart) -> list:
     try:
-        return submit([item]).result()
+        result = submit([item]).result()
+        return result.owned() if isinstance(result, _Lent) else result  # the next item's run reuses areas
     except Exception as error:
         if not worker_died(error):
             raise
@@ -281,31 +285,84 @@ def _shared_areas(count: int, size: int):
             m.unlink()
 
 
-def _copy_out(result, buffer):
-    """`result` with every Stored reference (in lists and tuples) replaced by its bytes."""
+def _copy_out(result, buffer, lent: list | None = None):
+    """`result` with every Stored reference (in lists and tuples) replaced by its bytes or, with a
+    `lent` list, by a view of the area (appended to `lent`)."""
     if isinstance(result, Stored):
-        return bytes(buffer[result.offset:result.offset + result.length])
+        view = buffer[result.offset:result.offset + result.length]
+        if lent is None:
+            with view:
+                return bytes(view)
+        lent.append(view)
+        return view
     if isinstance(result, (list, tuple)):
-        return type(result)(_copy_out(item, buffer) for item in result)
+        return type(result)(_copy_out(item, buffer, lent) for item in result)
+    return result
+
+
+class _Lent:
+    """A result holding views of its chunk's area, released (`release`) once the consumer is done with it."""
+
+    def __init__(self, result, views: list):
+        self.result, self.views = result, views
+
+    def owned(self):
+        """The result with its views copied out as bytes, the views released."""
+        owned = _owned(self.result)
+        self.release()
+        return owned
+
+    def release(self) -> None:
+        for view in self.views:
+            view.release()
+        self.views = []
+
+
+def _owned(result):
+    """`result` with every memoryview (in lists and tuples) replaced by its bytes."""
+    if isinstance(result, memoryview):
+        return bytes(result)
+    if isinstance(result, (list, tuple)):
+        return type(result)(_owned(item) for item in result)
     return result
 
 
 class _CopyingOut:
-    """A future whose result has its Stored bytes copied out of the area (freeing it for reuse)."""
+    """A future whose result has its Stored bytes copied out of the area (freeing it for reuse) or,
+    with `lend`, lent as views of the area (a _Lent)."""
 
-    def __init__(self, future, buffer):
-        self.future, self.buffer = future, buffer
+    def __init__(self, future, buffer, lend: bool = False):
+        self.future, self.buffer, self.lend = future, buffer, lend
 
     def result(self):
-        return _copy_out(self.future.result(), self.buffer)
+        if not self.lend:
+            return _copy_out(self.future.result(), self.buffer)
+        views: list = []
+        return _Lent(_copy_out(self.future.result(), self.buffer, views), views)
+
+
+def _returned(results):
+    """The consumer's side of lent results: each _Lent's views are released when the next result is
+    asked for (or the consumer stops), so a view kept past that fails loudly instead of reading an
+    area a later chunk has overwritten."""
+    for result in results:
+        if not isinstance(result, _Lent):
+            yield result
+            continue
+        try:
+            yield result.result
+        finally:
+            result.release()
 
 
 def ordered_map(fn, chunks, jobs: int, scheduler: str | None = None, area_bytes: int = 0, crashed=None,
-                **kwargs):
+                lend: bool = False, **kwargs):
     """Yields fn(chunk, **kwargs) for each chunk, in order, with bounded work in flight.
 
     With `area_bytes`, local workers also get `area=` (a SharedArea for `shared_put`) where /dev/shm
-    has room, so `fn` takes `area=None`; results come back with the bytes in place of references.
+    has room, so `fn` takes `area=None`; results come back with the bytes in place of references,
+    or with `lend` as memoryviews of the area, valid until the next result is asked for (then
+    released: the area takes a later chunk's results), which saves copying them out.
     With `crashed(item, detail)`, fn returns one result per item, and a worker that dies (a decoder
     crash, the OOM killer) costs only the item that killed it, which gets crashed()'s result."""
     chunks = iter(chunks)
@@ -335,9 +392,9 @@ def ordered_map(fn, chunks, jobs: int, scheduler: str | None = None, area_bytes:
 
             def submit(chunk):
                 area, buffer = next(turn)
-                return _CopyingOut(pool.submit(fn, chunk, area=area, **kwargs), buffer)
+                return _CopyingOut(pool.submit(fn, chunk, area=area, **kwargs), buffer, lend)
 
-            yield from _windowed(submit, chunks, window, crashed, pool.restart)
+            yield from _returned(_windowed(submit, chunks, window, crashed, pool.restart))
     except (KeyboardInterrupt, GeneratorExit):  # Ctrl-C, or the consumer stopped: no worker lingers
         pool.kill()
         raise
