@@ -24,7 +24,8 @@ from common import describe_jpegs, sample_tree, standard_args  # noqa: E402
 
 from imgprep.prepare.archives import index_archive  # noqa: E402
 from imgprep.prepare.build import BuildOptions, build_database  # noqa: E402
-from imgprep.formats.imageops import ImageSpec, parse_resize  # noqa: E402
+from imgprep.formats.imageops import ImageSpec  # noqa: E402
+from imgprep.formats.resizing import parse_resize
 from imgprep.prepare.download import TRAIN_TAR  # noqa: E402
 from imgprep.prepare.parallel import resolve_jobs  # noqa: E402
 from imgprep.prepare.sample import write_download  # noqa: E402

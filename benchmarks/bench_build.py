@@ -31,7 +31,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import caffe_tools, describe_jpegs, interleaved, sample_tree, standard_args, timing_table  # noqa: E402
 
 from imgprep.formats.codec import encode_datum  # noqa: E402
-from imgprep.formats.imageops import ImageSpec, parse_resize, process_image  # noqa: E402
+from imgprep.formats.imageops import ImageSpec, process_image  # noqa: E402
+from imgprep.formats.resizing import parse_resize
 from imgprep.formats.lists import read_list  # noqa: E402
 from imgprep.prepare.parallel import resolve_jobs  # noqa: E402
 

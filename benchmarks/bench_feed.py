@@ -31,7 +31,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import describe_jpegs, sample_tree, standard_args  # noqa: E402
 
 from imgprep.prepare.build import BuildOptions, build_database  # noqa: E402
-from imgprep.formats.imageops import ImageSpec, parse_resize  # noqa: E402
+from imgprep.formats.imageops import ImageSpec  # noqa: E402
+from imgprep.formats.resizing import parse_resize
 from imgprep.loading.loader import _Feed, _policy_params  # noqa: E402
 from imgprep.loading.plan import EpochPlan  # noqa: E402
 from imgprep.loading.policies import EVAL_POLICIES, TRAIN_POLICIES, policy  # noqa: E402

@@ -21,7 +21,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import caffe_tools, interleaved, sample_tree, standard_args, timing_table  # noqa: E402
 
 from imgprep.prepare.build import BuildOptions, build_database  # noqa: E402
-from imgprep.formats.imageops import ImageSpec, parse_resize  # noqa: E402
+from imgprep.formats.imageops import ImageSpec  # noqa: E402
+from imgprep.formats.resizing import parse_resize
 from imgprep.prepare.parallel import resolve_jobs  # noqa: E402
 from imgprep.formats.storage import Reader, open_writer  # noqa: E402
 

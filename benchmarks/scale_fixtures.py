@@ -54,7 +54,8 @@ if kind == "parse":
     n = len(read_list(args["list"]))
 else:
     from imgprep.prepare.build import BuildOptions, build_database
-    from imgprep.formats.imageops import ImageSpec, parse_resize
+    from imgprep.formats.imageops import ImageSpec
+    from imgprep.formats.resizing import parse_resize
     spec = ImageSpec(parse_resize("squash:16x16"), encoded=False)
     n = build_database(args["list"], args["root"], args["out"], BuildOptions(spec=spec, jobs=args["jobs"]),
                        overwrite=True, show_progress=False).records

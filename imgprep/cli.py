@@ -117,13 +117,13 @@ def _checked(check):
 
 
 def _check_resize(value: str) -> None:
-    from imgprep.formats.imageops import parse_resize
+    from imgprep.formats.resizing import parse_resize
 
     parse_resize(value)
 
 
 def _check_max_aspect(value: float) -> None:
-    from imgprep.formats.imageops import check_max_aspect
+    from imgprep.formats.resizing import check_max_aspect
 
     check_max_aspect(value)
 
@@ -547,7 +547,7 @@ def compute_mean_cmd(dbs, out, crop, resize, values_out, jobs, scheduler, allow_
     if out is None or not dbs or out.is_dir():
         given = f" ({out} is a folder: a database, not the file to write)" if out is not None and out.is_dir() else ""
         raise click.UsageError(f"compute-mean needs DB... and OUT: the .binaryproto to write{given}")
-    from imgprep.formats.imageops import parse_resize
+    from imgprep.formats.resizing import parse_resize
     from imgprep.prepare.mean import MeanTransform, check_arguments, combine, compute_mean, write_mean
 
     check_arguments(dbs, out, values_out)

@@ -12,7 +12,8 @@ from imgprep import ImgprepError
 from imgprep.loading.bench import bench_loader, format_table
 from imgprep.prepare.build import BuildOptions, build_database
 from imgprep.formats.manifest import FAILURES
-from imgprep.formats.imageops import ImageSpec, parse_resize
+from imgprep.formats.imageops import ImageSpec
+from imgprep.formats.resizing import parse_resize
 from imgprep.prepare.inspection import inspect_db
 from imgprep.prepare.make_lists import make_lists
 from imgprep.prepare.progress import plural

@@ -97,7 +97,8 @@ def index_labelled_dbs(sample_tree, base, kinds, limit=None, jobs=2, seed=11):
     entry's index in the list, so a label names its record. `kinds`: (name, resize, encoded, backend).
     Returns {name: path, "count": N, "sources": {label: source image path}}."""
     from imgprep.prepare.build import BuildOptions, build_database
-    from imgprep.formats.imageops import ImageSpec, parse_resize
+    from imgprep.formats.imageops import ImageSpec
+    from imgprep.formats.resizing import parse_resize
 
     entries = [line.rsplit(" ", 1)[0] for line in (sample_tree.lists / "train.txt").read_text().splitlines()]
     good = [p for p in entries if p not in sample_tree.oddities][:limit]

@@ -8,7 +8,8 @@ import pytest
 from conftest import assert_clean_error, run_cli
 from imgprep.loading.bench import BenchRow, format_table
 from imgprep.prepare.build import BuildOptions, build_database
-from imgprep.formats.imageops import ImageSpec, parse_resize
+from imgprep.formats.imageops import ImageSpec
+from imgprep.formats.resizing import parse_resize
 
 
 @pytest.fixture(scope="module")

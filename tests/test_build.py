@@ -15,7 +15,8 @@ from imgprep.prepare.build import BuildOptions, build_database
 from imgprep.formats.manifest import MANIFEST
 from imgprep.formats.manifest import FAILURES
 from imgprep.formats.codec import decode_datum
-from imgprep.formats.imageops import ImageSpec, decode_to_rgb, decode_upright, parse_resize, to_bgr_chw
+from imgprep.formats.imageops import ImageSpec, decode_to_rgb, decode_upright, to_bgr_chw
+from imgprep.formats.resizing import parse_resize
 from imgprep.formats.lists import read_list
 from imgprep.formats.order import permutation
 from imgprep.prepare.parallel import SHM_DIR, area_prefix

@@ -15,7 +15,8 @@ from imgprep import ImgprepError  # noqa: E402
 from imgprep.formats.manifest import MANIFEST
 from imgprep.formats.codec import decode_datum, encode_blob, encode_datum  # noqa: E402
 from imgprep.loading.dataset import CaffeDataset  # noqa: E402
-from imgprep.formats.imageops import ImageSpec, decode_upright, parse_resize  # noqa: E402
+from imgprep.formats.imageops import ImageSpec, decode_upright  # noqa: E402
+from imgprep.formats.resizing import parse_resize
 from imgprep.loading.policies import IMAGENET_MEAN_RGB, IMAGENET_STD_RGB
 from imgprep.formats.storage import Reader, open_writer  # noqa: E402
 

@@ -8,7 +8,8 @@ import pytest
 
 from conftest import IMGPREP, wait_for_progress, db_records
 from imgprep.prepare.build import BuildOptions, build_database
-from imgprep.formats.imageops import ImageSpec, parse_resize
+from imgprep.formats.imageops import ImageSpec
+from imgprep.formats.resizing import parse_resize
 from imgprep.prepare.mean import compute_mean
 from imgprep.prepare.resize import resize_tree
 

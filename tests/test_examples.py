@@ -4,7 +4,8 @@ from pathlib import Path
 import pytest
 
 from imgprep.prepare.build import BuildOptions, build_database
-from imgprep.formats.imageops import ImageSpec, parse_resize
+from imgprep.formats.imageops import ImageSpec
+from imgprep.formats.resizing import parse_resize
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "examples"))
 

@@ -7,8 +7,8 @@ import pytest
 from PIL import Image
 
 from imgprep import ImgprepError
-from imgprep.formats.imageops import (ImageFailure, ImageSpec, ImageWarning, bgr_chw_to_rgb_hwc, center_crop,
-                              check_max_aspect, decode_upright, parse_resize, process_image, to_bgr_chw)
+from imgprep.formats.imageops import ImageFailure, ImageSpec, ImageWarning, bgr_chw_to_rgb_hwc, center_crop, decode_upright, process_image, to_bgr_chw
+from imgprep.formats.resizing import check_max_aspect, parse_resize
 from imgprep.prepare.sample import PHOTOS_DIR
 
 PHOTO = (PHOTOS_DIR / "chelsea.jpg").read_bytes()  # 451x300 RGB JPEG

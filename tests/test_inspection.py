@@ -3,7 +3,8 @@ import os
 from conftest import assert_clean_error, run_cli
 from imgprep.prepare.build import BuildOptions, build_database
 from imgprep.formats.codec import decode_datum, encode_datum
-from imgprep.formats.imageops import ImageSpec, parse_resize
+from imgprep.formats.imageops import ImageSpec
+from imgprep.formats.resizing import parse_resize
 from imgprep.prepare.inspection import inspect_db
 from imgprep.prepare.merge import merge_parts
 from imgprep.formats.storage import Reader, open_writer

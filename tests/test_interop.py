@@ -17,7 +17,8 @@ import pytest
 from caffe_proto import Datum
 from conftest import assert_clean_error, db_records, run_cli
 from imgprep.prepare.build import BuildOptions, build_database
-from imgprep.formats.imageops import ImageSpec, decode_upright, keeps_original, parse_resize
+from imgprep.formats.imageops import ImageSpec, decode_upright, keeps_original
+from imgprep.formats.resizing import parse_resize
 from imgprep.prepare.mean import compute_mean
 from imgprep.formats.codec import load_mean
 

@@ -13,7 +13,8 @@ from imgprep import ImgprepError
 from imgprep.prepare.build import BuildOptions, build_database
 from imgprep.formats.manifest import MANIFEST
 from imgprep.formats.codec import encode_datum, raw_datum_prefix
-from imgprep.formats.imageops import ImageSpec, center_crop, decode_upright, parse_resize, to_bgr_chw
+from imgprep.formats.imageops import ImageSpec, center_crop, decode_upright, to_bgr_chw
+from imgprep.formats.resizing import parse_resize
 from imgprep.prepare.mean import MeanTransform, compute_mean, write_mean
 from imgprep.formats.codec import load_mean
 from imgprep.formats.storage import Reader, open_writer

@@ -12,7 +12,8 @@ from imgprep import ImgprepError
 from imgprep.prepare.build import BuildOptions, build_database
 from imgprep.formats.manifest import MANIFEST
 from imgprep.formats.manifest import FAILURES
-from imgprep.formats.imageops import ImageSpec, parse_resize
+from imgprep.formats.imageops import ImageSpec
+from imgprep.formats.resizing import parse_resize
 from imgprep.prepare.mean import MeanTransform, combine, compute_mean
 from imgprep.prepare.merge import merge_parts
 

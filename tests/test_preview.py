@@ -165,7 +165,8 @@ def test_preview_of_an_incomplete_build_needs_allow_partial(sample_tree, tmp_pat
 
     from imgprep.prepare.build import BuildOptions, build_database
     from imgprep.formats.manifest import MANIFEST
-    from imgprep.formats.imageops import ImageSpec, parse_resize
+    from imgprep.formats.imageops import ImageSpec
+    from imgprep.formats.resizing import parse_resize
 
     db = tmp_path / "db"
     build_database(sample_tree.lists / "val.txt", sample_tree.root / "val", db,

@@ -7,7 +7,8 @@ import pytest
 from PIL import Image
 
 from conftest import IMGPREP, assert_clean_error, folder_alias, loky_workers, run_cli, wait_for_progress
-from imgprep.formats.imageops import ImageSpec, parse_resize
+from imgprep.formats.imageops import ImageSpec
+from imgprep.formats.resizing import parse_resize
 from imgprep.prepare.resize import FAILURES, resize_tree, walk_images
 from imgprep.prepare.sample import ODDITY_OUTCOMES
 

@@ -12,7 +12,7 @@ from google.protobuf import text_format
 from caffe_proto import NetParameter
 from conftest import IMGPREP, assert_clean_error, db_records, run_cli
 from imgprep.prepare.build import BuildOptions, build_database, image_spec
-from imgprep.formats.imageops import parse_resize
+from imgprep.formats.resizing import parse_resize
 from imgprep.prepare.mean import MeanTransform, compute_mean
 from imgprep.formats.codec import load_mean
 from imgprep.prepare.sample import make_sample

@@ -11,7 +11,7 @@ from PIL import Image
 
 from imgprep import ImgprepError
 from imgprep.formats.codec import RecordError, datum_payload, decode_datum
-from imgprep.formats.imageops import parse_resize
+from imgprep.formats.resizing import parse_resize
 from imgprep.formats.manifest import read_manifest, require_complete
 from imgprep.formats.storage import Reader, detect_backend
 

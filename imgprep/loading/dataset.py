@@ -26,7 +26,8 @@ from PIL import Image
 
 from imgprep import ImgprepError
 from imgprep.formats.codec import Datum, RecordError, decode_datum
-from imgprep.formats.imageops import ImageFailure, ImageSpec, ResizePolicy, bgr_chw_to_rgb_hwc, center_crop, decode_upright
+from imgprep.formats.imageops import ImageFailure, ImageSpec, bgr_chw_to_rgb_hwc, center_crop, decode_upright
+from imgprep.formats.resizing import ResizePolicy
 from imgprep.formats.database import database_info
 from imgprep.formats.storage import Reader, detect_backend
 from imgprep.loading.draws import augmentation, resized_crop_windows

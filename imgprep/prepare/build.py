@@ -30,7 +30,8 @@ import numpy as np
 
 from imgprep import ImgprepError, __version__
 from imgprep.formats.codec import datum_parts
-from imgprep.formats.imageops import ImageFailure, ImageSpec, check_max_aspect, parse_resize, process_image
+from imgprep.formats.imageops import ImageFailure, ImageSpec, process_image
+from imgprep.formats.resizing import check_max_aspect, parse_resize
 from imgprep.formats.lists import ImageList, read_list
 from imgprep.formats.manifest import (FAILURES, MANIFEST_FORMAT, OLD_FORMATS, OutputLock, Failure, read_failures,
                        clear_output, contents, file_sha256, finish_hint, made_by_merge, open_own, read_manifest,

@@ -29,8 +29,8 @@ from PIL import Image
 from imgprep import ImgprepError
 from imgprep.formats.database import datum_shape
 from imgprep.formats.codec import RecordError, decode_datum, encode_blob, is_plain_raw_tail, raw_datum_prefix
-from imgprep.formats.imageops import (ImageFailure, ImageSpec, ResizePolicy, bgr_chw_to_rgb_hwc, center_crop,
-                       decode_upright, to_bgr_chw)
+from imgprep.formats.imageops import ImageFailure, ImageSpec, bgr_chw_to_rgb_hwc, center_crop, decode_upright, to_bgr_chw
+from imgprep.formats.resizing import ResizePolicy
 from imgprep.formats.files import check_output_file, refuse_overlaps, write_atomic
 from imgprep.formats.manifest import read_manifest, record_count, require_complete
 from imgprep.prepare.parallel import ordered_map, resolve_jobs

@@ -35,7 +35,7 @@ from pathlib import Path
 from imgprep import ImgprepError
 from imgprep.prepare.build import BuildOptions, Interrupted, build_database, image_spec
 from imgprep.prepare.presets import PRESETS
-from imgprep.formats.imageops import parse_resize
+from imgprep.formats.resizing import parse_resize
 from imgprep.prepare.download import DEVKIT_TAR, TRAIN_TAR, VAL_TAR, find_download
 from imgprep.prepare.make_lists import find_val_labels, make_lists
 from imgprep.formats.manifest import OutputLock, file_sha256, open_own, read_manifest
