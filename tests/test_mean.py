@@ -318,3 +318,14 @@ def test_a_fifo_where_a_file_is_read_is_refused_not_waited_on(dbs, tmp_path):
                              "load_mean(sys.argv[1])", str(tmp_path / "mean.binaryproto")],
                             capture_output=True, text=True, timeout=60)
     assert loaded.returncode == 1 and "is a FIFO, not a regular file" in loaded.stderr, loaded.stderr
+
+
+def test_compute_mean_of_raw_records_loads_no_image_library(dbs, tmp_path):
+    """compute-mean's start-up is most of its time on a small database: summing raw records as
+    stored needs numpy and LMDB, not Pillow; an encoded database still decodes (and loads it)."""
+    script = ("import sys\nfrom imgprep.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit as e:\n"
+              "    assert not e.code, e.code\nprint(sorted(m for m in sys.modules if m == 'PIL' or m.startswith('PIL.')))")
+    for name, loaded in (("raw", "[]"), ("encoded", "PIL.Image")):
+        out = subprocess.run([sys.executable, "-c", script, "compute-mean", str(dbs[name]), str(tmp_path / "m.binaryproto")],
+                             capture_output=True, text=True, check=True).stdout
+        assert loaded in out.splitlines()[-1], (name, out)

@@ -7,8 +7,6 @@ import io
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image
-
 from imgprep import ImgprepError
 from imgprep.formats.codec import RecordError, datum_payload, decode_datum
 from imgprep.formats.resizing import parse_resize
@@ -39,6 +37,8 @@ def datum_shape(datum) -> tuple[int, int, int]:
     """(channels, height, width) of a decoded Datum: the header's for a raw record, the JPEG's own for an
     encoded one."""
     if datum.encoded:  # imgprep stores encoded images upright, so the header's size is the image's
+        from PIL import Image  # here only: compute-mean of raw records need not load Pillow
+
         try:
             with Image.open(io.BytesIO(datum.data)) as image:
                 return len(image.getbands()), image.height, image.width
