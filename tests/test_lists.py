@@ -302,6 +302,7 @@ LIST_CASES = {
     "no label": "a/x.JPEG 0\nb/y.JPEG\n",
     "space only label": "a/x.JPEG \n",
     "too large": "a/x.JPEG 4294967296\n",
+    "beyond int64": "a/x.JPEG 9223372036854775808\n",
     "out of range": "a/x.JPEG 1000\n",
     "arabic digit": "a/x.JPEG \u0663\n",
     "NUL": "a/x\0.JPEG 0\n",

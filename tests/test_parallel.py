@@ -83,6 +83,20 @@ def test_lent_results_are_views_released_when_the_next_result_is_asked_for():
     assert not _areas_of_this_process()
 
 
+@pytest.mark.skipif(not SHM_DIR.is_dir(), reason="no /dev/shm")
+def test_an_error_while_a_result_is_lent_still_removes_the_areas():
+    """The list of work failing (or a Ctrl-C) between taking a chunk's result and handing it over must
+    end with that error and no areas left, not with the areas refusing to close under a live view."""
+    def chunks():
+        yield from ([i] for i in range(6))
+        raise ValueError("the list of work broke")
+
+    with pytest.raises(ValueError, match="the list of work broke"):
+        for _ in ordered_map(_records, chunks(), 2, area_bytes=100_000, lend=True):
+            pass
+    assert not _areas_of_this_process()
+
+
 def _released(view) -> bool:
     try:
         bytes(view)

@@ -103,9 +103,11 @@ def _open_jpeg(data: bytes) -> Image.Image | None:
     where the plugin refuses it (Image.open then says what it is). Image.open first asks every
     registered format whether the bytes are its own: ~17 µs of a tiny JPEG's ~200 µs per record."""
     try:
-        return JpegImagePlugin.jpeg_factory(io.BytesIO(data))
+        img = JpegImagePlugin.jpeg_factory(io.BytesIO(data))
     except Exception:
         return None
+    Image._decompression_bomb_check(img.size)  # as Image.open does (Image.MAX_IMAGE_PIXELS)
+    return img
 
 
 def _load(img: Image.Image) -> None:

@@ -104,8 +104,9 @@ def read_list(path: str | os.PathLike, num_labels: int | None = None,
     Caffe splits each line at its last space and trims nothing, so a CR or a trailing blank
     silently becomes part of the label. Here line endings (LF, CRLF), a UTF-8 BOM and trailing
     blanks are normalised away (counted in `notes`); blank lines are skipped; everything else
-    that is not `path label` with 0 <= label (< num_labels) is an error. The file is streamed and
-    labels kept as int32, so 1.28M lines need about 100 bytes each.
+    that is not `path label` with 0 <= label (< num_labels) is an error. Labels are kept as int32,
+    so 1.28M lines need about 100 bytes each; while a plain list is checked on its whole text, the
+    file's bytes and text are held too (about 90 MB more for ImageNet's train list).
     """
     notes = []
     paths: list[str] = []
@@ -168,7 +169,8 @@ def _read_clean(f, num_labels: int | None, allow_outside_root: bool) -> ImageLis
     label_texts = [label for _, _, label in parts]
     del parts
     digits = "".join(label_texts)
-    if not (all(names) and all(label_texts) and digits.isascii() and digits.isdigit()):
+    if not (all(names) and all(label_texts) and digits.isascii() and digits.isdigit()
+            and max(map(len, label_texts)) <= 10):  # longer ones cannot fit int32 (int64 could overflow)
         return None
     labels = np.array(list(map(int, label_texts)), dtype=np.int64)
     if labels.max() > INT32_MAX or (num_labels is not None and labels.max() >= num_labels):

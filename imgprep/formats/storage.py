@@ -245,9 +245,13 @@ class LmdbWriter:
         """Commits the open transaction, if any (synced: see the class's notes), after `before_commit`."""
         if self._txn is None:
             return
-        try:
-            if self.before_commit is not None:
+        if self.before_commit is not None:
+            try:
                 self.before_commit()
+            except BaseException:
+                self._abort()  # its records are not kept: --resume redoes them
+                raise
+        try:
             self._txn.commit()
         except (lmdb.Error, OSError) as e:
             raise _storage_error(self.path, "write LMDB", e) from None
@@ -338,9 +342,9 @@ class LevelDBWriter:
         if self._batch is None:
             return
         batch, self._batch = self._batch, None
+        if self.before_commit is not None:
+            self.before_commit()  # raising, the batch is dropped: --resume redoes it
         try:
-            if self.before_commit is not None:
-                self.before_commit()
             batch.write()
         except (plyvel.Error, OSError) as e:
             raise _storage_error(self.path, "write LevelDB", e) from None

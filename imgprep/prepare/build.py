@@ -190,10 +190,10 @@ class ChunkSize:
     def __call__(self) -> int:
         return self.size
 
-    def saw(self, records: list) -> None:
-        """Counts a chunk's (key, value) records into the mean record size."""
-        self.records += len(records)
-        self.bytes += sum(len(value) for _, value in records)
+    def saw(self, values: list) -> None:
+        """Counts a chunk's record values into the mean record size."""
+        self.records += len(values)
+        self.bytes += sum(map(len, values))
         if self.records:
             fitting = self.area_bytes * self.records // (4 * max(1, self.bytes))
             self.size = max(self.smallest, min(MAX_CHUNK, fitting))
@@ -340,6 +340,8 @@ def _build_locked(list_path, root, source, out, options, entries, order, identit
     write_manifest(out, manifest)
     with open_own(out / FAILURES) as f:
         f.writelines(x.line() for x in failures)
+        f.flush()
+        os.fsync(f.fileno())  # on disk before any record this build commits
 
     report = BuildReport(out, total=len(positions), resumed_from=start - positions.start)
     report.records = start - positions.start - len(failures)
@@ -376,6 +378,7 @@ def _build_locked(list_path, root, source, out, options, entries, order, identit
         for results in ordered_map(process_chunk, chunked(work, chunk_size), jobs, scheduler=options.scheduler,
                                    area_bytes=area_bytes, crashed=crashed_entry, lend=True, source=source,
                                    spec=options.spec):
+            chunk_size.saw([value for _, _, value, _ in results if not isinstance(value, Failure)])
             records = []
             for position, rel, value, shape in results:
                 if not isinstance(value, Failure) and options.check_size:
@@ -403,7 +406,6 @@ def _build_locked(list_path, root, source, out, options, entries, order, identit
                         writer.add(records)
                         records = []
                         commit()
-            chunk_size.saw(records)
             writer.add(records)
             uncommitted += len(records)
         commit()

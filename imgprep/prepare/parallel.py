@@ -301,10 +301,12 @@ def _copy_out(result, buffer, lent: list | None = None):
 
 
 class _Lent:
-    """A result holding views of its chunk's area, released (`release`) once the consumer is done with it."""
+    """A result holding views of its chunk's area, released (`release`) once the consumer is done with it;
+    until then it is in `outstanding`, so that an error anywhere can release it before the areas close."""
 
-    def __init__(self, result, views: list):
-        self.result, self.views = result, views
+    def __init__(self, result, views: list, outstanding: set):
+        self.result, self.views, self.outstanding = result, views, outstanding
+        outstanding.add(self)
 
     def owned(self):
         """The result with its views copied out as bytes, the views released."""
@@ -316,6 +318,7 @@ class _Lent:
         for view in self.views:
             view.release()
         self.views = []
+        self.outstanding.discard(self)
 
 
 def _owned(result):
@@ -329,16 +332,21 @@ def _owned(result):
 
 class _CopyingOut:
     """A future whose result has its Stored bytes copied out of the area (freeing it for reuse) or,
-    with `lend`, lent as views of the area (a _Lent)."""
+    with an `outstanding` set, lent as views of the area (a _Lent, kept in the set until released)."""
 
-    def __init__(self, future, buffer, lend: bool = False):
-        self.future, self.buffer, self.lend = future, buffer, lend
+    def __init__(self, future, buffer, outstanding: set | None = None):
+        self.future, self.buffer, self.outstanding = future, buffer, outstanding
 
     def result(self):
-        if not self.lend:
+        if self.outstanding is None:
             return _copy_out(self.future.result(), self.buffer)
         views: list = []
-        return _Lent(_copy_out(self.future.result(), self.buffer, views), views)
+        try:
+            return _Lent(_copy_out(self.future.result(), self.buffer, views), views, self.outstanding)
+        except BaseException:
+            for view in views:
+                view.release()
+            raise
 
 
 def _returned(results):
@@ -389,13 +397,18 @@ def ordered_map(fn, chunks, jobs: int, scheduler: str | None = None, area_bytes:
                                      pool.restart)
                 return
             turn = itertools.cycle(areas)
+            outstanding: set | None = set() if lend else None
 
             def submit(chunk):
                 area, buffer = next(turn)
-                return _CopyingOut(pool.submit(fn, chunk, area=area, **kwargs), buffer, lend)
+                return _CopyingOut(pool.submit(fn, chunk, area=area, **kwargs), buffer, outstanding)
 
-            yield from _returned(_windowed(submit, chunks, window, crashed, pool.restart))
-    except (KeyboardInterrupt, GeneratorExit):  # Ctrl-C, or the consumer stopped: no worker lingers
+            try:
+                yield from _returned(_windowed(submit, chunks, window, crashed, pool.restart))
+            finally:  # an error between taking a result and handing it over leaves it lent
+                for result in list(outstanding or ()):
+                    result.release()
+    except BaseException:  # Ctrl-C, an error, or the consumer stopped: no worker lingers
         pool.kill()
         raise
     pool.close()
