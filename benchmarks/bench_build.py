@@ -142,7 +142,7 @@ def main():
                 caffe, ours = timings[caffe_name], timings[f"imgprep --preset caffe, {cores} job{'s' * (cores > 1)}"]
                 speed, cpu = ours.rate / caffe.rate, ours.cpu_ms / caffe.cpu_ms
                 print(f"goal (all cores): at least 2.5x {caffe_name}'s rate, at most 0.7x its CPU per image: "
-                      f"{speed:.2f}x, {cpu:.2f}x ({'met' if speed >= 2.5 and cpu <= 0.7 else 'not met'}); "
+                      f"{speed:.2f}x, {cpu:.3f}x ({'met' if speed >= 2.5 and cpu <= 0.7 else 'not met'}); "
                       f"the floor alone is {floor / caffe.cpu_ms:.2f}x its CPU per image")
 
 
