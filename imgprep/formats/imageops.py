@@ -73,7 +73,7 @@ class ProcessedImage:
     @property
     def data(self) -> bytes:
         """The JPEG bytes, or the BGR planar (C, H, W) pixels, in one piece."""
-        return self.parts[0] if len(self.parts) == 1 else b"".join(self.parts)
+        return b"".join(self.parts)  # a single part is returned as it is, not copied
 
 
 def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:

@@ -295,9 +295,7 @@ class LmdbWriter:
 
     def _close_handles(self) -> None:
         self._stop_flusher()
-        if getattr(self, "_txn", None) is not None:
-            self._txn.abort()
-            self._txn = None
+        self._abort()
         if getattr(self, "env", None) is not None:
             self.env.close()
             self.env = None

@@ -63,7 +63,7 @@ def shared_put(area: SharedArea | None):
     after another, when they fit in what is left of the area, else their bytes joined (which then
     travel back pickled, as without an area)."""
     if area is None:
-        return lambda *parts: parts[0] if len(parts) == 1 else b"".join(parts)
+        return lambda *parts: b"".join(parts)  # one bytes part is returned as it is, not copied
     view = _mapping(area)
     used = 0
 
@@ -71,7 +71,7 @@ def shared_put(area: SharedArea | None):
         nonlocal used
         start = used
         if start + sum(map(len, parts)) > area.size:
-            return parts[0] if len(parts) == 1 else b"".join(parts)
+            return b"".join(parts)
         for part in parts:
             view[used:used + len(part)] = part
             used += len(part)
@@ -180,8 +180,8 @@ def _windowed(submit, chunks, window: int, crashed=None, restart=lambda: None):
 
 def _alone(submit, item, crashed, restart) -> list:
     try:
-        result = submit([item]).result()
-        return result.owned() if isinstance(result, _Lent) else result  # the next item's run reuses areas
+        future = submit([item])  # copied out, not lent: the next item's run reuses the areas
+        return future.copied() if isinstance(future, _CopyingOut) else future.result()
     except Exception as error:
         if not worker_died(error):
             raise
@@ -308,26 +308,11 @@ class _Lent:
         self.result, self.views, self.outstanding = result, views, outstanding
         outstanding.add(self)
 
-    def owned(self):
-        """The result with its views copied out as bytes, the views released."""
-        owned = _owned(self.result)
-        self.release()
-        return owned
-
     def release(self) -> None:
         for view in self.views:
             view.release()
         self.views = []
         self.outstanding.discard(self)
-
-
-def _owned(result):
-    """`result` with every memoryview (in lists and tuples) replaced by its bytes."""
-    if isinstance(result, memoryview):
-        return bytes(result)
-    if isinstance(result, (list, tuple)):
-        return type(result)(_owned(item) for item in result)
-    return result
 
 
 class _CopyingOut:
@@ -337,9 +322,13 @@ class _CopyingOut:
     def __init__(self, future, buffer, outstanding: set | None = None):
         self.future, self.buffer, self.outstanding = future, buffer, outstanding
 
+    def copied(self):
+        """The result with its bytes copied out of the area, whether or not this future lends."""
+        return _copy_out(self.future.result(), self.buffer)
+
     def result(self):
         if self.outstanding is None:
-            return _copy_out(self.future.result(), self.buffer)
+            return self.copied()
         views: list = []
         try:
             return _Lent(_copy_out(self.future.result(), self.buffer, views), views, self.outstanding)
