@@ -21,10 +21,10 @@ demo: $(STAMP)
 	$(BIN)/imgprep doctor
 	$(BIN)/imgprep demo build/demo
 
-# Each test module is named as it runs, and the slowest tests are listed at the end.
+# One test process per core (pytest-xdist); the slowest tests are listed at the end.
 test: $(STAMP)
-	@echo "make test: the whole suite, about 5 minutes on 2 idle cores (more on a busy machine); one module: $(BIN)/python -m pytest tests/test_lists.py"
-	$(BIN)/python -m pytest --durations=5
+	@echo "make test: the whole suite, about 8 minutes on 2 idle cores (more on a busy machine); one module: $(BIN)/python -m pytest tests/test_lists.py"
+	$(BIN)/python -m pytest -n auto --durations=5
 
 # Interoperability with BVLC Caffe's own tools: IMGPREP_CAFFE_TOOLS=DIR names a folder holding
 # convert_imageset and compute_image_mean (or a Caffe build folder with them in tools/).
