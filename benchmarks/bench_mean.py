@@ -75,7 +75,7 @@ def mean_commands(db: Path, out: Path, tools: Path | None, cores: int) -> dict:
         commands["Caffe compute_image_mean"] = [tools / "compute_image_mean", "--backend=lmdb", db, out / "caffe.binaryproto"]
     for jobs in sorted({1, cores}):
         commands[f"imgprep compute-mean, {jobs} job{'s' * (jobs > 1)}"] = [
-            *IMGPREP, "compute-mean", db, out / f"ours{jobs}.binaryproto", "--jobs", jobs]
+            *IMGPREP, "compute-mean", db, out / f"ours{jobs}.binaryproto", "--jobs", jobs, "--overwrite"]
     return commands
 
 

@@ -294,7 +294,10 @@ def sample(out, classes, train_per_class, val_per_class, seed, oddities, grain, 
               show_default="found beside the ground truth, or the devkit's meta.mat",
               help="For devkit ground truth: the devkit's meta.mat or an "
                    "ILSVRC2012_ID,wnid CSV.")
-def make_lists_cmd(roots, out, synsets_file, derive_synsets, val_labels, val_id_table):
+@option("--overwrite", is_flag=True,
+        help="Replace files in --out that differ from what this run makes (a list you edited, or one made "
+             "from another tree); without it they are refused. The same lists made again need no flag.")
+def make_lists_cmd(roots, out, synsets_file, derive_synsets, val_labels, val_id_table, overwrite):
     """Write train.txt / val.txt ('relative/path label') for an ILSVRC12 tree or the download.
 
     Reads ROOT (below); writes train.txt, val.txt (test.txt), synsets.txt and synset_words.txt
@@ -323,7 +326,8 @@ def make_lists_cmd(roots, out, synsets_file, derive_synsets, val_labels, val_id_
     """
     from imgprep.prepare.make_lists import make_lists
 
-    report = make_lists(list(roots), out, synsets_file, derive_synsets, val_labels, val_id_table)
+    report = make_lists(list(roots), out, synsets_file, derive_synsets, val_labels, val_id_table,
+                        overwrite=overwrite)
     for warning in report.warnings:
         click.echo(f"warning: {warning}", err=True)
     click.echo(report.summary(out))
@@ -521,7 +525,8 @@ def build_lmdb(list_file, root, out, preset, backend, resize, encoded, quality, 
 @jobs_option("threads, each summing one key range")
 @scheduler_option("each DB", "threads")
 @allow_partial_option
-def compute_mean_cmd(dbs, out, crop, resize, values_out, jobs, scheduler, allow_partial):
+@option("--overwrite", is_flag=True, help="Replace OUT and --values-out if they exist.")
+def compute_mean_cmd(dbs, out, crop, resize, values_out, jobs, scheduler, allow_partial, overwrite):
     """Write the exact mean image of database DB as a Caffe .binaryproto OUT.
 
     Reads every record of each DB (LMDB or LevelDB, raw or encoded); writes OUT (and
@@ -529,9 +534,10 @@ def compute_mean_cmd(dbs, out, crop, resize, values_out, jobs, scheduler, allow_
 
     Several DBs (e.g. the parts of a sharded build) give the mean of all their records: the
     integer sums of the parts are added, so the result equals the merged database's mean. A DB
-    named twice (under any name: a bind mount, a link), OUT / --values-out inside a DB, and an
-    output that cannot be written (no such folder, a symbolic link) are refused before any work.
-    Each output is written to a temporary file beside it, then renamed.
+    named twice (under any name: a bind mount, a link), OUT / --values-out inside a DB, an output
+    that cannot be written (no such folder, a symbolic link) and one that exists (unless
+    --overwrite) are refused before any work. Each output is written to a temporary file beside
+    it, then renamed.
 
     The file is what Caffe's compute_image_mean writes (num=1, C, H, W, float32 BGR planar), but
     summed in integers: exact at any N, where Caffe's float32 sum drifts past ~65k images.
@@ -550,7 +556,7 @@ def compute_mean_cmd(dbs, out, crop, resize, values_out, jobs, scheduler, allow_
     from imgprep.formats.resizing import parse_resize
     from imgprep.prepare.mean import MeanTransform, check_arguments, combine, compute_mean, write_mean
 
-    check_arguments(dbs, out, values_out)
+    check_arguments(dbs, out, values_out, overwrite)
     transform = MeanTransform(parse_resize(resize), crop)
     result = combine([compute_mean(db, transform, jobs, scheduler, allow_partial=allow_partial) for db in dbs])
     write_mean(result, out, values_out)

@@ -41,6 +41,18 @@ def tree_copy(sample_tree, tmp_path):
     return root
 
 
+@contextmanager
+def tmpfs(path, options):
+    """A tmpfs of `options` (size=6m: a small disk) mounted at `path` while in the block; skips without root."""
+    path.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True).returncode:
+        pytest.skip("mounting a tmpfs needs root")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)])
+
+
 def run_cli(*args, check=True, **kwargs):
     """Runs `python -m imgprep ARGS` as a user would; returns the CompletedProcess."""
     result = subprocess.run([*IMGPREP, *map(str, args)], capture_output=True, text=True, **kwargs)

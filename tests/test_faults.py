@@ -6,11 +6,10 @@ import os
 import resource
 import signal
 import subprocess
-from contextlib import contextmanager
 
 import pytest
 
-from conftest import IMGPREP, assert_clean_error, run_cli, wait_for_progress, db_records
+from conftest import IMGPREP, assert_clean_error, db_records, run_cli, tmpfs, wait_for_progress
 from imgprep import ImgprepError
 from imgprep.formats.manifest import MANIFEST
 from imgprep.loading.loader import Loader
@@ -44,17 +43,6 @@ def test_file_size_limit_is_a_clear_error_and_resumable(larger_tree, reference, 
     assert db_records(out) == reference
 
 
-@contextmanager
-def tmpfs(path, options):
-    path.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True).returncode:
-        pytest.skip("mounting a tmpfs needs root")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)])
-
-
 def test_full_disk_is_a_clear_error_and_resumable(larger_tree, reference, tmp_path):
     with tmpfs(tmp_path / "small", "size=6m") as disk:
         result = subprocess.run(build_cmd(larger_tree, disk / "db"), capture_output=True, text=True)
@@ -62,6 +50,21 @@ def test_full_disk_is_a_clear_error_and_resumable(larger_tree, reference, tmp_pa
         subprocess.run(["mount", "-o", "remount,size=200m", str(disk)], check=True)
         resumed = subprocess.run(build_cmd(larger_tree, disk / "db", "--resume"), capture_output=True, text=True)
         assert resumed.returncode == 3, resumed.stderr
+        assert db_records(disk / "db") == reference
+
+
+def test_a_merge_on_a_full_disk_says_to_run_the_same_merge_and_that_finishes_it(larger_tree, reference, tmp_path):
+    parts = [tmp_path / f"part{i}" for i in range(2)]
+    for i, part in enumerate(parts):
+        subprocess.run(build_cmd(larger_tree, part, "--num-shards", "2", "--shard-index", str(i)), capture_output=True)
+    merge = [*IMGPREP, "merge", *map(str, parts)]
+    with tmpfs(tmp_path / "small", "size=6m") as disk:
+        result = subprocess.run([*merge, str(disk / "db")], capture_output=True, text=True)
+        assert_clean_error(result, "disk is full", "run the same merge command again")
+        assert "--resume" not in result.stderr  # build-lmdb --resume refuses a merge's output
+        subprocess.run(["mount", "-o", "remount,size=200m", str(disk)], check=True)
+        again = subprocess.run([*merge, str(disk / "db")], capture_output=True, text=True)
+        assert again.returncode == 0, again.stderr
         assert db_records(disk / "db") == reference
 
 

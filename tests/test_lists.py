@@ -214,6 +214,21 @@ def test_a_failed_make_lists_leaves_the_previous_lists_whole(tree_copy, tmp_path
     assert {name: (out / name).read_bytes() for name in os.listdir(out)} == before
 
 
+def test_lists_made_again_need_no_flag_and_other_files_in_out_are_replaced_only_with_overwrite(tree_copy, tmp_path):
+    out = tmp_path / "lists"
+    run_cli("make-lists", tree_copy, "--out", out)
+    made = {name: (out / name).read_bytes() for name in os.listdir(out)}
+    run_cli("make-lists", tree_copy, "--out", out)  # the same bytes again: nothing is lost
+    (out / "train.txt").write_bytes(made["train.txt"].split(b"\n", 1)[1])  # a list the user edited
+    edited = {name: (out / name).read_bytes() for name in os.listdir(out)}
+    for args in ([], ["--derive-synsets"]):
+        result = run_cli("make-lists", tree_copy, "--out", out, *args, check=False)
+        assert_clean_error(result, f"{out} already holds train.txt", "--overwrite")
+        assert {name: (out / name).read_bytes() for name in os.listdir(out)} == edited  # nothing of the set replaced
+    run_cli("make-lists", tree_copy, "--out", out, "--overwrite")
+    assert {name: (out / name).read_bytes() for name in os.listdir(out)} == made
+
+
 def test_label_files_in_other_encodings_are_named_with_the_encoding_expected(sample_tree, tmp_path):
     root = sample_tree.root
     utf16 = tmp_path / "LOC_val_solution.csv"

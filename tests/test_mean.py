@@ -275,13 +275,25 @@ def test_the_mean_is_written_atomically_and_never_through_a_link(dbs, tmp_path):
     def cap():
         resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, 64 << 10))
 
-    result = subprocess.run([*IMGPREP, "compute-mean", str(dbs["raw"]), str(out), "--jobs", "1"], capture_output=True,
-                            text=True, preexec_fn=cap)
+    result = subprocess.run([*IMGPREP, "compute-mean", str(dbs["raw"]), str(out), "--jobs", "1", "--overwrite"],
+                            capture_output=True, text=True, preexec_fn=cap)
     assert_clean_error(result, f"cannot write {out}: File too large")
     assert out.read_bytes() == b"the previous mean"
     assert sorted(os.listdir(tmp_path)) == ["dangling.binaryproto", "m.binaryproto", "mean.binaryproto", "victim"]
-    run_cli("compute-mean", dbs["raw"], out)
+    run_cli("compute-mean", dbs["raw"], out, "--overwrite")
     assert load_mean(out).shape == (3, 256, 256)
+
+
+def test_an_existing_mean_or_values_file_is_replaced_only_with_overwrite(dbs, tmp_path):
+    out, values = tmp_path / "m.binaryproto", tmp_path / "v.json"
+    for mine, args in ((out, [out]), (values, [tmp_path / "new.binaryproto", "--values-out", values])):
+        mine.write_bytes(b"mine")
+        result = run_cli("compute-mean", dbs["raw"], *args, check=False)
+        assert_clean_error(result, f"{mine} exists; pass --overwrite to replace it")
+        assert "compute-mean:" not in result.stderr  # refused before a pass over the records
+        assert mine.read_bytes() == b"mine" and not (tmp_path / "new.binaryproto").exists()
+    run_cli("compute-mean", dbs["raw"], out, "--values-out", values, "--overwrite")
+    assert load_mean(out).shape == (3, 256, 256) and json.loads(values.read_text())["count"] == len(db_records(dbs["raw"]))
 
 
 def test_every_output_is_checked_before_any_work(dbs, tmp_path):
@@ -326,6 +338,6 @@ def test_compute_mean_of_raw_records_loads_no_image_library(dbs, tmp_path):
     script = ("import sys\nfrom imgprep.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit as e:\n"
               "    assert not e.code, e.code\nprint(sorted(m for m in sys.modules if m == 'PIL' or m.startswith('PIL.')))")
     for name, loaded in (("raw", "[]"), ("encoded", "PIL.Image")):
-        out = subprocess.run([sys.executable, "-c", script, "compute-mean", str(dbs[name]), str(tmp_path / "m.binaryproto")],
-                             capture_output=True, text=True, check=True).stdout
+        out = subprocess.run([sys.executable, "-c", script, "compute-mean", str(dbs[name]),
+                              str(tmp_path / f"{name}.binaryproto")], capture_output=True, text=True, check=True).stdout
         assert loaded in out.splitlines()[-1], (name, out)

@@ -10,7 +10,7 @@ import pytest
 from google.protobuf import text_format
 
 from caffe_proto import NetParameter
-from conftest import IMGPREP, assert_clean_error, db_records, run_cli
+from conftest import IMGPREP, assert_clean_error, db_records, run_cli, tmpfs
 from imgprep.prepare.build import BuildOptions, build_database, image_spec
 from imgprep.formats.resizing import parse_resize
 from imgprep.prepare.mean import MeanTransform, compute_mean
@@ -176,6 +176,19 @@ def test_a_kill_in_each_stage_then_the_same_command_ends_as_an_uninterrupted_run
 
     assert layers(work, made["caffe_data_layers.prototxt"]) == layers(reference_work,
                                                                       expected["caffe_data_layers.prototxt"])
+
+
+def test_a_full_disk_says_to_run_the_same_prepare_and_that_finishes_it(download, reference, tmp_path):
+    with tmpfs(tmp_path / "small", "size=1m") as disk:
+        result = run_cli("prepare", download, disk / "work", "--jobs", "1", check=False)
+        assert_clean_error(result, "disk is full", "run the same prepare command again")
+        assert "--resume" not in result.stderr  # prepare has no such option
+        subprocess.run(["mount", "-o", "remount,size=200m", str(disk)], check=True)
+        result = run_cli("prepare", download, disk / "work", "--jobs", "1")
+        assert "is ready" in result.stdout
+        reference_work, _ = reference
+        for name in ("train_lmdb", "val_lmdb"):
+            assert db_records(disk / "work" / name) == db_records(reference_work / name)
 
 
 def test_changed_inputs_and_options_are_refused_and_overwrite_makes_them_again(tmp_path):

@@ -58,13 +58,18 @@ def _write_limit_hint(path) -> str | None:
     return None
 
 
-def _storage_error(path, action: str, e: Exception) -> ImgprepError:
+RESUME_HINT = "run again with --resume"  # how a build continues; a merge passes its own
+
+
+def _storage_error(path, action: str, e: Exception, resume_hint: str = RESUME_HINT) -> ImgprepError:
+    """`e` as one message naming `path`, with what to do about a full disk, a size limit, a read-only
+    folder or a second process; `resume_hint` says how to continue once the disk has room."""
     text = str(e)
     cause = _write_limit_hint(path) if "Input/output error" in text or "MDB_" in text else None
     if isinstance(e, OSError) and e.errno == errno.ENOSPC or "No space left" in text or cause == "full":
-        hint = "the disk is full; free space, then run again with --resume"
+        hint = f"the disk is full; free space, then {resume_hint}"
     elif isinstance(e, OSError) and e.errno == errno.EFBIG or "File too large" in text or cause == "file-size limit":
-        hint = "a file-size limit was hit (ulimit -f or the file system); raise it, then --resume"
+        hint = f"a file-size limit was hit (ulimit -f or the file system); raise it, then {resume_hint}"
     elif "Permission denied" in text or "Read-only file system" in text:
         hint = "the folder is not writable"
     elif "lock" in text.lower() and ("held" in text or "temporarily unavailable" in text):
@@ -111,9 +116,10 @@ class LmdbWriter:
     resumed build closes.
     """
 
-    def __init__(self, path: str | os.PathLike, map_size: int = INITIAL_MAP_SIZE, before_commit=None):
+    def __init__(self, path: str | os.PathLike, map_size: int = INITIAL_MAP_SIZE, before_commit=None,
+                 resume_hint: str = RESUME_HINT):
         self.path = Path(path)
-        self.before_commit = before_commit
+        self.before_commit, self.resume_hint = before_commit, resume_hint
         self._txn = None
         self.map_growths = 0
         self.in_place = None  # decided by the first batch
@@ -130,7 +136,7 @@ class LmdbWriter:
                 self.last_key = cursor.key() if cursor.last() else b""
         except (lmdb.Error, OSError) as e:
             self._close_handles()
-            raise _storage_error(self.path, "open LMDB", e) from None
+            raise _storage_error(self.path, "open LMDB", e, self.resume_hint) from None
 
     def _file_size(self) -> int:
         data = self.path / "data.mdb"
@@ -237,7 +243,7 @@ class LmdbWriter:
                     self._grow(self.env.info()["map_size"] + bound)
         except (lmdb.Error, OSError) as e:
             self._abort()
-            raise _storage_error(self.path, "write LMDB", e) from None
+            raise _storage_error(self.path, "write LMDB", e, self.resume_hint) from None
         self._txn_end += bound
         self.last_key = max(self.last_key, max(keys))
 
@@ -254,7 +260,7 @@ class LmdbWriter:
         try:
             self._txn.commit()
         except (lmdb.Error, OSError) as e:
-            raise _storage_error(self.path, "write LMDB", e) from None
+            raise _storage_error(self.path, "write LMDB", e, self.resume_hint) from None
         finally:
             self._txn, self._writing = None, False
             self._batches += 1
@@ -283,7 +289,7 @@ class LmdbWriter:
             if self._fd is not None:
                 os.ftruncate(self._fd, used)
         except (lmdb.Error, OSError) as e:
-            raise _storage_error(self.path, "close LMDB", e) from None
+            raise _storage_error(self.path, "close LMDB", e, self.resume_hint) from None
         finally:
             self._close_handles()
 
@@ -313,14 +319,14 @@ class LevelDBWriter:
     LevelDB's log recovery skips a damaged stretch and keeps what follows, so a batch lost in the
     middle would go unnoticed."""
 
-    def __init__(self, path: str | os.PathLike, before_commit=None):
+    def __init__(self, path: str | os.PathLike, before_commit=None, resume_hint: str = RESUME_HINT):
         self.path = Path(path)
-        self.before_commit = before_commit
+        self.before_commit, self.resume_hint = before_commit, resume_hint
         self._batch = None
         try:
             self.db = plyvel.DB(str(self.path), create_if_missing=True, **LEVELDB_OPTIONS)
         except (plyvel.Error, OSError) as e:
-            raise _storage_error(self.path, "open LevelDB", e) from None
+            raise _storage_error(self.path, "open LevelDB", e, self.resume_hint) from None
 
     def put_batch(self, items: list[tuple[bytes, bytes]]) -> None:
         """Writes `items` ((key, value) pairs) in one synced write batch (with whatever `add` put before it)."""
@@ -345,7 +351,7 @@ class LevelDBWriter:
         try:
             batch.write()
         except (plyvel.Error, OSError) as e:
-            raise _storage_error(self.path, "write LevelDB", e) from None
+            raise _storage_error(self.path, "write LevelDB", e, self.resume_hint) from None
 
     def close(self) -> None:
         """Closes the database (a batch added and not committed is dropped); the writer is unusable afterwards."""
@@ -355,15 +361,17 @@ class LevelDBWriter:
         self.db.close()
 
 
-def open_writer(path, backend: str, map_size: int = INITIAL_MAP_SIZE, before_commit=None):
+def open_writer(path, backend: str, map_size: int = INITIAL_MAP_SIZE, before_commit=None,
+                resume_hint: str = RESUME_HINT):
     """A batch writer for a new or existing database at `path`: `put_batch([(key, value), ...])` writes
     one transaction; `add(items)` puts items into the open one and `commit()` ends it, calling
     `before_commit()` first; `close()` ends the writer. `backend` is "lmdb" or "leveldb" (Caffe's
-    LevelDB options)."""
+    LevelDB options). A full disk or a size limit is an error that ends with `resume_hint`, how the
+    caller continues once there is room."""
     if backend == "lmdb":
-        return LmdbWriter(path, map_size, before_commit)
+        return LmdbWriter(path, map_size, before_commit, resume_hint)
     if backend == "leveldb":
-        return LevelDBWriter(path, before_commit)
+        return LevelDBWriter(path, before_commit, resume_hint)
     raise ImgprepError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
 
 

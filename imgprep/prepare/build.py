@@ -42,7 +42,7 @@ from imgprep.prepare.presets import PRESETS
 from imgprep.prepare.parallel import chunked, ordered_map, resolve_jobs, shared_put
 from imgprep.prepare.progress import Progress, plural
 from imgprep.prepare.sources import open_source
-from imgprep.formats.storage import BACKENDS, INITIAL_MAP_SIZE, Reader, open_writer
+from imgprep.formats.storage import BACKENDS, INITIAL_MAP_SIZE, RESUME_HINT, Reader, open_writer
 
 ORDER_ALGORITHM = "imgprep.order.permutation/1"  # SplitMix64 scores, sorted (see order.py)
 # Shared memory per record in flight: a raw 3x256x256 record is 196 KB; larger ones travel pickled.
@@ -289,11 +289,12 @@ def check_root(source, root, entries: ImageList, order: np.ndarray, positions: r
 def build_database(list_path, root, out, options: BuildOptions = BuildOptions(),
                    resume: bool = False, overwrite: bool = False, show_progress: bool = True,
                    image_list: ImageList | None = None, allow_empty: bool = False,
-                   keep_going: bool = False) -> BuildReport:
+                   keep_going: bool = False, resume_hint: str = RESUME_HINT) -> BuildReport:
     """Builds (or resumes) OUT from LIST and ROOT (a folder, or an uncompressed tar: see
     archives.py). Raises ImgprepError on anything fatal; nothing at OUT is created or changed before
     the arguments, ROOT and the list have been checked. A ROOT that holds none of the entries looked
-    for (check_root) is refused unless `keep_going`."""
+    for (check_root) is refused unless `keep_going`. A full disk's error ends with `resume_hint`
+    (a caller that continues builds its own way says how)."""
     list_path, root, out = Path(list_path), Path(root), Path(out)
     if options.backend not in BACKENDS:
         raise ImgprepError(f"unknown backend {options.backend!r}; choose one of {', '.join(BACKENDS)}")
@@ -319,10 +320,11 @@ def build_database(list_path, root, out, options: BuildOptions = BuildOptions(),
     with OutputLock(out):
         previous = _prepare_output(out, identity, resume, overwrite)
         return _build_locked(list_path, root, source, out, options, entries, order, identity, previous,
-                             show_progress)
+                             show_progress, resume_hint)
 
 
-def _build_locked(list_path, root, source, out, options, entries, order, identity, previous, show_progress):
+def _build_locked(list_path, root, source, out, options, entries, order, identity, previous, show_progress,
+                  resume_hint):
     positions = shard_range(len(entries), options.num_shards, options.shard_index)
     start = positions.start
     failures: list[Failure] = []
@@ -358,7 +360,8 @@ def _build_locked(list_path, root, source, out, options, entries, order, identit
             failures.extend(pending_failures)
             pending_failures.clear()
 
-    writer = open_writer(out, options.backend, options.map_size, before_commit=log_failures)
+    writer = open_writer(out, options.backend, options.map_size, before_commit=log_failures,
+                         resume_hint=resume_hint)
     uncommitted = 0
 
     def commit():

@@ -41,18 +41,36 @@ KAGGLE_SOLUTION = "LOC_val_solution.csv"
 ID_RE = re.compile(r"[0-9]+")
 
 
-def replace_files(folder: Path, writers: dict) -> dict:
+def replace_files(folder: Path, writers: dict, overwrite: bool = False) -> dict:
     """Writes each `name: write(path) -> result` to a temporary file in `folder`, then renames them
-    all into place: an error on the way leaves every earlier file of the set as it was."""
+    all into place: an error on the way leaves every earlier file of the set as it was. Without
+    `overwrite`, a file already there is replaced only by the same bytes (a run made again); any
+    other is refused, and nothing of the set is replaced."""
     temporary = {name: folder / f".{name}.tmp{os.getpid()}" for name in writers}
     try:
         results = {name: write(temporary[name]) for name, write in writers.items()}
+        if not overwrite:
+            differing = [name for name, tmp in temporary.items() if _differs(folder / name, tmp)]
+            if differing:
+                raise ImgprepError(
+                    f"{folder} already holds {', '.join(differing)}, not what this run makes (edited, or made "
+                    "from other inputs); nothing was replaced: pass --overwrite to replace them, or choose "
+                    "another folder")
         for name, tmp in temporary.items():
             os.replace(tmp, folder / name)
         return results
     finally:
         for tmp in temporary.values():
             tmp.unlink(missing_ok=True)
+
+
+def _differs(existing: Path, new: Path) -> bool:
+    """Whether `existing` is there and holds other bytes than `new` (a link or folder always differs)."""
+    if not os.path.lexists(existing):
+        return False
+    if existing.is_symlink() or not existing.is_file():
+        return True
+    return existing.stat().st_size != new.stat().st_size or existing.read_bytes() != new.read_bytes()
 
 
 @dataclass
@@ -218,7 +236,7 @@ class ListsReport:
 
 def make_lists(root, out: str | os.PathLike, synsets_file=None,
                derive_synsets: bool = False, val_labels=None, val_id_table=None,
-               show_progress: bool = True) -> ListsReport:
+               show_progress: bool = True, overwrite: bool = False) -> ListsReport:
     """Writes train.txt / val.txt (/ test.txt) for an ILSVRC12-shaped tree ROOT, or for the
     ILSVRC2012 download without unpacking it.
 
@@ -229,7 +247,8 @@ def make_lists(root, out: str | os.PathLike, synsets_file=None,
     listed as the unpacked tree names its files, so both give the same lists. Validation labels
     come from val/<wnid>/ folders, or from `val_labels` (Kaggle CSV, devkit ground truth plus
     `val_id_table`, or `file wnid` lines), or from the devkit archive, or from such a file found in
-    ROOT. ROOT/test/, if present, becomes test.txt with label 0 as in Caffe.
+    ROOT. ROOT/test/, if present, becomes test.txt with label 0 as in Caffe. Files already in
+    `out` are replaced only by the same bytes, unless `overwrite` (replace_files).
     """
     roots = [Path(r) for r in ([root] if isinstance(root, (str, os.PathLike)) else root)]
     out = Path(out)
@@ -290,7 +309,7 @@ def make_lists(root, out: str | os.PathLike, synsets_file=None,
         writers["synsets.txt"] = lambda path: path.write_text("".join(f"{w}\n" for w in synsets), encoding="utf-8")
         writers["synset_words.txt"] = lambda path: path.write_text(
             "".join(f"{w} {words.get(w, w)}\n" for w in synsets), encoding="utf-8")
-        written = replace_files(out, writers)
+        written = replace_files(out, writers, overwrite)
     except OSError as e:
         raise ImgprepError(f"cannot write the lists to {out}: {e.strerror or e}") from None
     report.written = {name: written[name] for name in outputs}

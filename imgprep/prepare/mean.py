@@ -334,13 +334,14 @@ def mismatch_message(first_key: bytes, shape, key: bytes, other, transform: Mean
                    "stored-size one")
 
 
-def check_arguments(dbs, out, values_out=None) -> None:
+def check_arguments(dbs, out, values_out=None, overwrite: bool = False) -> None:
     """Before any work: each database counts once, no output lands inside a database, and every
-    output can be written (its folder exists and is writable; not a link, a folder or a FIFO)."""
+    output can be written (its folder exists and is writable; not a link, a folder or a FIFO) and
+    does not exist yet, unless `overwrite`."""
     outputs = [Path(p) for p in (out, values_out) if p]
     refuse_overlaps([Path(db) for db in dbs], outputs, "database")
     for path in outputs:
-        check_output_file(path)
+        check_output_file(path, overwrite)
 
 
 def combine(results: list[MeanResult]) -> MeanResult:

@@ -84,7 +84,7 @@ def _merge_locked(described, out: Path, identity: dict, complete: bool, show_pro
     write_manifest(out, manifest)
     total = sum(m.get("records", 0) for _, _, m in described)
     progress = Progress("merge", total, unit="rec", enabled=show_progress)
-    writer = open_writer(out, identity["backend"])
+    writer = open_writer(out, identity["backend"], resume_hint="run the same merge command again")
     failures, reasons = [], {}
     try:
         for _, part, part_manifest in described:

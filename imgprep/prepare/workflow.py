@@ -313,7 +313,7 @@ def _lists(name: str, run: Run) -> bool:
         return False
     run.begin(f"making the lists from {run.inputs.source} in {run.work / LISTS}")
     run.state.record(name, state="running", inputs=run.inputs.identity)
-    lists = make_lists(run.inputs.source, run.work / LISTS, show_progress=run.show_progress)
+    lists = make_lists(run.inputs.source, run.work / LISTS, show_progress=run.show_progress, overwrite=run.overwrite)
     for warning in lists.warnings:
         run.echo(f"warning: {warning}")
     missing = [n for n in ("train.txt", "val.txt") if n not in lists.written]
@@ -357,7 +357,7 @@ def _database(name: str, run: Run) -> bool:
     run.begin(f"{'continuing' if resume else 'building'} {out} from {root}")
     run.state.record(name, state="running")
     build = build_database(list_path, root, out, options, resume=resume, overwrite=run.overwrite and not resume,
-                           show_progress=run.show_progress)
+                           show_progress=run.show_progress, resume_hint="run the same prepare command again")
     run.report.failures += build.failures
     run.state.record(name, state="done", made=_database_made(out, read_manifest(out), run.preset))
     return True
