@@ -11,6 +11,14 @@ than the wall time; "writer thread" is the part of it spent in the thread that c
 process writing a fresh database under --workdir; the rows take turns within each round, and the
 table gives medians and ranges over the rounds.
 
+Page cache: the time to store a record into the page cache depends on whether the kernel hands out
+memory it just freed or memory that has been idle. On a VM whose memory balloon reports freed pages
+to the host (free page reporting), idle memory is taken back and must be faulted in and zeroed
+anew, 10-20x dearer per page; a build that keeps writing soon reuses what it freed. `--page-cache
+recycled` first stores as many bytes as the run will write (plus half) through a map of a scratch
+file and deletes it, so the timed writes find just-freed memory; `as-is` does not; `both` (the
+default) gives each row in both.
+
 Rows: the writer imgprep uses (`imgprep.formats.storage.open_writer`), next to plain writers configured by
 --variant, whose defaults are the writers imgprep used before: LMDB opened with a 1 GiB map that
 doubles when full, every commit synced; LevelDB with every write batch synced. A variant is
@@ -130,6 +138,23 @@ def parse_variant(text: str) -> tuple[str, dict]:
     return backend, options
 
 
+def recycle_page_cache(folder: Path, size: int) -> None:
+    """Stores `size` bytes through a writable map of a scratch file in `folder`, then deletes it: the
+    page cache's next pages are memory just freed."""
+    import mmap
+
+    step = 1 << 20
+    size = -(-size // step) * step
+    scratch = folder / "bench_writer_recycle.tmp"
+    with open(scratch, "w+b") as f:
+        f.truncate(size)
+        with mmap.mmap(f.fileno(), size) as view:
+            block = b"\1" * step
+            for offset in range(0, size, step):
+                view[offset:offset + step] = block
+    scratch.unlink()
+
+
 def child(spec: dict) -> dict:
     """One timed run in this process: make the records, then open, put every batch, close."""
     from imgprep.formats.storage import open_writer
@@ -137,6 +162,8 @@ def child(spec: dict) -> dict:
     items = make_records(spec["kind"], spec["records"])
     batches = [items[i:i + spec["txn_size"]] for i in range(0, len(items), spec["txn_size"])]
     path = Path(spec["path"])
+    if spec["recycle"]:
+        recycle_page_cache(path.parent, sum(len(v) for _, v in items) * 3 // 2)
     before, start, thread = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter(), time.thread_time()
     if spec["variant"] is None:
         writer = open_writer(path, spec["backend"])
@@ -197,6 +224,8 @@ def main():
     parser.add_argument("--backends", default="lmdb,leveldb")
     parser.add_argument("--variant", action="append", default=None, metavar="NAME=BACKEND:OPTIONS",
                         help="a plain writer to compare (repeatable); default: the previous imgprep writers")
+    parser.add_argument("--page-cache", choices=("as-is", "recycled", "both"), default="both",
+                        help="time each row with the page cache as it is, after recycling memory, or both")
     parser.add_argument("--workdir", type=Path, default=Path("build/bench"))
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -206,6 +235,7 @@ def main():
     backends = args.backends.split(",")
     variants = dict(v.split("=", 1) for v in args.variant) if args.variant else PREVIOUS
     args.workdir.mkdir(parents=True, exist_ok=True)
+    regimes = {"as-is": [False], "recycled": [True], "both": [False, True]}[args.page_cache]
     print(f"{os.cpu_count()} CPUs; {args.rounds} rounds; one put_batch per {args.txn_size} records; "
           f"databases under {args.workdir.resolve()}")
     for kind, count in (("raw", args.raw), ("jpeg", args.jpeg)):
@@ -214,11 +244,13 @@ def main():
         for backend in backends:
             configs = {f"imgprep writer, {'LMDB' if backend == 'lmdb' else 'LevelDB'}": None}
             configs.update({name: text for name, text in variants.items() if text.startswith(backend + ":")})
+            configs = {(f"{name}, page cache recycled" if recycle else name): (variant, recycle)
+                       for name, variant in configs.items() for recycle in regimes}
             rows = {name: [] for name in configs}
             for _ in range(args.rounds):
-                for name, variant in configs.items():
+                for name, (variant, recycle) in configs.items():
                     spec = {"kind": kind, "records": count, "txn_size": args.txn_size, "backend": backend,
-                            "variant": variant, "path": str(args.workdir / "bench_writer_db")}
+                            "variant": variant, "recycle": recycle, "path": str(args.workdir / "bench_writer_db")}
                     rows[name].append(run_child(spec))
             print(f"\n{backend}, {count:,} {KINDS[kind]}")
             print(table(rows, count))
