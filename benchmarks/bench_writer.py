@@ -146,13 +146,15 @@ def recycle_page_cache(folder: Path, size: int) -> None:
     step = 1 << 20
     size = -(-size // step) * step
     scratch = folder / "bench_writer_recycle.tmp"
-    with open(scratch, "w+b") as f:
-        f.truncate(size)
-        with mmap.mmap(f.fileno(), size) as view:
-            block = b"\1" * step
-            for offset in range(0, size, step):
-                view[offset:offset + step] = block
-    scratch.unlink()
+    try:
+        with open(scratch, "w+b") as f:
+            os.posix_fallocate(f.fileno(), 0, size)  # a full disk is an error here, not SIGBUS in the loop
+            with mmap.mmap(f.fileno(), size) as view:
+                block = b"\1" * step
+                for offset in range(0, size, step):
+                    view[offset:offset + step] = block
+    finally:
+        scratch.unlink(missing_ok=True)
 
 
 def child(spec: dict) -> dict:

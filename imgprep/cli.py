@@ -559,7 +559,7 @@ def compute_mean_cmd(dbs, out, crop, resize, values_out, jobs, scheduler, allow_
     check_arguments(dbs, out, values_out, overwrite)
     transform = MeanTransform(parse_resize(resize), crop)
     result = combine([compute_mean(db, transform, jobs, scheduler, allow_partial=allow_partial) for db in dbs])
-    write_mean(result, out, values_out)
+    write_mean(result, out, values_out, overwrite)
     values = result.values()
     click.echo("mean (BGR): " + " ".join(f"{v:.3f}" for v in values["bgr"]))
     click.echo("mean (RGB): " + " ".join(f"{v:.3f}" for v in values["rgb"]))

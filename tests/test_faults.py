@@ -56,7 +56,9 @@ def test_full_disk_is_a_clear_error_and_resumable(larger_tree, reference, tmp_pa
 def test_a_merge_on_a_full_disk_says_to_run_the_same_merge_and_that_finishes_it(larger_tree, reference, tmp_path):
     parts = [tmp_path / f"part{i}" for i in range(2)]
     for i, part in enumerate(parts):
-        subprocess.run(build_cmd(larger_tree, part, "--num-shards", "2", "--shard-index", str(i)), capture_output=True)
+        built = subprocess.run(build_cmd(larger_tree, part, "--num-shards", "2", "--shard-index", str(i)),
+                               capture_output=True, text=True)
+        assert built.returncode in (0, 3), built.stderr  # 3: some of the tree's odd files fell in this part
     merge = [*IMGPREP, "merge", *map(str, parts)]
     with tmpfs(tmp_path / "small", "size=6m") as disk:
         result = subprocess.run([*merge, str(disk / "db")], capture_output=True, text=True)

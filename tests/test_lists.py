@@ -227,6 +227,12 @@ def test_lists_made_again_need_no_flag_and_other_files_in_out_are_replaced_only_
         assert {name: (out / name).read_bytes() for name in os.listdir(out)} == edited  # nothing of the set replaced
     run_cli("make-lists", tree_copy, "--out", out, "--overwrite")
     assert {name: (out / name).read_bytes() for name in os.listdir(out)} == made
+    (out / "val.txt").unlink()
+    (out / "val.txt").mkdir()  # a folder where a list goes: refused before any file is replaced, flag or not
+    (out / "train.txt").write_bytes(b"mine")
+    assert_clean_error(run_cli("make-lists", tree_copy, "--out", out, "--overwrite", check=False),
+                       f"{out / 'val.txt'} is a folder")
+    assert (out / "train.txt").read_bytes() == b"mine" and sorted(os.listdir(out)) == sorted(made)
 
 
 def test_label_files_in_other_encodings_are_named_with_the_encoding_expected(sample_tree, tmp_path):

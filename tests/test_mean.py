@@ -294,6 +294,12 @@ def test_an_existing_mean_or_values_file_is_replaced_only_with_overwrite(dbs, tm
         assert mine.read_bytes() == b"mine" and not (tmp_path / "new.binaryproto").exists()
     run_cli("compute-mean", dbs["raw"], out, "--values-out", values, "--overwrite")
     assert load_mean(out).shape == (3, 256, 256) and json.loads(values.read_text())["count"] == len(db_records(dbs["raw"]))
+    result, before = compute_mean(dbs["raw"], show_progress=False), out.read_bytes()  # the API: the same rule
+    with pytest.raises(ImgprepError, match="exists; pass --overwrite"):
+        write_mean(result, tmp_path / "fresh.binaryproto", values_out=values)
+    assert not (tmp_path / "fresh.binaryproto").exists()
+    write_mean(result, out, overwrite=True)
+    assert out.read_bytes() == before
 
 
 def test_every_output_is_checked_before_any_work(dbs, tmp_path):

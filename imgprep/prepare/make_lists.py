@@ -46,6 +46,10 @@ def replace_files(folder: Path, writers: dict, overwrite: bool = False) -> dict:
     all into place: an error on the way leaves every earlier file of the set as it was. Without
     `overwrite`, a file already there is replaced only by the same bytes (a run made again); any
     other is refused, and nothing of the set is replaced."""
+    for name in writers:  # refused before anything is written: renaming onto them would fail half-way
+        if (folder / name).is_dir() and not (folder / name).is_symlink():
+            raise ImgprepError(f"{folder / name} is a folder; make-lists writes a file of that name there. "
+                               "Move it, or choose another --out")
     temporary = {name: folder / f".{name}.tmp{os.getpid()}" for name in writers}
     try:
         results = {name: write(temporary[name]) for name, write in writers.items()}
@@ -70,7 +74,15 @@ def _differs(existing: Path, new: Path) -> bool:
         return False
     if existing.is_symlink() or not existing.is_file():
         return True
-    return existing.stat().st_size != new.stat().st_size or existing.read_bytes() != new.read_bytes()
+    if existing.stat().st_size != new.stat().st_size:
+        return True
+    with open(existing, "rb") as a, open(new, "rb") as b:
+        while True:
+            block = a.read(1 << 20)
+            if block != b.read(1 << 20):
+                return True
+            if not block:
+                return False
 
 
 @dataclass

@@ -352,9 +352,13 @@ def combine(results: list[MeanResult]) -> MeanResult:
     return MeanResult(sum(r.sums for r in results), sum(r.count for r in results))
 
 
-def write_mean(result: MeanResult, path, values_out=None) -> None:
+def write_mean(result: MeanResult, path, values_out=None, overwrite: bool = False) -> None:
     """Writes the mean as a `.binaryproto` at `path` and, with `values_out`, the per-channel means
-    (JSON if the name ends in .json, else text); each file atomically (files.write_atomic)."""
+    (JSON if the name ends in .json, else text); each file atomically (files.write_atomic). An
+    existing file is replaced only with `overwrite`; neither is written if one is refused."""
+    for output in (path, values_out):
+        if output:
+            check_output_file(output, overwrite)
     write_atomic(path, encode_blob(result.mean.astype(np.float32)))
     if values_out:
         values = result.values()

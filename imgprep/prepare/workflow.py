@@ -313,7 +313,8 @@ def _lists(name: str, run: Run) -> bool:
         return False
     run.begin(f"making the lists from {run.inputs.source} in {run.work / LISTS}")
     run.state.record(name, state="running", inputs=run.inputs.identity)
-    lists = make_lists(run.inputs.source, run.work / LISTS, show_progress=run.show_progress, overwrite=run.overwrite)
+    # is_done has refused lists prepare did not write: any there now are its own, to be made again
+    lists = make_lists(run.inputs.source, run.work / LISTS, show_progress=run.show_progress, overwrite=True)
     for warning in lists.warnings:
         run.echo(f"warning: {warning}")
     missing = [n for n in ("train.txt", "val.txt") if n not in lists.written]
@@ -384,7 +385,7 @@ def _mean(name: str, run: Run) -> bool:
     result = compute_mean(db, transform, run.jobs, show_progress=run.show_progress)
     tmp = {n: run.work / f".tmp{os.getpid()}-{n}" for n in (mean_name, MEAN_VALUES)}  # write_mean: JSON by name
     try:
-        write_mean(result, tmp[mean_name], tmp[MEAN_VALUES])
+        write_mean(result, tmp[mean_name], tmp[MEAN_VALUES], overwrite=True)  # its own temporary names
         for n, path in tmp.items():
             os.replace(path, run.work / n)
     finally:
