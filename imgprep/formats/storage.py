@@ -58,7 +58,7 @@ def _write_limit_hint(path) -> str | None:
     return None
 
 
-RESUME_HINT = "run again with --resume"  # how a build continues; a merge passes its own
+RESUME_HINT = "run again with --resume"  # how build-lmdb continues; merge and prepare pass their own
 
 
 def _storage_error(path, action: str, e: Exception, resume_hint: str = RESUME_HINT) -> ImgprepError:

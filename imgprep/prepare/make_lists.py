@@ -24,6 +24,7 @@ from imgprep.prepare.download import DEVKIT_TAR, TRAIN_TAR, VAL_TAR, MemberListi
 from imgprep.prepare.progress import Progress, plural
 from imgprep.prepare.archives import compression, decompress_command
 from imgprep.formats.files import open_user_file, read_user_file
+from imgprep.formats.manifest import file_sha256
 from imgprep.prepare.sources import open_source
 
 from imgprep.formats.lists import ILSVRC2012_COUNTS, SHOWN, is_image_name, load_synset_words, load_synsets, read_text, write_list
@@ -74,15 +75,7 @@ def _differs(existing: Path, new: Path) -> bool:
         return False
     if existing.is_symlink() or not existing.is_file():
         return True
-    if existing.stat().st_size != new.stat().st_size:
-        return True
-    with open(existing, "rb") as a, open(new, "rb") as b:
-        while True:
-            block = a.read(1 << 20)
-            if block != b.read(1 << 20):
-                return True
-            if not block:
-                return False
+    return existing.stat().st_size != new.stat().st_size or file_sha256(existing) != file_sha256(new)
 
 
 @dataclass
